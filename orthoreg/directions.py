@@ -1,0 +1,212 @@
+"""``HarmfulDirections``: per-layer orthonormal harmful subspaces, their metadata, and a safetensors file format.
+
+File format (``format_version`` 1): one safetensors file; tensor ``layer.<i>`` is U_i of shape (k, d) in float32;
+the safetensors metadata key ``"orthoreg"`` holds a JSON object with ``format_version``, ``hidden_size``,
+``num_layers``, ``model_type``, ``source_model``, ``source_revision``, ``k``, ``method``, ``pooling``,
+``prompt_hash`` and ``separation`` (per layer). No pickle is ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+_ORTHONORMAL_TOL = 1e-4
+_RANK_TOL = 1e-6
+_ALREADY_ORTHONORMAL_TOL = 1e-6
+
+
+class DirectionsError(ValueError):
+    """A directions file or tensor is unusable (wrong shape, degenerate, corrupt, or from another model)."""
+
+
+def orthonormalize(u: torch.Tensor, name: str = "directions") -> torch.Tensor:
+    """Orthonormal rows spanning the rows of ``u`` (k, d), by QR in float64, keeping each row's orientation
+    (the i-th output row has a positive inner product with the i-th input row's component outside rows < i).
+
+    Raises:
+        DirectionsError: ``u`` is not 2-D, not finite, has k > d, or is rank-deficient.
+    """
+    if u.dim() != 2:
+        raise DirectionsError(f"{name} must be a (k, d) matrix; got shape {tuple(u.shape)}")
+    k, d = u.shape
+    if k == 0 or k > d:
+        raise DirectionsError(f"{name} has k={k} directions for hidden size {d}; need 1 <= k <= d")
+    if not torch.isfinite(u).all():
+        raise DirectionsError(f"{name} contains NaN or Inf")
+    u64 = u.detach().to(torch.float64)
+    if (u64 @ u64.T - torch.eye(k, dtype=torch.float64)).abs().max() < _ALREADY_ORTHONORMAL_TOL:
+        # Keep already-orthonormal rows bit-for-bit, so a save → load round trip is exact.
+        return u.detach().to(torch.float32).contiguous()
+    q, r = torch.linalg.qr(u64.T)  # q: (d, k)
+    diag = torch.diagonal(r)
+    scale = diag.abs().max()
+    if scale == 0 or (diag.abs() / scale).min() < _RANK_TOL:
+        raise DirectionsError(
+            f"{name} is rank-deficient (its {k} directions span fewer than {k} dimensions); use a smaller k or "
+            "more varied contrast prompts"
+        )
+    q = q * torch.sign(diag)
+    return q.T.contiguous().to(torch.float32)
+
+
+@dataclass
+class HarmfulDirections:
+    """Harmful subspaces per decoder layer, orthonormalised on construction.
+
+    Args:
+        directions (`Mapping[int, torch.Tensor]`): layer index → U (k, d). Rows are orthonormalised by QR.
+        hidden_size (`int`, *optional*): d; inferred from the tensors when omitted.
+        metadata (`dict`, *optional*): provenance (``source_model``, ``method``, ``pooling``, ``separation``, …).
+
+    Example:
+        >>> dirs = HarmfulDirections({10: torch.randn(1, 576)}, metadata={"source_model": "my-model"})
+        >>> dirs.save("harmful.safetensors")
+        >>> dirs = HarmfulDirections.load("harmful.safetensors", model=model)
+    """
+
+    directions: dict[int, torch.Tensor]
+    hidden_size: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.directions, Mapping) or not self.directions:
+            raise DirectionsError("HarmfulDirections needs at least one layer: {layer_index: (k, d) tensor}")
+        cleaned: dict[int, torch.Tensor] = {}
+        for layer, u in self.directions.items():
+            if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+                raise DirectionsError(f"layer keys must be non-negative ints; got {layer!r}")
+            u = torch.as_tensor(u)
+            if u.dim() == 1:
+                u = u.unsqueeze(0)
+            cleaned[layer] = orthonormalize(u, name=f"directions of layer {layer}")
+        widths = {u.shape[1] for u in cleaned.values()}
+        if len(widths) != 1:
+            raise DirectionsError(f"directions of different layers have different widths {sorted(widths)}")
+        width = widths.pop()
+        if self.hidden_size is not None and self.hidden_size != width:
+            raise DirectionsError(f"hidden_size={self.hidden_size} but the direction tensors are {width} wide")
+        self.hidden_size = width
+        self.directions = dict(sorted(cleaned.items()))
+        self.metadata = dict(self.metadata)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.directions)
+
+    @property
+    def k(self) -> int:
+        return max(u.shape[0] for u in self.directions.values())
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.directions[layer]
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self.directions
+
+    def check_compatible(self, hidden_size: int, num_layers: int, model_type: str | None = None) -> None:
+        """Refuses to be applied to a model of another width, depth or family.
+
+        Raises:
+            DirectionsError: naming the mismatch and the fix.
+        """
+        if hidden_size != self.hidden_size:
+            raise DirectionsError(
+                f"these harmful directions are {self.hidden_size}-dimensional but the model's hidden size is "
+                f"{hidden_size}; extract directions from this model (`orthoreg directions extract`)"
+            )
+        too_deep = [layer for layer in self.directions if layer >= num_layers]
+        if too_deep:
+            raise DirectionsError(
+                f"directions exist for layers {too_deep} but the model has only {num_layers} decoder layers; "
+                "they come from a different model"
+            )
+        source_layers = self.metadata.get("num_layers")
+        source_type = self.metadata.get("model_type")
+        if source_layers is not None and int(source_layers) != num_layers:
+            raise DirectionsError(
+                f"directions were extracted from a model with {source_layers} layers; this model has {num_layers}. "
+                "Extract directions from this model."
+            )
+        if source_type and model_type and source_type != model_type:
+            raise DirectionsError(
+                f"directions were extracted from a {source_type!r} model; this model is {model_type!r}. "
+                "Extract directions from this model."
+            )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the safetensors file (atomically: a partial write never replaces a good file)."""
+        from safetensors.torch import save_file
+
+        meta = {**self.metadata, "format_version": FORMAT_VERSION, "hidden_size": self.hidden_size,
+                "layers": self.layers, "k": self.k}
+        tensors = {f"layer.{layer}": u.contiguous() for layer, u in self.directions.items()}
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file(tensors, tmp, metadata={"orthoreg": json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> HarmfulDirections:
+        """Reads a directions file, orthonormalising each U and, when ``model`` is given, checking it fits.
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            DirectionsError: the file is corrupt, not an orthoreg directions file, or from another model.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"no directions file at {path!r}; create one with `orthoreg directions extract` or "
+                "`HarmfulDirections.save`"
+            )
+        try:
+            with safe_open(path, framework="pt") as handle:
+                raw_meta = (handle.metadata() or {}).get("orthoreg")
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise DirectionsError(f"{path!r} is not a readable safetensors file ({err}); re-create it") from err
+        if raw_meta is None:
+            raise DirectionsError(f"{path!r} is a safetensors file but carries no orthoreg metadata")
+        try:
+            meta = json.loads(raw_meta)
+        except json.JSONDecodeError as err:
+            raise DirectionsError(f"{path!r} has corrupt orthoreg metadata: {err}") from err
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise DirectionsError(
+                f"{path!r} has directions format {meta.get('format_version')!r}; this orthoreg reads {FORMAT_VERSION}"
+            )
+        directions = {}
+        for key, tensor in tensors.items():
+            if not key.startswith("layer.") or not key[6:].isdigit():
+                raise DirectionsError(f"{path!r} has an unexpected tensor {key!r}")
+            directions[int(key[6:])] = tensor
+        if sorted(directions) != sorted(meta.get("layers", [])):
+            raise DirectionsError(f"{path!r}: tensors for layers {sorted(directions)} but metadata says {meta.get('layers')}")
+        for layer, u in directions.items():
+            gram = u.double() @ u.double().T
+            if u.dim() != 2 or u.shape[1] != meta.get("hidden_size") or not torch.allclose(
+                gram, torch.eye(u.shape[0], dtype=torch.float64), atol=_ORTHONORMAL_TOL
+            ):
+                raise DirectionsError(
+                    f"{path!r}: layer {layer} directions of shape {tuple(u.shape)} are not orthonormal (k, "
+                    f"{meta.get('hidden_size')}) rows; the file is corrupt"
+                )
+        hidden_size = meta.pop("hidden_size")
+        for key in ("format_version", "layers", "k"):
+            meta.pop(key, None)
+        result = cls(directions, hidden_size=hidden_size, metadata=meta)
+        if model is not None:
+            from .capture import find_decoder_stack
+
+            stack = find_decoder_stack(model)
+            result.check_compatible(stack.hidden_size, stack.num_layers, stack.model_type)
+        return result
