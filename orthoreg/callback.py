@@ -1,0 +1,150 @@
+"""``OrthoRegCallback``: orthoreg as one line in any ``transformers.Trainer`` (and TRL's SFT/DPO trainers)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .config import OrthoRegConfig
+from .directions import HarmfulDirections
+from .regularizer import OrthoRegularizer
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "orthoreg"
+METRIC_PREFIX = "orthoreg/"
+
+
+class OrthoRegCallback(TrainerCallback):
+    r"""Adds orthoreg's covariance and projection penalties to a Trainer's gradients.
+
+    A callback cannot change a Trainer's loss, so the penalties enter through gradient injection (see
+    ``orthoreg.regularizer``): the parameter gradients are exactly those of
+
+    .. math:: \mathcal{L}_{task} + w(t)\,\big(\lambda_{cov} \sum_\ell \mathrm{cov}(h_\ell)
+              + \lambda_{proj} \sum_\ell \mathrm{proj}(h_\ell)\big)
+
+    with each micro-batch's penalty divided by ``gradient_accumulation_steps`` (scaled like the task loss). It works
+    unchanged in ``Trainer``, TRL's ``SFTTrainer`` and ``DPOTrainer`` (whose reference passes run without grad and are
+    not regularised), with or without activation checkpointing, PEFT, DDP, DeepSpeed ZeRO-2/3 and FSDP.
+
+    Logged next to the task loss: ``orthoreg/cov``, ``orthoreg/proj`` (unweighted sums over guarded layers, means
+    over the micro-batches since the last log, averaged over ranks), ``orthoreg/total`` (weighted), and per-layer
+    values with ``per_layer_metrics=True``. The recorded base reference (``anchor="base_mean"``) is saved in every
+    checkpoint's ``trainer_state.json`` and restored on ``resume_from_checkpoint``; the warm-up follows
+    ``state.global_step``.
+
+    Args:
+        config (`OrthoRegConfig`): the regulariser's settings.
+        directions (`HarmfulDirections`, *optional*): harmful subspaces; required when ``config.proj_weight > 0``.
+
+    Example:
+        >>> from orthoreg import HarmfulDirections, OrthoRegCallback, OrthoRegConfig
+        >>> directions = HarmfulDirections.load("harmful.safetensors")
+        >>> config = OrthoRegConfig(layers=directions.layers, proj_weight=0.1, cov_weight=0.01)
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds,
+        ...                   callbacks=[OrthoRegCallback(config, directions=directions)])
+    """
+
+    def __init__(self, config: OrthoRegConfig, directions: HarmfulDirections | None = None):
+        if not isinstance(config, OrthoRegConfig):
+            raise TypeError(f"OrthoRegCallback needs an OrthoRegConfig; got {type(config).__name__}")
+        self.config = config
+        self.directions = directions
+        self.regularizer = OrthoRegularizer(config, directions, mode="inject")
+        self._saved_calibration = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        _move_ahead_of_reporters(self)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
+                       **kwargs):
+        if args.fp16:
+            raise ValueError(
+                "OrthoRegCallback does not support fp16 mixed precision: its gradients enter after the loss scaler "
+                "and would be wrong by the loss scale. Train with bf16=True or in fp32, or use OrthoLoRA in a custom "
+                "loop (its penalty goes through the loss)."
+            )
+        if model is None:
+            raise ValueError("OrthoRegCallback received no model in on_train_begin")
+        _move_ahead_of_reporters(self)
+        if not self.regularizer.attached:
+            self.regularizer.attach(model)
+        self.regularizer.grad_scale = 1.0 / args.gradient_accumulation_steps
+        self.regularizer.step = state.global_step
+        stored = state.stateful_callbacks.get(STATE_KEY) if state.stateful_callbacks else None
+        if state.global_step > 0 and stored is not None:
+            self.regularizer.load_state_dict(stored)
+            self._saved_calibration = True
+        elif state.global_step > 0 and self.config.anchor == "base_mean" and self.config.proj_weight > 0 \
+                and not self.regularizer.base_reference:
+            raise ValueError(
+                f"resuming at step {state.global_step} but the checkpoint has no orthoreg state (it was written without "
+                "OrthoRegCallback), so the base reference r cannot be restored; start from step 0 or call "
+                "callback.regularizer.calibrate(model, batches) before train()"
+            )
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.regularizer.step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Written into TrainerState so every later checkpoint's trainer_state.json (JSON, no pickle) carries it.
+        if not self._saved_calibration and not self.regularizer._calibrating():
+            state.stateful_callbacks[STATE_KEY] = self.regularizer.state_dict()
+            self._saved_calibration = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        metrics = self.regularizer.pop_metrics()
+        if not metrics:
+            return
+        metrics = _mean_over_ranks(metrics, args.device)
+        named = {METRIC_PREFIX + name: value for name, value in metrics.items()}
+        named[METRIC_PREFIX + "warmup"] = self.config.warmup_factor(max(state.global_step - 1, 0))
+        logs.update(named)
+        # Trainer.log appended a copy of `logs` to the history just before calling on_log.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(named)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.regularizer.detach()
+
+
+def _mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(k for k in metrics if k != "skipped")
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    values /= dist.get_world_size()
+    reduced = dict(zip(keys, values.tolist(), strict=True))
+    if "skipped" in metrics:
+        reduced["skipped"] = metrics["skipped"]
+    return reduced
+
+
+def _move_ahead_of_reporters(callback: TrainerCallback) -> None:
+    """Moves ``callback`` to the front of its Trainer's callback list.
+
+    The reporting integrations (TensorBoard, W&B, …) are registered before user callbacks and read ``logs`` in
+    ``on_log``; orthoreg adds its metrics to ``logs`` there, so it must run first for them to be reported. A
+    callback has no reference to its handler, so the list holding it is found through the garbage collector (once
+    per training run). Moving an element from position i to 0 while the handler iterates the list neither skips
+    nor repeats any callback: positions > i are unchanged.
+    """
+    for referrer in gc.get_referrers(callback):
+        if (
+            isinstance(referrer, list)
+            and referrer
+            and referrer[0] is not callback
+            and all(isinstance(item, TrainerCallback) for item in referrer)
+            and any(type(item).__name__ == "DefaultFlowCallback" for item in referrer)
+        ):
+            referrer.remove(callback)
+            referrer.insert(0, callback)
