@@ -102,12 +102,16 @@ def covariance_penalty(h: torch.Tensor, mask: torch.Tensor | None = None, gather
         return x.sum()  # exact 0, gradient of zeros
     xc = x - x.mean(dim=0, keepdim=True)
     denom = max(n - 1, 1)
-    if n < d:
-        total_sq = (xc @ xc.T).square().sum()  # ‖Xc Xcᵀ‖_F² = ‖Xcᵀ Xc‖_F²
+    if n >= d:
+        # Zero the diagonal explicitly: subtracting Σ C_ii² from ‖C‖² would cancel catastrophically in float32
+        # exactly when the features are nearly decorrelated (diagonal ≫ off-diagonal), the regime we push toward.
+        scatter = xc.T @ xc  # (d, d)
+        off_sq = (scatter - torch.diag_embed(torch.diagonal(scatter))).square().sum()
     else:
-        total_sq = (xc.T @ xc).square().sum()
-    diag_sq = xc.square().sum(dim=0).square().sum()
-    return (total_sq - diag_sq) / (denom * denom * d)
+        # Gram form. Here the subtraction is benign: for N < d the off-diagonal mass is ~d/N times the diagonal's.
+        total_sq = (xc @ xc.T).square().sum()  # ‖Xc Xcᵀ‖_F² = ‖Xcᵀ Xc‖_F²
+        off_sq = total_sq - xc.square().sum(dim=0).square().sum()
+    return off_sq / (denom * denom * d)
 
 
 def projection_penalty(
