@@ -180,9 +180,17 @@ class HarmfulDirections:
             meta = json.loads(raw_meta)
         except json.JSONDecodeError as err:
             raise DirectionsError(f"{path!r} has corrupt orthoreg metadata: {err}") from err
+        if not isinstance(meta, dict):
+            raise DirectionsError(f"{path!r} has corrupt orthoreg metadata: expected a JSON object")
         if meta.get("format_version") != FORMAT_VERSION:
             raise DirectionsError(
                 f"{path!r} has directions format {meta.get('format_version')!r}; this orthoreg reads {FORMAT_VERSION}"
+            )
+        hidden, listed = meta.get("hidden_size"), meta.get("layers")
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1 or not isinstance(listed, list):
+            raise DirectionsError(
+                f"{path!r} has corrupt orthoreg metadata: needs an int `hidden_size` and a `layers` list "
+                f"(got {hidden!r}, {listed!r}); re-create the file"
             )
         directions = {}
         for key, tensor in tensors.items():
@@ -192,9 +200,9 @@ class HarmfulDirections:
         if sorted(directions) != sorted(meta.get("layers", [])):
             raise DirectionsError(f"{path!r}: tensors for layers {sorted(directions)} but metadata says {meta.get('layers')}")
         for layer, u in directions.items():
-            gram = u.double() @ u.double().T
-            if u.dim() != 2 or u.shape[1] != meta.get("hidden_size") or not torch.allclose(
-                gram, torch.eye(u.shape[0], dtype=torch.float64), atol=_ORTHONORMAL_TOL
+            # Shape first: a tensor of the wrong rank would make the Gram product itself fail.
+            if u.dim() != 2 or u.shape[1] != hidden or not torch.allclose(
+                u.double() @ u.double().T, torch.eye(u.shape[0], dtype=torch.float64), atol=_ORTHONORMAL_TOL
             ):
                 raise DirectionsError(
                     f"{path!r}: layer {layer} directions of shape {tuple(u.shape)} are not orthonormal (k, "

@@ -1,0 +1,102 @@
+"""``orthoreg audit``: the geometric overlap of a fine-tuning task with a model's harmful directions.
+
+Before training (default) the task's feature direction is its mean negative loss gradient at each layer; with
+``--finetuned`` it is the mean activation shift of the fine-tuned model from the base. Prints a per-layer table and a
+verdict line, and writes ``overlap.json`` and ``overlap.png`` to ``--out``.
+
+Examples:
+    orthoreg audit --model ./base --data task.jsonl --directions harmful.safetensors --out audit/
+    orthoreg audit --model ./base --finetuned ./tuned --data task.jsonl --directions harmful.safetensors
+    orthoreg audit ... --fail-on elevated     # exit status 1 when the verdict is elevated or high (for CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ._common import EXIT_FLAGGED, EXIT_OK, add_model_flags, fail, load_model, parse_layers, user_errors
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds ``audit`` to an argparse subparsers object."""
+    parser = subparsers.add_parser("audit", help="overlap of a fine-tuning task with harmful directions",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="base model directory (safetensors) or hub name")
+    parser.add_argument("--data", required=True,
+                        help="task data: JSONL/JSON/CSV with text | prompt+completion | messages, or .txt lines")
+    parser.add_argument("--directions", required=True, help="harmful directions file of this model (.safetensors)")
+    parser.add_argument("--out", default="orthoreg-audit", help="directory for overlap.json and overlap.png")
+    parser.add_argument("--finetuned", help="fine-tuned model: score the activation shift instead of the gradient")
+    parser.add_argument("--layers", default=None, help="layers to score (default: every layer with directions)")
+    parser.add_argument("--guard-layers", default=None,
+                        help="layers the penalty would guard, marked in the plot (default: OrthoRegConfig's default)")
+    parser.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
+    parser.add_argument("--mask", choices=("attention", "labels"), default="attention",
+                        help="tokens averaged over: every non-padding token, or only labelled ones")
+    parser.add_argument("--thresholds", type=float, nargs=2, default=(0.1, 0.3), metavar=("LOW", "HIGH"),
+                        help="verdict thresholds: low < LOW <= elevated < HIGH <= high")
+    parser.add_argument("--fail-on", choices=("elevated", "high"), default=None,
+                        help="exit with status 1 when the verdict is at least this")
+    add_model_flags(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from ..audit import VERDICTS, load_task_examples, overlap_score, plot_overlap
+    from ..directions import HarmfulDirections
+
+    directions = HarmfulDirections.load(args.directions)  # fail on a bad file before loading any model
+    examples = load_task_examples(args.data, limit=args.max_examples)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    finetuned = None
+    if args.finetuned:
+        finetuned, _ = load_model(args.finetuned, device=args.device, dtype=args.dtype, tokenizer=False)
+    report = overlap_score(
+        model, directions, examples, tokenizer, finetuned=finetuned, layers=parse_layers(args.layers),
+        guarded_layers=parse_layers(args.guard_layers), batch_size=args.batch_size, max_length=args.max_length,
+        mask=args.mask, thresholds=tuple(args.thresholds), progress=not args.quiet,
+    )
+    report.info.update(model=args.model, finetuned=args.finetuned, data=args.data, directions=args.directions)
+
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "overlap.json")
+    report.save_json(json_path)
+    written = [json_path]
+    try:
+        written.append(plot_overlap(report, os.path.join(args.out, "overlap.png")))
+    except ImportError as err:  # the score stands without the picture
+        print(f"warning: no plot written: {err}", file=sys.stderr)
+
+    what = "activation shift (fine-tuned − base)" if report.mode == "shift" else "task gradient −∂L/∂h"
+    print(f"overlap of the {what} with the harmful directions; {report.n_examples} examples, {report.n_tokens} "
+          f"tokens; * = guarded layer")
+    print(report.table())
+    print(f"wrote {', '.join(written)}")
+    print(report.verdict_line())
+    if args.fail_on and VERDICTS.index(report.verdict) >= VERDICTS.index(args.fail_on):
+        return EXIT_FLAGGED
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the audit; returns 0, 1 (verdict at or above ``--fail-on``) or 2 (a user error, printed)."""
+    try:
+        return _audit(args)
+    except user_errors() as err:
+        return fail(err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m orthoreg.commands.audit --model …`` (the same as ``orthoreg audit --model …``)."""
+    parser = argparse.ArgumentParser(prog="orthoreg")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["audit", *(sys.argv[1:] if argv is None else argv)])
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
