@@ -1,0 +1,779 @@
+"""``OrthoLoRA``: orthoreg for custom (``accelerate``) training loops over a PEFT LoRA model, with the LoRA
+weight-space penalty.
+
+How the three terms get into the loss:
+
+- the activation terms (covariance, projection) come from ``OrthoRegularizer`` in ``mode="return"``: hooks on the
+  decoder layers capture h_ℓ, and the weighted penalty is read after each forward and added to ``outputs.loss``;
+- the weight-space term s²‖(U_ℓ B) A‖²_F is computed **inside each residual-writer LoRA module's forward** (a forward
+  hook on the PEFT ``LoraLayer``), where DeepSpeed ZeRO-3 and FSDP have the full A and B gathered, and its gradient
+  enters the graph at that module's output (``_InjectWeightPenalty``). Its *value* is added to ``outputs.loss``
+  through ``_GradTap``, an identity whose backward records d(loss)/d(penalty); the injection nodes read that
+  number. So ``accelerator.backward(outputs.loss)`` scales the weight term exactly like the rest of the loss
+  (1/GA, fp16 loss scale, DeepSpeed's own scaling), and its backward runs while the owning module's parameters are
+  gathered for its own backward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import find_decoder_stack, resolve_layers
+from .config import OrthoRegConfig
+from .directions import DirectionsError, HarmfulDirections
+from .penalties import lora_weight_penalty
+from .regularizer import NonFiniteHiddenStateError, OrthoRegularizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OrthoLoRA", "LoraWriter", "find_residual_writers", "RESIDUAL_WRITER_NAMES"]
+
+CONFIG_NAME = "orthoreg_config.json"
+DIRECTIONS_NAME = "orthoreg_directions.safetensors"
+FORMAT_VERSION = 1
+
+# Conventional names of the last projection of a residual branch. Only a tie-break inside the structural rule (see
+# ``find_residual_writers``): a parent block with several width-d projections picks the one with a known name.
+RESIDUAL_WRITER_NAMES = (
+    "o_proj", "out_proj", "dense", "c_proj", "down_proj", "dense_4h_to_h", "fc2", "fc_out", "w2", "wo",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------- autograd
+@dataclass
+class _WeightSession:
+    """State of one OrthoLoRA forward for the weight-space penalty.
+
+    Attributes:
+        active: the forward is regularised (training, grad enabled, λ_lora·w(t) > 0).
+        coef: λ_lora · w(t) for this forward.
+        values: writer name → unweighted penalty (detached), recorded once per writer per forward.
+        loss_grad: d(loss)/d(λ_lora·w·Σ penalties), set by ``_GradTap`` in backward (includes 1/GA and any loss
+            scale); ``None`` until the loss that carries the penalty is backpropagated.
+        finished: the backward through ``_GradTap`` has ended; later hook calls outside a forward are not recomputes
+            of this forward and are ignored.
+        anchor: the decoder stack's output hidden states, downstream of every writer (see ``_GradTap``).
+    """
+
+    active: bool
+    coef: float
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    layers: dict[str, int] = field(default_factory=dict)
+    loss_grad: torch.Tensor | None = None
+    finished: bool = False
+    anchor: torch.Tensor | None = None
+
+
+class _GradTap(torch.autograd.Function):
+    """Identity on the (detached) weighted weight penalty; backward stores d(loss)/d(value) in the session.
+
+    It is created after the model forward, so in backward it runs before any node of the model (autograd executes
+    ready nodes in decreasing creation order), i.e. before every ``_InjectWeightPenalty`` that reads the value.
+    It also sends a zero gradient into ``anchor`` (the decoder stack's output): the injection nodes sit on the
+    model's forward path, and this edge makes backward reach them even when only the penalty is backpropagated
+    (``outputs.orthoreg_penalty.backward()``); with a task loss the zeros merge into its gradient at no extra cost.
+    """
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, session: _WeightSession, anchor: torch.Tensor) -> torch.Tensor:
+        ctx.session = session
+        ctx.anchor_meta = (anchor.shape, anchor.dtype, anchor.device)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        session = ctx.session
+        session.loss_grad = grad.detach()
+        session.finished = False
+
+        def _finish() -> None:
+            session.finished = True
+
+        # Runs when this backward pass ends; reentrant-checkpoint recomputes happen before that.
+        torch.autograd.Variable._execution_engine.queue_callback(_finish)
+        shape, dtype, device = ctx.anchor_meta
+        return None, None, torch.zeros(shape, dtype=dtype, device=device)
+
+
+class _InjectWeightPenalty(torch.autograd.Function):
+    """Identity on a LoRA module's output ``x``; backward also sends coef · d(loss)/d(value) into ``penalty``.
+
+    The result is the same gradient as if ``coef · penalty`` had been added to the loss, but the penalty's backward
+    runs inside the module's own backward, where ZeRO-3/FSDP have re-gathered A and B.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, penalty: torch.Tensor, session: _WeightSession) -> torch.Tensor:
+        ctx.session = session
+        ctx.penalty_meta = (penalty.dtype, penalty.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        dtype, device = ctx.penalty_meta
+        loss_grad = ctx.session.loss_grad
+        if loss_grad is None:  # the loss carrying the penalty was not backpropagated: no penalty gradient
+            grad_p = torch.zeros((), dtype=dtype, device=device)
+        else:
+            grad_p = (loss_grad * ctx.session.coef).to(device=device, dtype=dtype)
+        return grad_x, grad_p, None
+
+
+# ---------------------------------------------------------------------------------------------- writer discovery
+@dataclass(frozen=True)
+class LoraWriter:
+    """A LoRA module that writes into the residual stream of decoder layer ``layer``.
+
+    Attributes:
+        name: qualified name inside the PEFT model (e.g. ``base_model.model.model.layers.3.mlp.down_proj``).
+        layer: index ℓ of the decoder layer that contains it; it is penalised with U_ℓ.
+        module: the PEFT ``LoraLayer``.
+    """
+
+    name: str
+    layer: int
+    module: nn.Module
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(module, LoraLayer)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return _is_lora_layer(module) or isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _out_width(module: nn.Module) -> int | None:
+    # Attributes, not weight shapes: under ZeRO-3 a weight may already be a partitioned empty tensor.
+    if _is_lora_layer(module):
+        return getattr(module, "out_features", None)
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if _is_conv1d(module):
+        return module.nf
+    return None
+
+
+def _structural_writers(layer: nn.Module, hidden_size: int) -> list[tuple[str, nn.Module]]:
+    """(relative name, module) of the residual writers of one decoder layer, by the rule of
+    ``find_residual_writers``."""
+    found: list[tuple[str, nn.Module]] = []
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        candidates = []
+        for child_name, child in parent.named_children():
+            name = f"{prefix}{child_name}"
+            if _is_linear_like(child):
+                if _out_width(child) == hidden_size:
+                    candidates.append((child_name, name, child))
+            else:
+                visit(child, name + ".")
+        if not candidates:
+            return
+        named = [c for c in candidates if c[0] in RESIDUAL_WRITER_NAMES]
+        _, name, module = (named or candidates)[-1]
+        found.append((name, module))
+
+    visit(layer, "")
+    return found
+
+
+def find_residual_writers(
+    model: nn.Module, writer_modules: Sequence[str] | None = None, layers_path: str | None = None
+) -> list[LoraWriter]:
+    """The LoRA modules of ``model`` that write into the residual stream, with the decoder layer of each.
+
+    **Rule (structural, no per-family table).** Inside decoder layer ℓ (found by ``find_decoder_stack``), every
+    module P groups its *linear-like* direct children (``nn.Linear``, transformers' ``Conv1D``, either one wrapped by
+    PEFT); among those whose output width equals the hidden size d, the last one in registration order — which in
+    Hugging Face models is execution order — is the projection that ends P's residual branch and is added into the
+    residual stream. If several of them carry a conventional writer name (``RESIDUAL_WRITER_NAMES``), the last of those
+    wins (so a width-d attention gate registered after ``o_proj`` is not taken). This finds ``self_attn.o_proj`` and
+    ``mlp.down_proj`` (Llama, Mistral, Qwen2, Phi3, Gemma), ``attn.c_proj`` and ``mlp.c_proj`` (GPT-2 ``Conv1D``),
+    ``attention.dense`` and ``mlp.dense_4h_to_h`` (GPT-NeoX), ``fc2`` (OPT, on the layer itself) and each MoE
+    expert's down projection. A writer is penalised only if it carries a LoRA adapter. Caveats: a block that
+    normalises its output before the residual add (Gemma2/3 ``post_*_layernorm``) makes the output-space penalty a
+    proxy; a block with two genuine writers as direct children of one parent yields only the last. For such models
+    pass ``writer_modules``.
+
+    Args:
+        model: a PEFT model (or anything whose decoder layers contain PEFT ``LoraLayer`` modules).
+        writer_modules (`Sequence[str]`, *optional*): overrides the rule: a LoRA module inside a decoder layer is a
+            writer iff its qualified name ends with one of these (``"o_proj"``, ``"mlp.down_proj"``, …); each must
+            write d features.
+        layers_path (`str`, *optional*): as in ``OrthoRegConfig.layers_path``.
+
+    Returns:
+        The writers in model order. LoRA modules outside the decoder layers (embeddings, LM head) are never writers.
+    """
+    stack = find_decoder_stack(model, layers_path=layers_path)
+    d = stack.hidden_size
+    names = {id(m): n for n, m in model.named_modules()}
+    writers: list[LoraWriter] = []
+    for index, layer in enumerate(stack.layers):
+        if writer_modules is not None:
+            for rel, module in layer.named_modules():
+                if not _is_lora_layer(module) or not any(rel == s or rel.endswith("." + s) for s in writer_modules):
+                    continue
+                if _out_width(module) != d:
+                    raise ValueError(
+                        f"`writer_modules` names {names[id(module)]!r}, which writes {_out_width(module)} features, "
+                        f"but the residual stream is {d} wide; name only modules whose output is added into it"
+                    )
+                writers.append(LoraWriter(names[id(module)], index, module))
+            continue
+        for _, module in _structural_writers(layer, d):
+            if _is_lora_layer(module):
+                writers.append(LoraWriter(names[id(module)], index, module))
+    return writers
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if _is_lora_layer(m)]
+
+
+def _check_adapter_state(name: str, module: nn.Module) -> str | None:
+    """The single active adapter of ``module`` (``None`` if it has no active adapter on this module).
+
+    Raises:
+        ValueError: merged adapters or several active adapters.
+    """
+    if getattr(module, "merged", False):
+        raise ValueError(
+            f"the LoRA adapter of {name!r} is merged into the base weights ({module.merged_adapters}); merged "
+            "adapters have no separate A and B to regularise or train. Call `peft_model.unmerge_adapter()` first."
+        )
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) > 1:
+        raise ValueError(
+            f"{name!r} has several active LoRA adapters {active}; OrthoLoRA regularises one adapter. Activate one "
+            "with `peft_model.set_adapter(name)` (or `base_model.set_adapter(name)`)."
+        )
+    return active[0] if active else None
+
+
+def _check_writer_supported(name: str, module: nn.Module, adapter: str) -> None:
+    """Refuses LoRA forms whose update is not ΔW = s·B·A with plain ``nn.Linear`` A and B."""
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        raise NotImplementedError(
+            f"{name!r} uses the LoRA variant {type(variant).__name__} (e.g. DoRA, `use_dora=True`): its update is "
+            "not s·B·A (DoRA rescales columns by a learned magnitude), so ‖U ΔW‖ = s‖(U B) A‖ would be wrong. The "
+            "weight-space penalty supports plain LoRA and rsLoRA; set `lora_weight=0` to keep only the activation "
+            "penalties, or train without the variant."
+        )
+    if getattr(module, "lora_bias", {}).get(adapter, False):
+        raise NotImplementedError(
+            f"{name!r} has `lora_bias=True`: the update also shifts the bias, which the weight-space penalty does not "
+            "cover. Use `LoraConfig(lora_bias=False)` or set `lora_weight=0`."
+        )
+    lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+    if not (isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)):
+        raise NotImplementedError(
+            f"{name!r} is a {type(module).__name__} whose lora_A/lora_B are {type(lora_a).__name__}/"
+            f"{type(lora_b).__name__}; the weight-space penalty supports LoRA on nn.Linear and transformers' Conv1D "
+            "(fan_in_fan_out) residual writers only"
+        )
+
+
+def _is_sharded(weight: torch.Tensor) -> bool:
+    if weight.numel() == 0:  # DeepSpeed ZeRO-3 partitioned parameter outside a gathered region
+        return True
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(weight, dtensor.DTensor)  # FSDP2 shard outside the unsharded forward
+
+
+# ------------------------------------------------------------------------------------------------------- wrapper
+class OrthoLoRA(nn.Module):
+    r"""Wraps a PEFT LoRA model so that its forward returns outputs whose ``loss`` includes orthoreg's penalties.
+
+    For a training forward (``module.training`` and grad enabled) the returned ``outputs.loss`` is
+
+    .. math:: \mathcal{L} = \mathcal{L}_{task} + w(t)\Big(\lambda_{cov}\sum_{\ell} \mathrm{cov}(h_\ell)
+              + \lambda_{proj}\sum_{\ell} \mathrm{proj}(h_\ell)
+              + \lambda_{lora}\sum_{\ell}\sum_{m \in W_\ell} s_m^2\,\|(U_\ell B_m) A_m\|_F^2\Big)
+
+    with ℓ over the guarded layers (``config.layers``), W_ℓ the LoRA modules that write into the residual stream
+    inside layer ℓ (``find_residual_writers``: ``o_proj``/``down_proj``, GPT-2's ``c_proj`` Conv1Ds, GPT-NeoX's
+    ``dense``/``dense_4h_to_h``, …), U_ℓ (k, d) the harmful directions of layer ℓ, A_m (r, in) = ``lora_A.weight``,
+    B_m (d, r) = ``lora_B.weight`` and s_m = ``scaling[adapter]`` (α/r, or α/√r with rsLoRA), so that
+    s_m²‖(U_ℓ B_m) A_m‖²_F = ‖U_ℓ ΔW_m‖²_F for ΔW_m = s_m B_m A_m, computed without forming ΔW or any d×d matrix.
+    Writers in layers without directions are not weight-penalised (a warning lists them). w(t) is the warm-up factor
+    of ``config``. ``outputs.orthoreg_penalty`` is the penalty alone (differentiable, for losses built from logits),
+    ``outputs.task_loss`` the model's own loss.
+
+    Because the penalty is part of ``outputs.loss``, ``accelerator.backward(outputs.loss)`` scales it exactly like the
+    task loss: 1/GA under ``accelerator.accumulate`` (each micro-batch contributes penalty/GA), the fp16 loss scale,
+    DeepSpeed's own scaling.
+
+    **Sharded parameters.** The weight term is computed inside each writer's own forward (a forward hook on the PEFT
+    ``LoraLayer``, run before any other forward hook of that module), where FSDP has unsharded the layer and DeepSpeed
+    ZeRO-3 has gathered the module's parameters (A and B are registered as its external parameters); its gradient
+    enters at the module's output, so its backward runs inside the module's backward, where they are gathered again.
+    Parameters are never read from outside their module's forward.
+
+    **Activation checkpointing.** Submodule hooks fire twice (forward, then recompute in backward; under reentrant
+    checkpointing the first call is under ``no_grad``). Each writer's value is counted once per forward (the first
+    call); its gradient enters through whichever call builds the graph that is backpropagated (the forward call, or
+    the recompute under reentrant checkpointing). The hook does the same work in both calls, as non-reentrant
+    checkpointing requires.
+
+    **Paired anchor.** With ``OrthoRegConfig(anchor="paired")`` the projection is ‖U_ℓ(h_ℓ − h_ℓ^{ref})‖² with h^{ref}
+    the activations of the same model with the adapter disabled, on the same tokens. Cost: one extra forward per
+    micro-batch, under ``no_grad`` and stopped after the deepest guarded layer (≈ ℓ_max/L of a forward's compute, no
+    activation memory kept except one (B, T, d) tensor per guarded layer).
+
+    **Steps.** ``step`` (for the warm-up) advances after each training forward that ends an accumulation cycle
+    (``accelerator.sync_gradients``); without an accelerator, after every training forward. Set it when resuming.
+
+    Args:
+        peft_model (`peft.PeftModel`): a causal LM with LoRA adapters (``get_peft_model(model, LoraConfig(...))``);
+            one active, unmerged adapter.
+        config (`OrthoRegConfig`): weights, guarded layers, anchor, schedule. ``lora_weight`` is λ_lora.
+        directions (`HarmfulDirections`, *optional*): needed when ``proj_weight > 0`` or ``lora_weight > 0``.
+        accelerator (`accelerate.Accelerator`, *optional*): used for the step counter (``sync_gradients``),
+            ``is_main_process`` when saving, and to prepare for DeepSpeed ZeRO-3.
+        writer_modules (`Sequence[str]`, *optional*): name suffixes of the residual writers, overriding the
+            structural rule of ``find_residual_writers``.
+
+    Raises:
+        ValueError: no LoRA layers, merged or several active adapters, no weight-penalised writer while
+            ``lora_weight > 0``, missing directions, ``return_dict=False`` outputs.
+        DirectionsError: directions for another hidden size or depth.
+        NotImplementedError: DoRA / other ``lora_variant`` / ``lora_bias`` on a weight-penalised writer.
+
+    Example:
+        >>> model = get_peft_model(base, LoraConfig(r=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+        >>> config = OrthoRegConfig(layers=directions.layers, proj_weight=0.1, lora_weight=1.0)
+        >>> model = OrthoLoRA(model, config, directions, accelerator=accelerator)
+        >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        >>> for batch in loader:
+        ...     with accelerator.accumulate(model):
+        ...         outputs = model(**batch)
+        ...         accelerator.backward(outputs.loss)
+        ...         optimizer.step(); optimizer.zero_grad()
+        >>> accelerator.unwrap_model(model).pop_metrics()  # {'proj': ..., 'lora': ..., 'total': ...}
+    """
+
+    def __init__(
+        self,
+        peft_model: nn.Module,
+        config: OrthoRegConfig,
+        directions: HarmfulDirections | None = None,
+        accelerator: Any = None,
+        *,
+        writer_modules: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        if not isinstance(config, OrthoRegConfig):
+            raise TypeError(f"OrthoLoRA needs an OrthoRegConfig; got {type(config).__name__}")
+        lora_layers = _lora_layers(peft_model)
+        if not lora_layers:
+            raise ValueError(
+                f"{type(peft_model).__name__} has no LoRA layers. Wrap the model first: "
+                "`peft_model = peft.get_peft_model(model, LoraConfig(target_modules=[...]))`; for full fine-tuning "
+                "use OrthoRegCallback or OrthoRegularizer instead."
+            )
+        if config.needs_directions and directions is None:
+            raise ValueError(
+                "OrthoRegConfig(proj_weight > 0 or lora_weight > 0) needs harmful directions: pass `directions=` "
+                "(HarmfulDirections.load(path) or extract_directions(...)), or set those weights to 0"
+            )
+        adapters = {a for name, module in lora_layers if (a := _check_adapter_state(name, module)) is not None}
+        if len(adapters) > 1:
+            raise ValueError(
+                f"different LoRA layers have different active adapters {sorted(adapters)}; OrthoLoRA regularises one "
+                "adapter. Activate one with `peft_model.set_adapter(name)`."
+            )
+        self.model = peft_model
+        self.config = config
+        self.directions = directions
+        self.accelerator = accelerator
+        self.step = 0
+
+        stack = self._stack = find_decoder_stack(peft_model, layers_path=config.layers_path)
+        if directions is not None:
+            directions.check_compatible(stack.hidden_size, stack.num_layers, stack.model_type)
+        self.guarded_layers = resolve_layers(config.layers, stack.num_layers)
+
+        # Weight-space term: which writers carry it.
+        self.writers: list[LoraWriter] = []
+        self.unpenalized_writers: list[LoraWriter] = []
+        if config.lora_weight > 0:
+            all_writers = find_residual_writers(peft_model, writer_modules, config.layers_path)
+            covered_layers = set(self.guarded_layers) & set(directions.layers)
+            for writer in all_writers:
+                (self.writers if writer.layer in covered_layers else self.unpenalized_writers).append(writer)
+            if not all_writers:
+                raise ValueError(
+                    "lora_weight > 0 but no LoRA module writes into the residual stream: the adapters sit on "
+                    f"{sorted({n.rsplit('.', 1)[-1] for n, _ in lora_layers})}. Add the block output projections to "
+                    "LoraConfig(target_modules=...) (e.g. 'o_proj', 'down_proj'; GPT-2 'c_proj'; GPT-NeoX 'dense', "
+                    "'dense_4h_to_h'), pass `writer_modules=`, or set lora_weight=0."
+                )
+            if not self.writers:
+                raise DirectionsError(
+                    f"lora_weight > 0 but none of the residual-writer LoRA modules (in layers "
+                    f"{sorted({w.layer for w in all_writers})}) is in a guarded layer with directions (guarded "
+                    f"{self.guarded_layers}, directions for {directions.layers}); guard those layers "
+                    "(OrthoRegConfig(layers=...)) with directions for them, or set lora_weight=0"
+                )
+            if self.unpenalized_writers:
+                warnings.warn(
+                    f"{len(self.unpenalized_writers)} residual-writer LoRA modules are in layers without guarded "
+                    f"directions and get no weight-space penalty: "
+                    f"{[w.name for w in self.unpenalized_writers][:6]}{' …' if len(self.unpenalized_writers) > 6 else ''}"
+                    f" (guarded {self.guarded_layers}, directions for {directions.layers})",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            for writer in self.writers:
+                adapter = _check_adapter_state(writer.name, writer.module)
+                if adapter is not None:
+                    _check_writer_supported(writer.name, writer.module, adapter)
+
+        # Activation terms: the shared hook engine, returning its penalty instead of injecting it.
+        self.regularizer: OrthoRegularizer | None = None
+        if config.cov_weight > 0 or config.proj_weight > 0:
+            self.regularizer = OrthoRegularizer(config, directions, mode="return").attach(peft_model)
+
+        self._session: _WeightSession | None = None  # the forward in progress
+        self._last_session: _WeightSession | None = None  # the latest forward, for recomputes in its backward
+        self._u_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._handles = []
+        for writer in self.writers:
+            # prepend: run before any hook DeepSpeed adds later (its post-forward hook releases gathered parameters
+            # and wraps the output for its pre-backward gather, which must then sit *after* our injection node).
+            self._handles.append(
+                writer.module.register_forward_hook(partial(self._writer_hook, writer), prepend=True)
+            )
+        if self.writers:
+            self._handles.append(stack.stack.register_forward_hook(self._stack_hook))
+        self._register_zero3_external_parameters(accelerator)
+        self.last_metrics: dict[str, float] = {}
+        self._metric_sums: dict[str, float] = {}
+        self._metric_count = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def peft_model(self) -> nn.Module:
+        return self.model
+
+    @property
+    def penalized_modules(self) -> list[str]:
+        """Names of the LoRA modules that carry the weight-space penalty."""
+        return [w.name for w in self.writers]
+
+    def _register_zero3_external_parameters(self, accelerator: Any) -> None:
+        # Under ZeRO-3 a module's pre-forward gathers only its own parameters; A and B belong to the child modules
+        # lora_A/lora_B. Registering them as external parameters of the LoraLayer keeps them gathered for the whole
+        # LoraLayer forward (so in our hook) and makes DeepSpeed re-gather them for its backward. Harmless otherwise.
+        uses_deepspeed = accelerator is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None
+        if not self.writers or not (uses_deepspeed or "deepspeed" in sys.modules):
+            return
+        try:
+            from deepspeed.zero import register_external_parameter
+        except ImportError:
+            return
+        for writer in self.writers:
+            for adapter in writer.module.lora_A:
+                register_external_parameter(writer.module, writer.module.lora_A[adapter].weight)
+                register_external_parameter(writer.module, writer.module.lora_B[adapter].weight)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if "adapter_names" in kwargs:
+            raise ValueError("OrthoLoRA regularises one adapter; mixed-adapter batches (`adapter_names=`) are not supported")
+        active = self.training and torch.is_grad_enabled()
+        coef = self.config.lora_weight * self.config.warmup_factor(self.step)
+        session = _WeightSession(active=active and bool(self.writers) and coef > 0, coef=coef)
+        if self.regularizer is not None:
+            self.regularizer.step = self.step
+            self.regularizer.pending_penalty = None
+        self._session = self._last_session = session
+        try:
+            outputs = self.model(*args, **kwargs)
+        finally:
+            self._session = None
+        activation = None
+        if self.regularizer is not None:
+            activation, self.regularizer.pending_penalty = self.regularizer.pending_penalty, None
+        penalty = activation
+        weight_sum = None
+        if session.values:
+            weight_sum = torch.stack([v.float() for v in session.values.values()]).sum()
+            if not torch.isfinite(weight_sum):
+                bad = [n for n, v in session.values.items() if not torch.isfinite(v)]
+                message = (
+                    f"orthoreg LoRA weight penalty is not finite at step {self.step} ({bad[:4]}): the LoRA weights "
+                    "contain NaN/Inf. Lower the learning rate, or set OrthoRegConfig(on_nonfinite='skip')."
+                )
+                if self.config.on_nonfinite == "raise":
+                    raise NonFiniteHiddenStateError(message)
+                logger.warning(message + " Skipping the weight penalty for this micro-batch.")
+                weight_sum = None
+            else:
+                weighted = coef * weight_sum
+                if session.anchor is not None and session.anchor.requires_grad:
+                    weighted = _GradTap.apply(weighted.detach().requires_grad_(True), session, session.anchor)
+                session.anchor = None  # do not keep the (B, T, d) tensor alive beyond the graph
+                penalty = weighted if penalty is None else penalty + weighted
+        if active:
+            self._record_metrics(session, weight_sum, penalty)
+            if self.accelerator is None or self.accelerator.sync_gradients:
+                self.step += 1
+        if penalty is not None:
+            if not hasattr(outputs, "keys"):
+                raise ValueError(
+                    f"OrthoLoRA needs a ModelOutput from the model (got {type(outputs).__name__}); do not pass "
+                    "return_dict=False"
+                )
+            loss = outputs.get("loss")
+            outputs["orthoreg_penalty"] = penalty
+            if loss is not None:
+                outputs["task_loss"] = loss
+                outputs["loss"] = loss + penalty
+        return outputs
+
+    def _writer_hook(self, writer: LoraWriter, module: nn.Module, args: tuple, output: Any) -> Any:
+        in_forward = self._session is not None
+        session = self._session if in_forward else self._last_session
+        # Outside a forward the only calls that matter are recomputes (activation checkpointing) during that
+        # forward's backward; calls after it (direct use of the PEFT model, generation) are ignored.
+        if session is None or not session.active or (not in_forward and session.finished):
+            return None
+        if module.disable_adapters:  # paired reference forward, or adapters disabled by the user
+            return None
+        adapter = _check_adapter_state(writer.name, module)
+        if adapter is None:
+            return None
+        first = writer.name not in session.values
+        if in_forward and not first:
+            return None  # a module called twice in one forward is counted and injected once
+        lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        if _is_sharded(lora_a) or _is_sharded(lora_b):
+            raise RuntimeError(
+                f"the LoRA weights of {writer.name!r} are sharded during its own forward (shape "
+                f"{tuple(lora_a.shape)}, {type(lora_a).__name__}), so the weight-space penalty cannot be computed. "
+                "Under DeepSpeed ZeRO-3 build OrthoLoRA before `accelerator.prepare` and pass `accelerator=` (or "
+                "import deepspeed first) so A and B are registered as the module's external parameters; with FSDP2 "
+                "shard whole decoder layers, not LoRA submodules."
+            )
+        u = self._directions_on(writer.layer, lora_b.device)
+        penalty = lora_weight_penalty(lora_a, lora_b, u, module.scaling[adapter])
+        if in_forward:
+            session.values[writer.name] = penalty.detach()
+            session.layers[writer.name] = writer.layer
+        if torch.is_grad_enabled() and penalty.requires_grad:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"{writer.name!r} returned {type(output).__name__}; expected a Tensor")
+            return _InjectWeightPenalty.apply(output, penalty, session)
+        return None
+
+    def _stack_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        session = self._session
+        if session is None or not session.active or session.anchor is not None:
+            return None
+        if isinstance(output, torch.Tensor):
+            session.anchor = output
+        elif isinstance(getattr(output, "last_hidden_state", None), torch.Tensor):
+            session.anchor = output.last_hidden_state
+        elif isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            session.anchor = output[0]
+        return None
+
+    def _directions_on(self, layer: int, device: torch.device) -> torch.Tensor:
+        key = (layer, device)
+        if key not in self._u_cache:
+            self._u_cache[key] = self.directions[layer].to(device=device, dtype=torch.float32)
+        return self._u_cache[key]
+
+    # ------------------------------------------------------------------ metrics
+    def _record_metrics(self, session: _WeightSession, weight_sum: torch.Tensor | None, penalty: Any) -> None:
+        # One device sync per forward (the regulariser already syncs for its finiteness check).
+        names, tensors = [], []
+        if weight_sum is not None:
+            names.append("lora")
+            tensors.append(weight_sum)
+            per_layer: dict[int, torch.Tensor] = {}
+            for name, value in session.values.items():
+                layer = session.layers[name]
+                per_layer[layer] = per_layer[layer] + value if layer in per_layer else value
+            for layer, value in sorted(per_layer.items()):
+                names.append(f"lora/layer_{layer}")
+                tensors.append(value)
+        if isinstance(penalty, torch.Tensor):
+            names.append("total")
+            tensors.append(penalty.detach())
+        metrics = dict(zip(names, torch.stack([t.float() for t in tensors]).tolist(), strict=True)) if tensors else {}
+        if self.regularizer is not None:
+            for key, value in self.regularizer.pop_metrics(per_layer=True).items():
+                if key != "total":
+                    metrics[key] = value
+        if not metrics:
+            return
+        self.last_metrics = metrics
+        for key, value in metrics.items():
+            self._metric_sums[key] = self._metric_sums.get(key, 0.0) + value
+        self._metric_count += 1
+
+    def pop_metrics(self, per_layer: bool | None = None) -> dict[str, float]:
+        """Means over the training forwards since the last call, then resets.
+
+        Keys: ``lora`` (Σ s²‖(UB)A‖² over penalised writers, unweighted), ``cov``, ``proj`` (sums over guarded layers,
+        unweighted), ``total`` (the weighted penalty added to the loss, with warm-up), ``<term>/layer_i`` with
+        ``per_layer`` (default ``config.per_layer_metrics``), ``skipped`` (micro-batches whose activation penalty was
+        dropped as non-finite). Values are this rank's; average across ranks with ``accelerator.reduce`` if needed.
+        """
+        per_layer = self.config.per_layer_metrics if per_layer is None else per_layer
+        count, sums = self._metric_count, self._metric_sums
+        self._metric_sums, self._metric_count = {}, 0
+        if count == 0:
+            return {}
+        return {
+            k: (v if k == "skipped" else v / count) for k, v in sums.items() if per_layer or "/layer_" not in k
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    def remove_hooks(self) -> None:
+        """Removes every hook OrthoLoRA installed; the PEFT model is then a plain PEFT model again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self.regularizer is not None:
+            self.regularizer.detach()
+
+    def state_dict_orthoreg(self) -> dict[str, Any]:
+        """JSON-serialisable training state: the step and the regulariser's recorded references."""
+        return {
+            "step": self.step,
+            "regularizer": self.regularizer.state_dict() if self.regularizer is not None else None,
+        }
+
+    def load_state_dict_orthoreg(self, state: dict[str, Any]) -> None:
+        self.step = int(state.get("step", 0))
+        if state.get("regularizer") is not None and self.regularizer is not None:
+            self.regularizer.load_state_dict(state["regularizer"])
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        is_main_process: bool | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Writes the PEFT adapter (``adapter_model.safetensors``, ``adapter_config.json``) and, next to it,
+        ``orthoreg_config.json`` (the config, the step and the regulariser's recorded references) and
+        ``orthoreg_directions.safetensors``.
+
+        Under ZeRO-3 or FSDP call it on every rank with ``state_dict=accelerator.get_state_dict(model)`` (a
+        collective); the ``model.`` prefix OrthoLoRA adds to the keys is removed. Only the main process writes.
+
+        Args:
+            save_directory: output folder (created).
+            is_main_process (`bool`, *optional*): defaults to ``accelerator.is_main_process``, else rank 0.
+            state_dict (`dict`, *optional*): a full state dict of this OrthoLoRA or of its PEFT model.
+            kwargs: passed to ``PeftModel.save_pretrained`` (``safe_serialization`` is always ``True``).
+        """
+        if is_main_process is None:
+            if self.accelerator is not None:
+                is_main_process = self.accelerator.is_main_process
+            else:
+                dist = torch.distributed
+                is_main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        if state_dict is not None and state_dict and all(k.startswith("model.") for k in state_dict):
+            state_dict = {k[len("model."):]: v for k, v in state_dict.items()}
+        kwargs["safe_serialization"] = True
+        self.model.save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "state": self.state_dict_orthoreg(),
+            "penalized_modules": self.penalized_modules,
+        }
+        path = os.path.join(save_directory, CONFIG_NAME)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+        if self.directions is not None:
+            self.directions.save(os.path.join(save_directory, DIRECTIONS_NAME))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: nn.Module,
+        pretrained_path: str | os.PathLike,
+        accelerator: Any = None,
+        *,
+        is_trainable: bool = True,
+        writer_modules: Sequence[str] | None = None,
+        **peft_kwargs: Any,
+    ) -> OrthoLoRA:
+        """Restores an OrthoLoRA written by ``save_pretrained``: the adapter (``PeftModel.from_pretrained`` on
+        ``base_model``), the ``OrthoRegConfig``, the directions, the step and the recorded references. Reads only
+        safetensors and JSON.
+
+        Args:
+            base_model: the same base model the adapter was trained on.
+            pretrained_path: the folder ``save_pretrained`` wrote.
+            accelerator: as in ``OrthoLoRA``.
+            is_trainable (`bool`, *optional*, defaults to `True`): load the adapter trainable (to resume training);
+                ``False`` freezes it (PEFT's inference mode).
+            peft_kwargs: passed to ``PeftModel.from_pretrained`` (``adapter_name``, ``revision``, …).
+
+        Raises:
+            FileNotFoundError: a required file is missing (including a pickle-only ``adapter_model.bin`` adapter).
+        """
+        from peft import PeftModel
+
+        folder = os.fspath(pretrained_path)
+        config_path = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(
+                f"no {CONFIG_NAME} in {folder!r}; it is not a folder written by OrthoLoRA.save_pretrained (for a plain "
+                "PEFT adapter use PeftModel.from_pretrained and build OrthoLoRA around it)"
+            )
+        if not os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+            raise FileNotFoundError(
+                f"no adapter_model.safetensors in {folder!r}; OrthoLoRA loads adapters from safetensors only (never "
+                "pickle). Re-save the adapter with `save_pretrained(..., safe_serialization=True)`."
+            )
+        with open(config_path) as handle:
+            payload = json.load(handle)
+        if payload.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{config_path!r} has format {payload.get('format_version')!r}; this orthoreg reads {FORMAT_VERSION}"
+            )
+        config = OrthoRegConfig.from_dict(payload["config"])
+        directions_path = os.path.join(folder, DIRECTIONS_NAME)
+        directions = HarmfulDirections.load(directions_path) if os.path.isfile(directions_path) else None
+        peft_model = PeftModel.from_pretrained(base_model, folder, is_trainable=is_trainable, **peft_kwargs)
+        ortho = cls(peft_model, config, directions, accelerator, writer_modules=writer_modules)
+        ortho.load_state_dict_orthoreg(payload.get("state", {}))
+        return ortho
+
