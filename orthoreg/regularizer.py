@@ -375,9 +375,6 @@ class OrthoRegularizer:
         ``cov/layer_i``/``proj/layer_i`` when ``per_layer``, ``skipped`` when non-finite batches were dropped.
         """
         per_layer = self.config.per_layer_metrics if per_layer is None else per_layer
-        if self._metric_count == 0:
-            self._reset_metrics()
-            return {}
         out = {
             name: float(value) / self._metric_count
             for name, value in self._metric_sums.items()

@@ -29,3 +29,28 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
     config = getattr(transformers, config_name)(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(config)
+
+
+def tiny_tokenizer(vocab_size: int = 99, chat_template: bool = True):
+    """A word-level ``PreTrainedTokenizerFast`` built in code: tokens ``w3`` … ``w{vocab-1}`` plus specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<pad>")
+    if chat_template:
+        tokenizer.chat_template = (
+            "{% for m in messages %}{{ m['content'] }} {% if m['role'] == 'assistant' %}</s> {% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{% endif %}"
+        )
+    return tokenizer
+
+
+def word_text(g, n: int, vocab_size: int = 99) -> str:
+    import torch
+
+    return " ".join(f"w{int(i)}" for i in torch.randint(3, vocab_size, (n,), generator=g))
