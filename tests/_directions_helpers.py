@@ -9,6 +9,7 @@ harmful-vs-harmless difference at every layer lies (almost) along the planted v'
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -99,3 +100,13 @@ def principal_angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     qb = torch.linalg.qr(b.double().T).Q
     cosines = torch.linalg.svdvals(qa.T @ qb).clamp(-1, 1)
     return torch.rad2deg(torch.arccos(cosines))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models are dominated by per-op threading overhead: one intra-op thread is 10-50x faster on a busy CPU.
+    Imported into each test module (autouse there); the previous thread count is restored after every test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
