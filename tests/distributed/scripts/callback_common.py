@@ -64,6 +64,9 @@ def samples(n: int) -> list[dict[str, list[int]]]:
         ids[length:] = 0
         attn = (torch.arange(SEQ_LEN) < length).long()
         labels = torch.where(attn.bool(), ids, torch.full_like(ids, -100))
+        # Position 0 is never a target of the shifted CE; marking it -100 makes transformers 4.x (which counts
+        # unshifted labels for num_items_in_batch) and 5.x (which counts labels[..., 1:]) normalise the same way.
+        labels[0] = -100
         out.append({"input_ids": ids.tolist(), "attention_mask": attn.tolist(), "labels": labels.tolist()})
     return out
 
@@ -112,6 +115,8 @@ def training_args(out_dir: str, batch: int, ga: int, deepspeed: str | None):
     from transformers import TrainingArguments
 
     extra = {}
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:  # transformers >= 5; 4.x samples randomly
+        extra["train_sampling_strategy"] = "sequential"
     if deepspeed is not None:
         deepspeed_cpu_state()
         extra["accelerator_config"] = {"use_configured_state": True}
@@ -119,7 +124,7 @@ def training_args(out_dir: str, batch: int, ga: int, deepspeed: str | None):
         output_dir=out_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=ga, max_steps=1,
         learning_rate=LR, optim="sgd", lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=0.0, use_cpu=deepspeed is None, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
-        train_sampling_strategy="sequential", dataloader_num_workers=0, seed=0, deepspeed=deepspeed,
+        dataloader_num_workers=0, seed=0, deepspeed=deepspeed,
         average_tokens_across_devices=True, remove_unused_columns=False, **extra,
     )
 

@@ -22,12 +22,12 @@ import torch
 from callback_common import (
     COV_WEIGHT,
     GLOBAL_BATCH,
+    LENGTHS,
     LR,
     build_model,
     finish,
     local_and_global_cov,
     rank_out_dir,
-    samples,
     train_once,
     write_rank_results,
 )
@@ -44,20 +44,26 @@ def parse_case(case: str) -> dict:
     }
 
 
-def explicit_reference(ga: int, lora: bool, with_reg: bool) -> dict[str, torch.Tensor]:
-    """−LR · ∂/∂θ [ Σ_k CE_sum(mb_k) / N_total + (cov_weight/GA) Σ_k Σ_ℓ cov(h_ℓ(mb_k)) ] in float64."""
+def explicit_reference(batches: list[dict], lora: bool, with_reg: bool) -> dict[str, torch.Tensor]:
+    """−LR · ∂/∂θ [ Σ_k CE_sum(mb_k) / N_total + (cov_weight/GA) Σ_k Σ_ℓ cov(h_ℓ(mb_k)) ] in float64.
+
+    ``batches`` are the micro-batches the Trainer actually fed (recorded by a hook: with transformers 4.x the
+    sampler is random), as input_ids/attention_mask; labels are rebuilt as in ``callback_common.samples``.
+    """
     model = build_model(lora=lora).double()
     model.train()
     lm = model.get_base_model() if lora else model
-    items = samples(GLOBAL_BATCH * ga)
-    micro = [items[k * GLOBAL_BATCH:(k + 1) * GLOBAL_BATCH] for k in range(ga)]
-    n_total = sum(sum(1 for t in it["labels"][1:] if t != -100) for it in items)
+    ga = len(batches)
+    micro = []
+    for b in batches:
+        ids, attn = torch.tensor(b["input_ids"]), torch.tensor(b["attention_mask"])
+        labels = torch.where(attn.bool(), ids, torch.full_like(ids, -100))
+        labels[:, 0] = -100
+        micro.append((ids, attn, labels))
+    n_total = sum(int((labels[:, 1:] != -100).sum()) for _, _, labels in micro)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = 0.0
-    for mb in micro:
-        ids = torch.tensor([it["input_ids"] for it in mb])
-        attn = torch.tensor([it["attention_mask"] for it in mb])
-        labels = torch.tensor([it["labels"] for it in mb])
+    for ids, attn, labels in micro:
         hs: list[torch.Tensor] = []
         hooks = [layer.register_forward_hook(lambda m, a, o, hs=hs: hs.append(o[0] if isinstance(o, tuple) else o))
                  for layer in lm.model.layers]
@@ -89,7 +95,7 @@ def main() -> None:
     torch.set_num_threads(1)
     deepspeed = os.path.join(CONFIG_DIR, f"{opts.backend}.json") if opts.backend.startswith("zero") else None
     batch = GLOBAL_BATCH if opts.backend == "single" else GLOBAL_BATCH // 2
-    results: dict = {"backend": opts.backend, "cases": {}, "seconds": {}}
+    results: dict = {"backend": opts.backend, "cases": {}, "seconds": {}, "lengths": LENGTHS}
     tensors: dict[str, torch.Tensor] = {}
     work = tempfile.mkdtemp(prefix="orthoreg-trainer-")
     for case in opts.cases.split(","):
@@ -102,7 +108,7 @@ def main() -> None:
         if opts.backend == "ddp" and spec["gather"] is not None and not spec["lora"] and spec["ga"] == 1:
             info["cov_at_init"] = local_and_global_cov(info["batches"][0])
         if opts.backend == "single":
-            ref = explicit_reference(spec["ga"], spec["lora"], with_reg=spec["gather"] is not None)
+            ref = explicit_reference(info["batches"], spec["lora"], with_reg=spec["gather"] is not None)
             tensors.update({f"{case}/explicit/{n}": g for n, g in ref.items()})
         results["cases"][case] = info
     import torch.distributed as dist
