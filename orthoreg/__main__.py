@@ -1,0 +1,5 @@
+import sys
+
+from orthoreg.cli import main
+
+sys.exit(main())
