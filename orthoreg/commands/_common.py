@@ -39,14 +39,21 @@ def resolve_device(name: str) -> Any:
     return torch.device(name)
 
 
-def load_model(path: str, *, device: str = "auto", dtype: str = "auto", tokenizer: bool = True) -> tuple[Any, Any]:
+def load_model(
+    path: str, *, device: str = "auto", dtype: str = "auto", tokenizer: bool = True, quiet: bool = False
+) -> tuple[Any, Any]:
     """``AutoModelForCausalLM`` (safetensors only, no remote code) in eval mode on ``device``, and its tokenizer.
+    ``quiet`` turns off transformers' progress bars for the rest of the process (a CLI run is one process).
 
     Raises:
         CommandError: the model or tokenizer cannot be loaded, with the reason.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if quiet:
+        hf_logging.disable_progress_bar()
 
     target = resolve_device(device)
     if dtype == "auto":

@@ -51,10 +51,11 @@ def _audit(args: argparse.Namespace) -> int:
 
     directions = HarmfulDirections.load(args.directions)  # fail on a bad file before loading any model
     examples = load_task_examples(args.data, limit=args.max_examples)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, quiet=args.quiet)
     finetuned = None
     if args.finetuned:
-        finetuned, _ = load_model(args.finetuned, device=args.device, dtype=args.dtype, tokenizer=False)
+        finetuned, _ = load_model(args.finetuned, device=args.device, dtype=args.dtype, tokenizer=False,
+                                  quiet=args.quiet)
     report = overlap_score(
         model, directions, examples, tokenizer, finetuned=finetuned, layers=parse_layers(args.layers),
         guarded_layers=parse_layers(args.guard_layers), batch_size=args.batch_size, max_length=args.max_length,

@@ -90,7 +90,7 @@ def _extract(args: argparse.Namespace) -> int:
 
     contrast, heldout = _contrast(args)
     method = args.method or ("diff_means" if args.k == 1 else "pca_diff" if contrast.paired else "class_means")
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, quiet=args.quiet)
     directions = extract_directions(
         model, tokenizer, contrast, layers=parse_layers(args.layers), k=args.k, method=method, pooling=args.pooling,
         batch_size=args.batch_size, max_length=args.max_length, progress=not args.quiet, heldout=heldout,
