@@ -146,7 +146,7 @@ def score_features(
     for layer, t in sorted(features.items()):
         if layer not in directions:
             raise ValueError(f"no harmful directions for layer {layer}; directions exist for {directions.layers}")
-        u = directions[layer].to(torch.float64)
+        u = directions[layer].to("cpu", torch.float64)
         t = t.detach().to(device="cpu", dtype=torch.float64).flatten()
         if t.numel() != u.shape[1]:
             raise ValueError(f"feature direction of layer {layer} has {t.numel()} entries; directions are {u.shape[1]}")

@@ -41,7 +41,7 @@ def orthonormalize(u: torch.Tensor, name: str = "directions") -> torch.Tensor:
     if not torch.isfinite(u).all():
         raise DirectionsError(f"{name} contains NaN or Inf")
     u64 = u.detach().to(torch.float64)
-    if (u64 @ u64.T - torch.eye(k, dtype=torch.float64)).abs().max() < _ALREADY_ORTHONORMAL_TOL:
+    if (u64 @ u64.T - torch.eye(k, dtype=torch.float64, device=u64.device)).abs().max() < _ALREADY_ORTHONORMAL_TOL:
         # Keep already-orthonormal rows bit-for-bit, so a save → load round trip is exact.
         return u.detach().to(torch.float32).contiguous()
     q, r = torch.linalg.qr(u64.T)  # q: (d, k)

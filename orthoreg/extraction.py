@@ -428,8 +428,12 @@ def extract_directions(
         source_model, source_revision (`str`, *optional*): provenance for the metadata; default to the config's
             ``_name_or_path`` and ``_commit_hash``.
 
+    Memory: besides one batch of activations, 2·d float64 numbers per layer (``diff_means``), plus d² for
+    ``pca_diff`` (8·d² bytes per layer: 134 MB at d = 4096 — restrict ``layers`` for very wide, deep models) or C·d
+    for ``class_means``; on the model's GPU when it has one, else on the CPU. Nothing grows with the prompt count.
+
     Returns:
-        `HarmfulDirections`: U_ℓ (k, d) per layer; ``metadata`` holds ``source_model``, ``source_revision``,
+        `HarmfulDirections` (on the CPU): U_ℓ (k, d) per layer; ``metadata`` holds ``source_model``, ``source_revision``,
         ``model_type``, ``num_layers``, ``method``, ``pooling``, ``prompt_hash``, ``chat_template``, counts and
         ``separation`` = {layer: {"d_prime", "accuracy", "gap_norm"[, "explained"]}} (layer keys are strings).
 
@@ -576,4 +580,5 @@ def extract_directions(
         "separation_split": separation_split,
         "separation": {str(i): {**separation[i].summary(), **infos[i]} for i in layer_ids},
     }
-    return HarmfulDirections({i: directions[i].to(torch.float32) for i in layer_ids}, metadata=metadata)
+    # Directions live on the CPU like a loaded file's; the consumers move them to the model's device.
+    return HarmfulDirections({i: directions[i].to("cpu", torch.float32) for i in layer_ids}, metadata=metadata)

@@ -24,6 +24,7 @@ from orthoreg.audit import (
 from orthoreg.commands import audit as audit_cmd
 from orthoreg.commands import directions as directions_cmd
 from orthoreg.directions import DirectionsError, HarmfulDirections
+from orthoreg.extraction import extract_directions
 from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
     SIMPLE_TEMPLATE,
     make_tokenizer,
@@ -215,6 +216,8 @@ def test_messages_label_only_assistant_turns():
     words = tok.convert_ids_to_tokens(ids)
     assert words == ["user", ":", "please", "explain", "assistant", ":", "the", "thing"]
     assert [w for w, lab in zip(words, labels, strict=True) if lab != -100] == ["the", "thing"]
+    # Conversational prompt/completion (TRL's layout) labels the completion turn only: the same result.
+    assert encode_task_examples(tok, [{"prompt": messages[:1], "completion": messages[1:]}]) == [(ids, labels)]
     with pytest.raises(TaskDataError, match="no chat template"):
         encode_task_examples(make_tokenizer(), [{"messages": messages}])
 
@@ -401,3 +404,20 @@ def test_audit_command_refusals(saved, tmp_path, capsys, setup, match):
     err = capsys.readouterr().err
     assert rc == 2 and err.strip().splitlines()[-1].startswith("error: ") and match in err
     assert not (tmp_path / "r").exists(), "nothing written on failure"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3", "gpt2", "gpt_neox"])
+def test_extract_and_audit_every_family(tok, family):
+    # Decoder blocks return a tensor (Llama family) or a tuple (GPT-2, GPT-NeoX); hooks must handle both, including
+    # the gradient hook that replaces the first scored layer's output.
+    from tests.models import tiny_model
+
+    model = tiny_model(family).eval()
+    harmful, harmless, _ = planted_prompts(3)
+    dirs = extract_directions(model, tok, harmful, harmless, k=2, method="pca_diff", progress=False)
+    assert dirs.layers == [0, 1, 2] and dirs.metadata["model_type"] == model.config.model_type
+    report = overlap_score(model, dirs, TASK, tok, progress=False)
+    assert set(report.per_layer) == {0, 1, 2} and all(n > 0 for n in report.feature_norm.values())
+    features, _, _ = task_features(model, tok, TASK, [1], progress=False)
+    parallel = HarmfulDirections({1: features[1].float()}, metadata=dirs.metadata)
+    assert overlap_score(model, parallel, TASK, tok, progress=False).overall > 0.999
