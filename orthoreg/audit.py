@@ -299,7 +299,7 @@ def _replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, tuple) else [hidden, *output[1:]]
 
 
-def _gradient_features(model, stack, layers, batches, mask_policy, progress):
+def _gradient_features(model, stack, layers, batches, n_batches, mask_policy, progress):
     from tqdm.auto import tqdm
 
     first = min(layers)
@@ -320,8 +320,10 @@ def _gradient_features(model, stack, layers, batches, mask_policy, progress):
     sums = {i: torch.zeros(stack.hidden_size, dtype=torch.float64) for i in layers}
     n_tokens, n_labels = 0, 0
     try:
-        for batch in tqdm(batches, desc="task gradient", disable=not progress, unit="batch"):
+        for batch in tqdm(batches, total=n_batches, desc="task gradient", disable=not progress, unit="batch"):
             captured.clear()
+            mask = token_mask(batch, tuple(batch["input_ids"].shape), mask_policy)
+            n_tokens += int(mask.sum())  # label-less examples still count in N (their gradient is 0)
             with torch.enable_grad():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                use_cache=False).logits
@@ -335,11 +337,9 @@ def _gradient_features(model, stack, layers, batches, mask_policy, progress):
                     continue
                 hs = [captured[i] for i in layers]
                 grads = torch.autograd.grad(ce_sum, hs, allow_unused=True)
-            mask = token_mask(batch, tuple(batch["input_ids"].shape), mask_policy)
             for i, g in zip(layers, grads, strict=True):
                 if g is not None:
                     sums[i] -= g[mask.to(g.device)].to(torch.float64).sum(dim=0).cpu()
-            n_tokens += int(mask.sum())
             n_labels += n_lab
     finally:
         for handle in handles:
@@ -392,20 +392,24 @@ def task_features(
     """
     from tqdm.auto import tqdm
 
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an int >= 1; got {batch_size!r}")
     stack = find_decoder_stack(model)
     if max_length is None:
         max_length = model_context_length(model)
     encoded = encode_task_examples(tokenizer, data, max_length=max_length)
     layers = sorted(layers)
     device = _input_device(model)
+    # A generator: one padded batch exists at a time.
     batches = _task_batches(encoded, batch_size, _pad_id(tokenizer) if tokenizer is not None else 0, device)
+    n_batches = math.ceil(len(encoded) / batch_size)
     models = [model] + ([finetuned] if finetuned is not None else [])
     modes = [m.training for m in models]
     for m in models:
         m.eval()  # no dropout: the direction of the expected push, not of one noisy step
     try:
         if finetuned is None:
-            features, n_tokens = _gradient_features(model, stack, layers, list(batches), mask, progress)
+            features, n_tokens = _gradient_features(model, stack, layers, batches, n_batches, mask, progress)
             return features, len(encoded), n_tokens
         tuned_stack = find_decoder_stack(finetuned)
         if (tuned_stack.hidden_size, tuned_stack.num_layers) != (stack.hidden_size, stack.num_layers):
@@ -416,7 +420,7 @@ def task_features(
         tuned_device = _input_device(finetuned)
         shift = {i: torch.zeros(stack.hidden_size, dtype=torch.float64) for i in layers}
         n_tokens = 0
-        for batch in tqdm(list(batches), desc="activation shift", disable=not progress, unit="batch"):
+        for batch in tqdm(batches, total=n_batches, desc="activation shift", disable=not progress, unit="batch"):
             base = _masked_sums(model, stack, layers, batch, mask)
             tuned = _masked_sums(finetuned, tuned_stack, layers, {k: v.to(tuned_device) for k, v in batch.items()},
                                  mask)
