@@ -160,3 +160,16 @@ def finish(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def skip_deepspeed_shm_comm_build() -> None:
+    """Stops DeepSpeed (``DS_ACCELERATOR=cpu``) from JIT-compiling its shared-memory communication op.
+
+    ``deepspeed.comm``'s ``TorchBackend`` builds ``deepspeed_shm_comm`` whenever the op is compatible, but only
+    ``inference_all_reduce`` (AutoTP inference) uses it; training collectives go through torch.distributed (gloo)
+    either way. The compile costs ~25 s on an idle 2-core machine and minutes on a loaded one, so rank scripts call
+    this before the first DeepSpeed engine/state is created.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -28,6 +28,7 @@ from callback_common import (
     finish,
     local_and_global_cov,
     rank_out_dir,
+    skip_deepspeed_shm_comm_build,
     train_once,
     write_rank_results,
 )
@@ -94,6 +95,8 @@ def main() -> None:
     rank = int(os.environ.get("RANK", 0))
     torch.set_num_threads(1)
     deepspeed = os.path.join(CONFIG_DIR, f"{opts.backend}.json") if opts.backend.startswith("zero") else None
+    if deepspeed is not None:
+        skip_deepspeed_shm_comm_build()
     batch = GLOBAL_BATCH if opts.backend == "single" else GLOBAL_BATCH // 2
     results: dict = {"backend": opts.backend, "cases": {}, "seconds": {}, "lengths": LENGTHS}
     tensors: dict[str, torch.Tensor] = {}
