@@ -86,13 +86,13 @@ class _GradTap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, value: torch.Tensor, session: _WeightSession, anchor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, value: torch.Tensor, session: _WeightSession, *anchor: torch.Tensor) -> torch.Tensor:
         ctx.session = session
-        ctx.anchor_meta = (anchor.shape, anchor.dtype, anchor.device)
+        ctx.anchor_meta = [(a.shape, a.dtype, a.device) for a in anchor]
         return value.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         session = ctx.session
         session.loss_grad = grad.detach()
         session.finished = False
@@ -102,8 +102,8 @@ class _GradTap(torch.autograd.Function):
 
         # Runs when this backward pass ends; reentrant-checkpoint recomputes happen before that.
         torch.autograd.Variable._execution_engine.queue_callback(_finish)
-        shape, dtype, device = ctx.anchor_meta
-        return None, None, torch.zeros(shape, dtype=dtype, device=device)
+        zeros = tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.anchor_meta)
+        return (None, None, *zeros)
 
 
 class _InjectWeightPenalty(torch.autograd.Function):
@@ -318,7 +318,8 @@ class OrthoLoRA(nn.Module):
     ``dense``/``dense_4h_to_h``, …), U_ℓ (k, d) the harmful directions of layer ℓ, A_m (r, in) = ``lora_A.weight``,
     B_m (d, r) = ``lora_B.weight`` and s_m = ``scaling[adapter]`` (α/r, or α/√r with rsLoRA), so that
     s_m²‖(U_ℓ B_m) A_m‖²_F = ‖U_ℓ ΔW_m‖²_F for ΔW_m = s_m B_m A_m, computed without forming ΔW or any d×d matrix.
-    Writers in layers without directions are not weight-penalised (a warning lists them). w(t) is the warm-up factor
+    Writers in layers that are not guarded or have no directions are not weight-penalised (a warning lists them,
+    since they still write into the residual stream of later guarded layers). w(t) is the warm-up factor
     of ``config``. ``outputs.orthoreg_penalty`` is the penalty alone (differentiable, for losses built from logits),
     ``outputs.task_loss`` the model's own loss.
 
@@ -336,7 +337,9 @@ class OrthoLoRA(nn.Module):
     checkpointing the first call is under ``no_grad``). Each writer's value is counted once per forward (the first
     call); its gradient enters through whichever call builds the graph that is backpropagated (the forward call, or
     the recompute under reentrant checkpointing). The hook does the same work in both calls, as non-reentrant
-    checkpointing requires.
+    checkpointing requires. A recompute is matched to the latest OrthoLoRA forward, so under reentrant
+    checkpointing backpropagate each forward's loss before the next forward (the usual loop; summing the losses of
+    several forwards into one backward is exact without checkpointing or with non-reentrant checkpointing).
 
     **Paired anchor.** With ``OrthoRegConfig(anchor="paired")`` the projection is ‖U_ℓ(h_ℓ − h_ℓ^{ref})‖² with h^{ref}
     the activations of the same model with the adapter disabled, on the same tokens. Cost: one extra forward per
@@ -533,9 +536,9 @@ class OrthoLoRA(nn.Module):
                 logger.warning(message + " Skipping the weight penalty for this micro-batch.")
                 weight_sum = None
             else:
-                weighted = coef * weight_sum
-                if session.anchor is not None and session.anchor.requires_grad:
-                    weighted = _GradTap.apply(weighted.detach().requires_grad_(True), session, session.anchor)
+                # A fresh leaf, so the tap's backward always runs; the anchor (if captured) links it to the model.
+                anchor = () if session.anchor is None else (session.anchor,)
+                weighted = _GradTap.apply((coef * weight_sum).detach().requires_grad_(True), session, *anchor)
                 session.anchor = None  # do not keep the (B, T, d) tensor alive beyond the graph
                 penalty = weighted if penalty is None else penalty + weighted
         if active:
@@ -594,12 +597,16 @@ class OrthoLoRA(nn.Module):
         session = self._session
         if session is None or not session.active or session.anchor is not None:
             return None
+        hidden = None
         if isinstance(output, torch.Tensor):
-            session.anchor = output
+            hidden = output
         elif isinstance(getattr(output, "last_hidden_state", None), torch.Tensor):
-            session.anchor = output.last_hidden_state
+            hidden = output.last_hidden_state
         elif isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            session.anchor = output[0]
+            hidden = output[0]
+        # Only the differentiable pass: not a no-grad reference forward through the same stack (paired anchor).
+        if hidden is not None and hidden.requires_grad:
+            session.anchor = hidden
         return None
 
     def _directions_on(self, layer: int, device: torch.device) -> torch.Tensor:
@@ -688,7 +695,9 @@ class OrthoLoRA(nn.Module):
         ``orthoreg_directions.safetensors``.
 
         Under ZeRO-3 or FSDP call it on every rank with ``state_dict=accelerator.get_state_dict(model)`` (a
-        collective); the ``model.`` prefix OrthoLoRA adds to the keys is removed. Only the main process writes.
+        collective; ZeRO-3 needs ``stage3_gather_16bit_weights_on_model_save``); the ``model.`` prefix OrthoLoRA
+        adds to the keys is removed. Only the main process writes; saving sharded LoRA parameters without a
+        gathered ``state_dict`` raises instead of writing empty tensors.
 
         Args:
             save_directory: output folder (created).
@@ -702,12 +711,18 @@ class OrthoLoRA(nn.Module):
             else:
                 dist = torch.distributed
                 is_main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        if not is_main_process:
+            return  # nothing is written here (accelerate's gathered state dict exists on the main process only)
+        if state_dict is None and any(_is_sharded(p) for n, p in self.model.named_parameters() if "lora_" in n):
+            raise ValueError(
+                "the LoRA parameters are sharded (DeepSpeed ZeRO-3 or FSDP), so saving them directly would write "
+                "empty or partial tensors. Call `save_pretrained(dir, state_dict=accelerator.get_state_dict(model))` "
+                "on every rank (for ZeRO-3 with `stage3_gather_16bit_weights_on_model_save: true`)."
+            )
         if state_dict is not None and state_dict and all(k.startswith("model.") for k in state_dict):
             state_dict = {k[len("model."):]: v for k, v in state_dict.items()}
         kwargs["safe_serialization"] = True
-        self.model.save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
-        if not is_main_process:
-            return
+        self.model.save_pretrained(save_directory, is_main_process=True, state_dict=state_dict, **kwargs)
         os.makedirs(save_directory, exist_ok=True)
         payload = {
             "format_version": FORMAT_VERSION,

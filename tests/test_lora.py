@@ -252,6 +252,21 @@ def test_warmup_steps_and_eval():
     assert "orthoreg_penalty" not in out and torch.equal(out.loss, plain.loss) and ortho.step == 2
 
 
+def test_weight_penalty_gradient_follows_the_loss_scale():
+    # What a GradScaler or DeepSpeed's fp16 engine does: backpropagate S·loss and divide the gradients by S later.
+    # The weight term's gradient enters inside the model, yet it must carry S like the rest of the loss (a gradient
+    # injected with a fixed coefficient would be off by S after unscaling).
+    peft_model = lora_llama()
+    ortho = OrthoLoRA(peft_model, OrthoRegConfig(layers="all", proj_weight=0.0, lora_weight=3.0), directions())
+    ortho.train()
+    batch = make_batch()
+    ortho(**batch).loss.backward()
+    plain = lora_grads(peft_model)
+    peft_model.zero_grad()
+    (ortho(**batch).loss * 1024.0).backward()  # a power of two: unscaling is exact
+    assert _max_diff({k: v / 1024.0 for k, v in lora_grads(peft_model).items()}, plain) == 0
+
+
 def test_direct_peft_calls_after_a_step_are_not_regularised():
     # After an OrthoLoRA step, the hooks stay installed on the PEFT model; a later direct call of the PEFT model
     # (a recompute would be the only legitimate reason) must not inject anything.
@@ -377,6 +392,7 @@ def test_wrong_directions():
         OrthoLoRA(lora_llama(), OrthoRegConfig(**LORA_ONLY))
 
 
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")  # PEFT's note that the tiny Llama has no bias
 @pytest.mark.parametrize("variant", ["use_dora", "lora_bias"])
 def test_unsupported_lora_forms(variant):
     with pytest.raises(NotImplementedError, match="DoRA" if variant == "use_dora" else "lora_bias"):

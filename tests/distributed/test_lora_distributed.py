@@ -10,7 +10,8 @@ safetensors/JSON and end with ``os._exit``, so the gloo exit-time abort cannot f
   LoRA gradients (penalty alone, and task + every penalty) must equal the unsharded single-process ones.
 - ``--backends zero3``: the same two checks under accelerate + DeepSpeed ZeRO-3 with parameter persistence threshold
   0 (LoRA's A and B are partitioned outside their module's forward — asserted), at the first step (ZeRO recording
-  its trace) and the third (releasing/prefetching by the recorded trace).
+  its trace) and the third (releasing/prefetching by the recorded trace); then the adapter saved from
+  ``accelerator.get_state_dict`` reloads with ``OrthoLoRA.from_pretrained``.
 
 Tolerance 1e-6 absolute on gradients/updates of size ~0.1-1: float32 runs that differ only in summation order
 (measured ≤ 5e-8).
@@ -29,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "scripts"))
 from _launch import launch  # noqa: E402
-from lora_common import concat_batches, directions, lora_llama, lora_params  # noqa: E402
+from lora_common import concat_batches, directions, lora_llama, lora_params, tiny_llama  # noqa: E402
 from lora_run import (  # noqa: E402
     DDP_CONFIG,
     FULL,
@@ -119,3 +120,13 @@ def test_sharded_weight_penalty_and_gradients_equal_unsharded(request, backend, 
             assert _max_diff(got, want) <= TOL, (rank, step)
     if backend == "zero3":
         assert info["zero3.engine"] == "DeepSpeedEngine" and info["zero3.stage"] == 3
+
+
+def test_zero3_save_pretrained_round_trip(zero3):
+    # Without a gathered state dict the partitioned LoRA tensors are empty: refused, naming the fix.
+    assert "accelerator.get_state_dict" in zero3.json[0]["zero3.save_unsharded_error"]
+    saved = Path(zero3.json[0]["out_dir"]) / "saved"
+    loaded = OrthoLoRA.from_pretrained(tiny_llama(seed=0), saved)
+    # lr = 0 in the ZeRO-3 run, so the saved adapter is the initial one.
+    assert _max_diff(lora_params(loaded.model), lora_params(lora_llama(seed=0))) == 0
+    assert loaded.config == OrthoRegConfig(**FULL) and loaded.step == 3

@@ -14,7 +14,8 @@ Backends (2 gloo ranks each):
   weight-penalty-only config without labels, ``fsdp2.full.*`` from ``outputs.loss`` with every term on.
 - ``zero3``: accelerate + DeepSpeed ZeRO-3 (parameter persistence threshold 0, so even the tiny LoRA matrices are
   partitioned), otherwise as ``fsdp2`` (``zero3.penalty.*``, ``zero3.full.*``; gradients via
-  ``deepspeed.utils.safe_get_full_grad``).
+  ``deepspeed.utils.safe_get_full_grad``); then saves the adapter from ``accelerator.get_state_dict`` into
+  ``DIR/saved`` (and records the error for a save without it).
 
 Each rank writes ``rank{r}.json``/``rank{r}.safetensors`` and ends with ``os._exit`` (``_launch.finish``).
 """
@@ -54,6 +55,7 @@ ZERO3 = {
         "stage3_param_persistence_threshold": 0,  # partition every parameter, LoRA's tiny A and B included
         "stage3_max_live_parameters": 0,  # release every gathered parameter as early as possible
         "stage3_max_reuse_distance": 0,
+        "stage3_gather_16bit_weights_on_model_save": True,  # accelerator.get_state_dict gathers for saving
     },
     "zero_allow_untested_optimizer": True,
     "train_micro_batch_size_per_gpu": 2,
@@ -76,7 +78,7 @@ def penalty_only_batch() -> dict[str, torch.Tensor]:
     return {k: v for k, v in sharded_batch().items() if k != "labels"}
 
 
-def run_ddp(tensors: dict, info: dict) -> None:
+def run_ddp(tensors: dict, info: dict, out_dir: str) -> None:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
@@ -107,7 +109,7 @@ def _full_grads(params: dict, get) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_fsdp2(tensors: dict, info: dict) -> None:
+def run_fsdp2(tensors: dict, info: dict, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -131,7 +133,7 @@ def run_fsdp2(tensors: dict, info: dict) -> None:
         info[f"fsdp2.{tag}.lora"] = model.last_metrics["lora"]
 
 
-def run_zero3(tensors: dict, info: dict) -> None:
+def run_zero3(tensors: dict, info: dict, out_dir: str) -> None:
     # DeepSpeed on CPU ranks (shared/notes/cpu-testing.md): configure the state before the Accelerator, else
     # accelerate silently falls back to DDP.
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
@@ -168,6 +170,16 @@ def run_zero3(tensors: dict, info: dict) -> None:
             optimizer.zero_grad()
         info[f"zero3.{tag}.penalty"] = outputs.orthoreg_penalty.item()
         info[f"zero3.{tag}.lora"] = model.last_metrics["lora"]
+        if tag == "full":
+            # Saving sharded parameters directly would write empty tensors: refused with a clear error.
+            try:
+                model.save_pretrained(os.path.join(out_dir, "unsafe"))
+                info["zero3.save_unsharded_error"] = None
+            except ValueError as err:
+                info["zero3.save_unsharded_error"] = str(err)
+            # The supported form: a gathered state dict, every rank calls (a collective), rank 0 writes.
+            model.save_pretrained(os.path.join(out_dir, "saved"), state_dict=accelerator.get_state_dict(engine))
+            accelerator.wait_for_everyone()
 
 
 def main() -> None:
@@ -180,9 +192,10 @@ def main() -> None:
     tensors: dict[str, torch.Tensor] = {}
     info: dict = {}
     for backend in backends:
-        {"ddp": run_ddp, "fsdp2": run_fsdp2, "zero3": run_zero3}[backend](tensors, info)
+        {"ddp": run_ddp, "fsdp2": run_fsdp2, "zero3": run_zero3}[backend](tensors, info, str(out))
     rank = dist.get_rank()
     info["world_size"] = dist.get_world_size()
+    info["out_dir"] = str(out)
     write_rank_results(out, rank, info, tensors)
     dist.barrier()
     dist.destroy_process_group()
