@@ -26,10 +26,12 @@ checkpoints / evaluations at several steps, at matched narrow-task accuracy): th
 gives every stopping point at once. For a single run that should stop by itself (recipes), use
 ``EarlyStoppingOnMetric``.
 
-**Composition.** Use one reference-based baseline per run. ``KLToBaseCallback`` and ``CAFTCallback`` compose with
-``OrthoRegCallback``; ``LDIFSCallback`` shares the decoder-stack hooks of ``OrthoRegularizer`` and, like two
-``OrthoRegCallback``\ s with ``anchor="paired"``, should not be combined with another regulariser whose reference
-forward runs the same decoder stack.
+**Composition.** The benchmarks run one defence per arm. ``KLToBaseCallback`` composes with ``OrthoRegCallback`` (its
+reference forward runs after orthoreg's session has closed; tested). ``LDIFSCallback`` runs on ``OrthoRegularizer``'s
+engine and, like two ``OrthoRegCallback``\ s with ``anchor="paired"``, must not share a model with another regulariser
+whose reference forward runs the same decoder stack (each would capture the other's reference activations). A
+layer guarded by both ``CAFTCallback`` and orthoreg sees the ablated or the raw output depending on hook order:
+guard different layers.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import inspect
 import logging
 import math
 import random
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -85,6 +88,8 @@ MaskPolicy = Literal["attention", "labels"]
 _MASK_POLICIES = ("attention", "labels")
 # Forward kwargs that must not reach the reference forward: it computes no loss and keeps no cache.
 _NOT_FOR_REFERENCE = ("labels", "num_items_in_batch", "past_key_values", "use_cache", "return_dict")
+# transformers < 5.23 checkpoints layers in training mode even under no_grad; torch then warns on every reference pass.
+_NO_GRAD_CHECKPOINT_WARNING = "None of the inputs have requires_grad=True"
 
 
 def _check_weight(name: str, value: Any) -> float:
@@ -350,11 +355,13 @@ class KLToBaseRegularizer:
         kwargs["use_cache"] = False
         self._in_reference_forward = True
         try:
-            if self.reference_model is not None:
-                output = self.reference_model(**kwargs)
-            else:
-                with self._peft_model.disable_adapter():
-                    output = lm(**kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_NO_GRAD_CHECKPOINT_WARNING)
+                if self.reference_model is not None:
+                    output = self.reference_model(**kwargs)
+                else:
+                    with self._peft_model.disable_adapter():
+                        output = lm(**kwargs)
         finally:
             self._in_reference_forward = False
         logits = getattr(output, "logits", None)
@@ -420,7 +427,7 @@ class LDIFSRegularizer(OrthoRegularizer):
         reference_model (`nn.Module`, *optional*): a frozen copy of the base model (full fine-tuning); default: the
             same PEFT model with its adapter disabled (orthoreg's ``_reference_hidden_states``).
         mask (`str`, *optional*, defaults to `"attention"`): ``"attention"`` or ``"labels"`` tokens.
-        per_layer_metrics (`bool`, *optional*, defaults to `False`): also report ``ldifs/layer_i``.
+        per_layer_metrics (`bool`, *optional*, defaults to `False`): also report ``distance/layer_i``.
         layers_path (`str`, *optional*): dotted path of the decoder-layer list, for unrecognised architectures.
     """
 
@@ -510,7 +517,7 @@ class LDIFSRegularizer(OrthoRegularizer):
                 mask = mask.to(h.device)
             reference = session.reference[index].to(h.device)
             distance = feature_distance(h, reference, mask)
-            values[f"ldifs/layer_{index}"] = distance.detach()
+            values[f"distance/layer_{index}"] = distance.detach()
             total = distance if total is None else total + distance
         if not torch.isfinite(total):
             bad = [name for name, v in values.items() if not torch.isfinite(v)]
@@ -789,8 +796,8 @@ class LDIFSCallback(_EngineCallback):
     PEFT model with its adapter disabled, or a frozen ``reference_model`` copy for full fine-tuning), t ranges over
     the N non-padding tokens of the micro-batch. Injected at the decoder-stack output by orthoreg's own engine (see
     ``LDIFSRegularizer``), divided by ``gradient_accumulation_steps``. Costs one extra no-grad forward up to the
-    deepest guarded layer per micro-batch. Logged: ``ldifs/ldifs`` (the unweighted sum over layers),
-    ``ldifs/total`` (weighted), and ``ldifs/ldifs/layer_i`` with ``per_layer_metrics=True``.
+    deepest guarded layer per micro-batch. Logged: ``ldifs/distance`` (the unweighted sum over layers),
+    ``ldifs/total`` (weighted), and ``ldifs/distance/layer_i`` with ``per_layer_metrics=True``.
 
     Args:
         weight (`float`): λ.

@@ -66,6 +66,37 @@ def ce_from_logits(outputs, labels, num_items_in_batch=None):
     return loss / num_items_in_batch
 
 
+@pytest.fixture
+def legacy_layer_hooks(monkeypatch):
+    """Emulates transformers < 5.23 on this version: the checkpoint wraps the decoder layer's ``__call__`` (the
+    5.22 code), so layer hooks run inside it and fire again in the recompute (the first call under no_grad with
+    reentrant checkpointing)."""
+    import functools
+
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    forward = LlamaDecoderLayer.forward
+    if not hasattr(forward, "__wrapped__"):  # transformers < 5.23 itself: nothing to emulate
+        return
+
+    def legacy_call(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training:
+            kwargs.pop("use_cache", None)
+            return self._gradient_checkpointing_func(functools.partial(nn.Module.__call__, self, **kwargs), *args)
+        return nn.Module.__call__(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", forward.__wrapped__)
+    monkeypatch.setattr(LlamaDecoderLayer, "__call__", legacy_call)
+
+
+def checkpointing_mode(checkpointing, request):
+    """``legacy_*`` modes run the same checkpointing under the < 5.23 hook semantics."""
+    if checkpointing is not None and checkpointing.startswith("legacy_"):
+        request.getfixturevalue("legacy_layer_hooks")
+        return checkpointing.removeprefix("legacy_")
+    return checkpointing
+
+
 _PLAIN: dict = {}
 
 
@@ -137,8 +168,10 @@ def kl_term(reference, mask_policy="attention"):
     return term
 
 
-@pytest.mark.parametrize(("ga", "checkpointing", "mask"), [(1, None, "attention"), (2, "reentrant", "labels")])
-def test_kl_peft_reference_gradients(ga, checkpointing, mask, tmp_path):
+@pytest.mark.parametrize(("ga", "checkpointing", "mask"),
+                         [(1, None, "attention"), (2, "reentrant", "labels"), (1, "legacy_reentrant", "attention")])
+def test_kl_peft_reference_gradients(ga, checkpointing, mask, tmp_path, request):
+    checkpointing = checkpointing_mode(checkpointing, request)
     weight = 30.0
     callback = KLToBaseCallback(weight, mask=mask)
     trainer = run_and_compare("peft", ga, callback, kl_term(None, mask), weight, tmp_path, checkpointing)
@@ -158,6 +191,43 @@ def test_kl_logits_only_loss_path(tmp_path):
     """A loss built from the logits alone (DPOTrainer, ``compute_loss_func``) gets the term exactly once too."""
     weight = 30.0
     run_and_compare("peft", 2, KLToBaseCallback(weight), kl_term(None), weight, tmp_path, logits_loss=True)
+
+
+def test_kl_composes_with_orthoreg(tmp_path):
+    """KL's reference forward runs after orthoreg's session closed: both terms arrive exactly, even with orthoreg's own
+    paired (adapter-disabled) reference forward in the same step."""
+    from orthoreg import OrthoRegCallback, OrthoRegConfig
+    from tests.trainer_harness import reference_penalty_grads
+
+    config = OrthoRegConfig(layers=[0, 2], cov_weight=3e4, proj_weight=2e3, anchor="paired")
+    g = torch.Generator().manual_seed(0)
+    dirs = HarmfulDirections({i: torch.randn(2, 32, generator=g) for i in (0, 2)})
+    model, _ = build("peft")
+    initial = copy.deepcopy(model)
+    weight = 30.0
+    got, batches, trainer = train_one_step(
+        model, padded_dataset(n=4), callbacks=[OrthoRegCallback(config, dirs), KLToBaseCallback(weight)], ga=1,
+        output_dir=str(tmp_path / "both"))
+    plain_grads, _ = plain_run("peft", 1, tmp_path)
+    kl = term_grads(initial, batches, kl_term(None), weight, 1)
+    ortho = reference_penalty_grads(initial, batches, config, dirs, 1)
+    want = {n: plain_grads[n] + kl.get(n, 0) + ortho.get(n, 0) for n in plain_grads}
+    assert_grads_close(got, want)
+    logged = trainer.state.log_history[0]
+    assert logged["kl_to_base/kl"] > 0 and logged["orthoreg/total"] > 0
+
+
+def test_kl_inactive_outside_training_forwards():
+    model, _ = build("peft")
+    reg = KLToBaseCallback(1.0).regularizer.attach(model)
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    model(input_ids=ids).logits.sum().backward()  # eval mode, with grad (e.g. an audit): no term
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids)  # DPO's reference pass: no term
+    assert reg.pop_metrics() == {}
+    reg.detach()
 
 
 def test_wrapping_output_logits_would_lose_the_term(tmp_path):
@@ -207,14 +277,16 @@ def ldifs_term(layers, reference):
     return term
 
 
-@pytest.mark.parametrize(("ga", "checkpointing"), [(1, None), (2, "non_reentrant"), (2, "reentrant")])
-def test_ldifs_peft_reference_gradients(ga, checkpointing, tmp_path):
+@pytest.mark.parametrize(("ga", "checkpointing"),
+                         [(1, None), (2, "non_reentrant"), (2, "reentrant"), (2, "legacy_reentrant")])
+def test_ldifs_peft_reference_gradients(ga, checkpointing, tmp_path, request):
+    checkpointing = checkpointing_mode(checkpointing, request)
     weight, layers = 3.0, [0, 2]
     callback = LDIFSCallback(weight, layers=layers, per_layer_metrics=True)
     trainer = run_and_compare("peft", ga, callback, ldifs_term(layers, None), weight, tmp_path, checkpointing)
     logged = trainer.state.log_history[0]
-    assert logged["ldifs/ldifs"] == pytest.approx(logged["ldifs/ldifs/layer_0"] + logged["ldifs/ldifs/layer_2"])
-    assert logged["ldifs/total"] == pytest.approx(weight * logged["ldifs/ldifs"], rel=1e-5)
+    assert logged["ldifs/distance"] == pytest.approx(logged["ldifs/distance/layer_0"] + logged["ldifs/distance/layer_2"])
+    assert logged["ldifs/total"] == pytest.approx(weight * logged["ldifs/distance"], rel=1e-5)
 
 
 def test_ldifs_frozen_copy_gradients(tmp_path):
@@ -320,8 +392,10 @@ def test_task_reference_reproduces_the_plain_trainer(tmp_path):
     assert_grads_close(plain_grads, trainer_task_grads(model, batches))
 
 
-@pytest.mark.parametrize(("ga", "checkpointing"), [(1, None), (2, "reentrant"), (2, "non_reentrant")])
-def test_caft_gradients_match_explicit_ablation(ga, checkpointing, tmp_path):
+@pytest.mark.parametrize(("ga", "checkpointing"), [(1, None), (2, "reentrant"), (2, "non_reentrant"),
+                                                   (2, "legacy_reentrant"), (2, "legacy_non_reentrant")])
+def test_caft_gradients_match_explicit_ablation(ga, checkpointing, tmp_path, request):
+    checkpointing = checkpointing_mode(checkpointing, request)
     model, _ = build("full")
     initial = copy.deepcopy(model)
     dirs = caft_directions()
