@@ -7,7 +7,8 @@ safetensors/JSON and end with ``os._exit``, so the gloo exit-time abort cannot f
   gathered across ranks; the updated LoRA parameters must equal the single-process update on the concatenated
   batch (the covariance weight is large enough that *not* gathering changes the update by ~0.2 of its size).
   (2) FSDP2 with every decoder layer and the OrthoLoRA ``fully_shard``-ed: the weight-space penalty and the full
-  LoRA gradients (penalty alone, and task + every penalty) must equal the unsharded single-process ones.
+  LoRA gradients (penalty alone, and task + every penalty with the paired anchor, whose adapter-disabled reference
+  forward also runs through the sharded model) must equal the unsharded single-process ones.
 - ``--backends zero3``: the same two checks under accelerate + DeepSpeed ZeRO-3 with parameter persistence threshold
   0 (LoRA's A and B are partitioned outside their module's forward — asserted), at the first step (ZeRO recording
   its trace) and the third (releasing/prefetching by the recorded trace); then the adapter saved from

@@ -44,7 +44,8 @@ LR = 0.1
 # DDP: the covariance weight is large enough that gathering vs not changes the update by ~0.2 of its size.
 DDP_CONFIG = dict(layers=[0, 1], cov_weight=200.0, proj_weight=0.7, lora_weight=0.3, anchor="paired", gather=True)
 PENALTY_ONLY = dict(layers="all", cov_weight=0.0, proj_weight=0.0, lora_weight=0.7)
-FULL = dict(layers=[0, 1], cov_weight=5.0, proj_weight=0.7, lora_weight=0.3, anchor="absolute")
+# paired: the no-grad reference forward with the adapter disabled also runs through the sharded model.
+FULL = dict(layers=[0, 1], cov_weight=5.0, proj_weight=0.7, lora_weight=0.3, anchor="paired")
 ZERO3 = {
     "zero_optimization": {
         "stage": 3,
