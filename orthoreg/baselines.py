@@ -184,37 +184,37 @@ def kl_to_reference(
 
 
 def _kl_and_gradient(logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor):
-    r"""KL value and its exact gradient w.r.t. the selected logits rows, both float32.
+    r"""KL value (float32) and its exact gradient w.r.t. the selected rows of ``logits`` (float32, (N, V)).
 
     For one position, with d = log π − log π_ref and KL_t = Σ_v π_v d_v: ∂KL_t/∂z_v = π_v (d_v − KL_t); the mean
-    over N positions divides by N.
+    over N positions divides by N. In-place arithmetic keeps the peak at about three (N, V) float32 buffers.
     """
     with torch.no_grad():
         z = logits.detach()[mask].float()  # (N, V)
         n = z.shape[0]
         if n == 0:
             return z.new_zeros(()), None
-        log_p = torch.log_softmax(z, dim=-1)
-        d = log_p - torch.log_softmax(reference_logits[mask].float(), dim=-1)
-        p = log_p.exp()
-        d = torch.where(p > 0, d, torch.zeros_like(d))  # 0·log 0 = 0 where π_θ has no mass
+        p = torch.log_softmax(z, dim=-1)
+        del z
+        d = p - torch.log_softmax(reference_logits[mask].float(), dim=-1)
+        p.exp_()  # log π → π
+        d.masked_fill_(p == 0, 0.0)  # 0·log 0 = 0 where π_θ has no mass
         kl_tok = (p * d).sum(dim=-1, keepdim=True)  # (N, 1)
-        grad = p * (d - kl_tok) / n
+        grad = d.sub_(kl_tok).mul_(p).div_(n)
         return kl_tok.sum() / n, grad
 
 
 class _AddLogitGradient:
-    """One-shot tensor hook: adds ``coef · grad`` to the rows of ``∂L/∂logits`` selected by ``index``."""
+    """One-shot tensor hook: adds ``extra`` to the rows of ``∂L/∂logits`` selected by ``index``."""
 
-    def __init__(self, index: tuple[torch.Tensor, torch.Tensor], grad: torch.Tensor, coef: float):
-        self.index, self.grad, self.coef = index, grad, coef
+    def __init__(self, index: tuple[torch.Tensor, torch.Tensor], extra: torch.Tensor):
+        self.index, self.extra = index, extra
 
     def __call__(self, grad_logits: torch.Tensor) -> torch.Tensor:
-        if self.grad is None:  # a second backward through the same graph (retain_graph): the term is added once
+        extra, self.extra = self.extra, None  # frees the (N, V) buffer as soon as it has been used
+        if extra is None:  # a second backward through the same graph (retain_graph): the term is added once
             return grad_logits
-        extra = (self.grad * self.coef).to(grad_logits.dtype)
-        self.grad = None  # frees the (N, V) buffer as soon as it has been used
-        return grad_logits.index_put(self.index, extra, accumulate=True)
+        return grad_logits.index_put(self.index, extra.to(grad_logits.dtype), accumulate=True)
 
 
 class KLToBaseRegularizer:
@@ -325,8 +325,10 @@ class KLToBaseRegularizer:
         self._metric_sums["total"] = self._metric_sums.get("total", 0) + self.weight * kl
         self._metric_count += 1
         if grad is not None:
-            index = mask.nonzero(as_tuple=True)
-            logits.register_hook(_AddLogitGradient(index, grad, coef))
+            # Stored pre-scaled in the logits' dtype (half the memory under bf16; the incoming gradient has that
+            # dtype anyway).
+            extra = grad.mul_(coef).to(logits.dtype)
+            logits.register_hook(_AddLogitGradient(mask.nonzero(as_tuple=True), extra))
         return None
 
     def _position_mask(self, inputs: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
@@ -472,10 +474,12 @@ class LDIFSRegularizer(OrthoRegularizer):
         super()._open_session(module, args, kwargs)  # mask and ``active``; no reference (proj_weight == 0)
         session = self._session
         if session is not None and session.active:
-            if self._ref_stack is None:
-                session.reference = self._reference_hidden_states(module, args, kwargs)  # adapter disabled
-            else:
-                session.reference = self._frozen_reference_hidden_states(module, args, kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_NO_GRAD_CHECKPOINT_WARNING)
+                if self._ref_stack is None:
+                    session.reference = self._reference_hidden_states(module, args, kwargs)  # adapter disabled
+                else:
+                    session.reference = self._frozen_reference_hidden_states(module, args, kwargs)
         return None
 
     @torch.no_grad()
