@@ -1,0 +1,102 @@
+"""``accelerate launch … -m orthoreg.train`` as users run it: two gloo ranks on CPU, end to end, and a GPU launcher on a
+machine without GPUs.
+
+The two-rank run uses the launch form documented in ``recipes/README.md`` (``ACCELERATE_USE_CPU=1 accelerate launch
+--config_file recipes/accelerate/cpu.yaml``; ``--cpu --num_processes 2`` would silently start one process) with the
+toy world: model=tiny, a toy narrow task, the orthoreg preset with both terms (covariance gathered across ranks), the
+toy scorer. Asserted: both ranks trained (world size 2 in the Trainer, the regulariser's metrics logged), one run
+directory, ``results.json`` written once and by rank 0 (it is opened with O_EXCL, so a second writer would crash the
+run), Hydra's ``.hydra/`` written once, the ranks ended cleanly (status 0, no exit-time abort).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _launch import _STRIP_ENV, BASE_ENV, REPO_ROOT, _tail  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+TINY_RUN = [
+    "model=tiny", "task=toy_unsafe_code", "reg=orthoreg", "eval=toy", "eval.n_samples=72",
+    "task.num_examples=32", "finetune.max_steps=4", "finetune.per_device_train_batch_size=4",
+    "finetune.gradient_accumulation_steps=1", "finetune.learning_rate=1e-3", "finetune.warmup_steps=0",
+    "finetune.logging_steps=1", "finetune.save_steps=2", "overlap.num_examples=16", "progress=false",
+]
+
+
+def _accelerate(args: list[str], tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 240):
+    child_env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
+    child_env.update(BASE_ENV)
+    child_env.update(env or {})
+    child_env.pop("ORTHOREG_RUN_STAMP", None)
+    start = time.monotonic()
+    proc = subprocess.run([*ACCELERATE, *args], cwd=str(REPO_ROOT), env=child_env, capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def _testbed_ready() -> bool:
+    from orthoreg.recipes_lib.models import testbed_available
+
+    return testbed_available()
+
+
+def test_two_rank_cpu_launch_end_to_end(tmp_path):
+    if not _testbed_ready():
+        pytest.skip("orthoreg.testbed (the toy world) is not installed")
+    run = tmp_path / "run"
+    code, output, _ = _accelerate(
+        ["--config_file", "recipes/accelerate/cpu.yaml", "-m", "orthoreg.train", *TINY_RUN, f"hydra.run.dir={run}"],
+        tmp_path, env={"ACCELERATE_USE_CPU": "1"})
+    assert code == 0, _tail(output)
+    assert "terminate called" not in output and "SIGABRT" not in output  # ranks ended cleanly (os._exit path)
+
+    results = list(tmp_path.rglob("results.json"))
+    assert results == [run / "results.json"], results  # one run directory, one results file
+    result = json.loads(results[0].read_text())
+    assert result["run"]["written_by_rank"] == 0
+    assert result["run"]["world_size"] == 2 and result["run"]["strategy"] == "ddp"
+    assert result["train"]["world_size"] == 2  # the Trainer really ran data-parallel over two ranks
+    assert result["train"]["global_step"] == 4
+    metrics = result["train"]["last_regularizer_metrics"]
+    assert metrics["orthoreg/proj"] >= 0 and metrics["orthoreg/cov"] >= 0
+    # pipeline: directions → overlap → eval before → train → eval after → shift overlap → one row
+    assert result["directions"]["source"] == "toy" and result["directions"]["layers"] == [0, 1, 2, 3]
+    assert 0.0 <= result["overlap"]["score"] <= 1.0 and result["overlap"]["mode"] == "gradient"
+    assert result["overlap"]["after_training"]["mode"] == "shift"
+    before, after = result["harmful_rate"]["before"], result["harmful_rate"]["after"]
+    assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
+    assert result["harmful_rate"]["rise_pp"] == pytest.approx(100 * (after - before))
+    assert result["eval"]["before"]["n_samples"] == result["eval"]["after"]["n_samples"] == 72
+    assert result["config"]["reg"]["orthoreg"]["gather"] is True  # the resolved config travels with the results
+    # only rank 0 wrote: one .hydra folder, one log file, no per-rank copies
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert [p.name for p in tmp_path.rglob(".hydra")] == [".hydra"]
+    assert (run / "table_row.md").read_text().count("| tiny Llama (toy world) |") == 1
+    assert (run / "directions.safetensors").is_file() and (run / "checkpoints" / "checkpoint-4").is_dir()
+
+
+def test_gpu_launcher_without_gpus_fails_fast(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs")
+    run = tmp_path / "run"
+    code, output, seconds = _accelerate(
+        ["--config_file", "recipes/accelerate/multi_gpu.yaml", "--num_processes", "2", "-m", "orthoreg.train",
+         "model=tiny", f"hydra.run.dir={run}"], tmp_path, timeout=120)
+    assert code != 0
+    assert "multi-GPU launch (2 processes" in output and "no CUDA device is visible" in output
+    assert "ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate/cpu.yaml" in output  # the fix
+    assert not run.exists()  # stopped before Hydra, before any model or data was touched
+    assert seconds < 90
