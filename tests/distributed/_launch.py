@@ -100,12 +100,15 @@ def launch(
     cmd = [*runner, str(script), "--out", str(out), *map(str, args)]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=child_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session this launch created: torchrun and its ranks only
-        output, _ = proc.communicate()
+        _kill_tree(proc)
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            output = "(no output: a process kept the pipe open)"
         raise AssertionError(
             f"{script.name} with {nproc} ranks did not finish within {timeout:.0f} s\n{_tail(output)}"
         ) from None
@@ -125,6 +128,47 @@ def launch(
         else:
             result.tensors.append({})
     return result
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILLs the launcher and every process below it, by pid.
+
+    torchrun starts each rank in a session of its own, so killing the launcher's process group would leave hung
+    ranks behind (still holding the output pipe); the descendants are listed before anything is killed, since
+    orphans are re-parented.
+    """
+    pids = _descendants(proc.pid)
+    for pid in [proc.pid, *pids]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except ImportError:
+        pass
+    except Exception:  # the process is already gone
+        return []
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _tail(text: str, n: int = 6000) -> str:

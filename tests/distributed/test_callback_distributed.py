@@ -189,3 +189,14 @@ def test_deepspeed_update_equals_ddp_and_single_process(request, single, ddp, ba
     assert rel_single < TOL, f"{backend} {case}: vs single process, max rel diff {rel_single:.3g}"
     single_cov = single.json[0]["cases"][case]["orthoreg_logs"]["orthoreg/cov"]
     assert all(i["orthoreg_logs"]["orthoreg/cov"] == pytest.approx(single_cov, rel=TOL) for i in info)
+
+
+# ---------------------------------------------------------------------- logging collectives
+@pytest.mark.xfail(run=False, reason="OrthoRegCallback.on_log runs a different all-reduce (or none) on a rank whose "
+                   "micro-batches were all skipped as non-finite: the ranks hang. Remove once on_log gathers metrics "
+                   "on every rank whatever their keys.")
+def test_nonfinite_skip_on_one_rank_does_not_hang(tmp_path):
+    result = launch("callback_nonfinite.py", nproc=2, tmp_path=tmp_path, timeout=60)
+    logs = [data["logs"] for data in result.json]
+    assert logs[0] == logs[1], "the ranks logged different orthoreg metrics"
+    assert logs[0][0]["orthoreg/skipped"] >= 1

@@ -4,11 +4,15 @@ Every run starts from the same weights (built under a fixed seed, recorded and c
 optimizer step of plain SGD (lr = 1, constant schedule, no clipping, no weight decay, no momentum), so the
 parameter update is exactly −grad, and records that update for every trainable parameter.
 
-The data are right-padded sequences of different real lengths. With ``train_sampling_strategy="sequential"``
-accelerate hands data-parallel rank r the r-th ``per_device_train_batch_size`` block of each group of W blocks, so
-with W = 2 ranks and per-device batch B, micro-batch k of the 2-rank run is samples [2Bk, 2Bk + 2B) split in half,
-and the single-process reference with batch 2B sees exactly those samples as its micro-batch k. The rank-0 half
-has more real tokens than the rank-1 half, so the padded all-gather of ``gather_rows`` is exercised.
+The data are right-padded sequences of different real lengths (label of position 0 set to -100, so transformers
+4.x and 5.x count the same ``num_items_in_batch``). With ``train_sampling_strategy="sequential"`` (transformers
+>= 5) accelerate hands data-parallel rank r the r-th ``per_device_train_batch_size`` block of each group of W
+blocks, so micro-batch k of the 2-rank run is samples [4k, 4k + 4) split in half (rank 0: 23 real tokens, rank 1:
+13 in micro-batch 0), and the single-process reference with batch 4 sees exactly those samples as its micro-batch
+k. Transformers 4.x samples randomly, but with the same seeded permutation in both runs, so the micro-batches still
+correspond; the test checks only that the ranks' token counts differ (no split of samples 0-3 is even). Unequal
+counts exercise the padded all-gather of ``gather_rows``. Hooks record each rank's actual micro-batches, which the
+explicit float64 reference reuses.
 """
 
 from __future__ import annotations
@@ -187,10 +191,8 @@ def train_once(name: str, *, batch: int, ga: int, lora: bool, gather: bool | Non
             sharding["zero3_sharded_params"] = zero3_sharded(model)
 
     callbacks = [Probe()]
-    callback = None
     if gather is not None:
-        callback = OrthoRegCallback(orthoreg_config(gather))
-        callbacks.append(callback)
+        callbacks.append(OrthoRegCallback(orthoreg_config(gather)))
     trainer = Trainer(model=model, args=training_args(f"{work}/{name}", batch, ga, deepspeed),
                       train_dataset=data, callbacks=callbacks)
     trainer.train()
