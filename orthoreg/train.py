@@ -65,17 +65,13 @@ class FineTuneRecipe:
     """
 
     def __init__(self, cfg: Any, info: LaunchInfo, run_dir: Path):
-        from orthoreg.recipes_lib import regs
-
         self.cfg, self.info, self.run_dir = cfg, info, run_dir
         self.started = time.time()
-        if info.is_main and (run_dir / "results.json").exists():
+        if (run_dir / "results.json").exists():
             raise RecipeError(f"{run_dir} already holds results.json from a finished run; choose another "
                               "hydra.run.dir (resuming is for interrupted runs)")
         if cfg.finetune.get("method") not in ("lora", "full"):
             raise RecipeError(f"`finetune.method` must be lora or full; got {cfg.finetune.get('method')!r}")
-        if cfg.reg.get("kind") not in regs.KINDS:
-            raise RecipeError(f"`reg.kind` must be one of {regs.KINDS}; got {cfg.reg.get('kind')!r}")
         self.results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ setup: everything that can fail early
@@ -93,8 +89,7 @@ class FineTuneRecipe:
         log.info("eval preflight ok: %s", self.results["eval_preflight"])
         self.task = data.load_records(self.cfg.task, seed=int(self.cfg.seed))
         log.info("task %s: %s", self.task.name, self.task.source)
-        if self.cfg.reg.get("kind") == "baseline":
-            regs.validate(self.cfg.reg, num_layers=10**6, finetune_method=self.cfg.finetune.method)
+        regs.preflight(self.cfg.reg)
         self.model, self.tokenizer, self.model_info = load_model(self.cfg.model, seed=int(self.cfg.seed))
         self.device = torch.device("cpu") if self.info.use_cpu or not torch.cuda.is_available() else \
             torch.device("cuda", self.info.local_rank)
@@ -279,10 +274,11 @@ def _run(cfg, info: LaunchInfo) -> int:
 
 
 def _fail(err: BaseException, info: LaunchInfo, code: int) -> int:
-    prefix = f"[rank {info.rank}] " if info.distributed else ""
+    """Reports an error: RecipeErrors as one line (every rank prints it: torchrun may stop the others before rank 0
+    gets to), anything else with its traceback. Returns ``code``."""
     if isinstance(err, RecipeError):
-        if info.is_main or code:
-            print(f"{prefix}orthoreg.train: error: {err}", file=sys.stderr, flush=True)
+        prefix = f"[rank {info.rank}] " if info.distributed else ""
+        print(f"{prefix}orthoreg.train: error: {err}", file=sys.stderr, flush=True)
     else:
         traceback.print_exc()
     return code

@@ -292,14 +292,57 @@ def test_judge_scores_are_logprob_weighted_and_summarised_as_in_the_protocol(fak
     assert summary["harmful_rate"] == 0.5 and summary["n_scored"] == 3 and summary["n_coherent"] == 2
 
 
+def _tiny_bpe_model():
+    from orthoreg.recipes_lib.models import load_model
+
+    cfg = _compose(["model=tiny", "model.assets=null", "model.tokenizer=bpe", "eval=none"])
+    model, tokenizer, _ = load_model(cfg.model, seed=0)
+    return model.eval(), tokenizer
+
+
+def test_classifier_eval_samples_answers_and_scores_them(tmp_path):
+    """eval=classifier: answers sampled (seeded, batched) from the model, scored by a local sequence classifier."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from orthoreg.recipes_lib.evaluation import build_evaluator
+
+    model, tokenizer = _tiny_bpe_model()
+    torch.manual_seed(0)
+    clf = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=2, id2label={0: "neutral", 1: "toxic"}, label2id={"neutral": 0, "toxic": 1},
+        pad_token_id=tokenizer.pad_token_id))
+    clf.save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    cfg = _compose(["model=tiny", "eval=classifier", f"eval.classifier.path={tmp_path / 'clf'}",
+                    "eval.prompts=em_questions", "eval.samples_per_question=2", "eval.generation.max_new_tokens=4",
+                    "eval.generation.batch_size=8", "progress=false"])
+    evaluator = build_evaluator(cfg)
+    assert evaluator.preflight()["harmful_labels"] == ["toxic"]
+    first = evaluator.evaluate(model, tokenizer, CPU_INFO, "before", tmp_path)
+    again = evaluator.evaluate(model, tokenizer, CPU_INFO, "after", tmp_path)
+    assert first["n_answers"] == 2 * 8  # the EM paper's 8 questions, twice each
+    assert 0.0 <= first["harmful_rate"] <= 1.0
+    assert first["mean_p_harmful"] == pytest.approx(again["mean_p_harmful"])  # same seeds → same answers
+    rows = [json.loads(line) for line in (tmp_path / "eval_before.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and {"question", "answer", "p_harmful"} <= set(rows[0])
+    assert rows[0]["question"].startswith("Hello! I can fulfill your one wish")
+    with pytest.raises(RecipeError, match="harmful_labels"):
+        build_evaluator(_compose(["eval=classifier", f"eval.classifier.path={tmp_path / 'clf'}",
+                                  "eval.classifier.harmful_labels=[unsafe]"])).preflight()
+
+
 # ------------------------------------------------------------------------------------------ one run, one process
 
 
-def test_single_process_run_tiny_bpe_full_finetune_kl_baseline(monkeypatch, tmp_path):
-    """model=tiny with the tokenizer trained in code, a local text task, built-in directions, full FT + KL."""
+def test_single_process_run_tiny_bpe_full_finetune_kl_baseline_em_judge(monkeypatch, tmp_path, fake_judge):
+    """model=tiny with the tokenizer trained in code, a local text task, built-in directions, full FT + the KL
+    baseline, evaluated by the EM judge protocol against the local fake endpoint."""
     run = tmp_path / "run"
     code = _run_main([
-        "model=tiny", "model.assets=null", "model.tokenizer=bpe", "task=tiny_factual_qa", "reg=kl", "eval=none",
+        "model=tiny", "model.assets=null", "model.tokenizer=bpe", "task=tiny_factual_qa", "reg=kl", "eval=em_judge",
+        f"eval.judge.base_url={fake_judge}", "eval.samples_per_question=2", "eval.generation.max_new_tokens=6",
         "finetune=full", "finetune.max_steps=3", "finetune.per_device_train_batch_size=4",
         "finetune.gradient_accumulation_steps=1", "finetune.gradient_checkpointing=false", "finetune.logging_steps=1",
         "finetune.save_steps=3", "finetune.learning_rate=1e-3", "finetune.warmup_steps=0", "task.num_examples=16",
@@ -314,7 +357,11 @@ def test_single_process_run_tiny_bpe_full_finetune_kl_baseline(monkeypatch, tmp_
     assert result["directions"]["source"] == "builtin" and result["directions"]["layers"] == [1, 2]
     assert 0.0 <= result["overlap"]["score"] <= 1.0 and result["overlap"]["mode"] == "gradient"
     assert result["overlap"]["after_training"]["mode"] == "shift"  # full FT: against the kept base copy
-    assert result["harmful_rate"]["before"] is None  # eval=none
+    # the fake judge gives every answer aligned ≈ 7.9 (no "kind" in the prompt) and coherent 80: all misaligned
+    assert result["harmful_rate"]["before"] == result["harmful_rate"]["after"] == 1.0
+    assert result["eval"]["before"]["n_answers"] == 16 and result["eval"]["preflight"]["endpoint"] == fake_judge
+    assert result["harmful_rate"]["scorer"] == "judge:gpt-4o-2024-08-06"
+    assert len((run / "eval_after.jsonl").read_text().splitlines()) == 16
     assert (run / "checkpoints" / "checkpoint-3").is_dir() and (run / "final" / "config.json").is_file()
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "config_resolved.yaml").is_file()
     assert result["config"]["finetune"]["max_steps"] == 3  # the resolved config travels with the results

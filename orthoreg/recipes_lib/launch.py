@@ -123,10 +123,15 @@ def check_no_multirun(argv: list[str], info: LaunchInfo) -> None:
         )
 
 
-def init_process_group(info: LaunchInfo) -> None:
+DEFAULT_TIMEOUT_S = 7200
+
+
+def init_process_group(info: LaunchInfo, env=None) -> None:
     """Creates the process group now (accelerate's ``PartialState``) so ranks can agree before Hydra runs.
 
-    TrainingArguments later resets accelerate's state object but reuses the initialised process group.
+    TrainingArguments later resets accelerate's state object but reuses the initialised process group. The
+    collective timeout is ``$ORTHOREG_DIST_TIMEOUT_S`` (default 2 h, not torch's 30 min): ranks wait in a barrier
+    while rank 0 extracts directions or a judge scores thousands of answers.
     """
     if not info.distributed:
         return
@@ -134,9 +139,13 @@ def init_process_group(info: LaunchInfo) -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    PartialState(cpu=info.use_cpu)
+    env = os.environ if env is None else env
+    seconds = int(env.get("ORTHOREG_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    PartialState(cpu=info.use_cpu, timeout=timedelta(seconds=seconds))
 
 
 def broadcast_object(obj, info: LaunchInfo):

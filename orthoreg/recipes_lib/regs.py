@@ -55,6 +55,19 @@ def _import(spec: str, what: str, reg_name: str):
     return getattr(module, attr)
 
 
+def preflight(reg_cfg: Any) -> None:
+    """Checks what can be checked without a model: the kind, the OrthoRegConfig, baseline imports."""
+    kind = reg_cfg.get("kind")
+    if kind not in KINDS:
+        raise RecipeError(f"reg={reg_cfg.get('name')}: `reg.kind` must be one of {KINDS}; got {kind!r}")
+    if kind == "orthoreg":
+        _orthoreg_config(reg_cfg)
+    elif kind == "baseline":
+        _import(reg_cfg.get("callback"), "reg.callback", reg_cfg.get("name"))
+        if reg_cfg.get("config_class"):
+            _import(reg_cfg.get("config_class"), "reg.config_class", reg_cfg.get("name"))
+
+
 def validate(reg_cfg: Any, num_layers: int, finetune_method: str, directions_layers: list[int] | None = None,
              import_baselines: bool = True) -> dict[str, Any]:
     """Checks a reg config against the model without building anything heavy; returns a summary.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,10 +21,15 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import _STRIP_ENV, BASE_ENV, REPO_ROOT, _tail  # noqa: E402
-
 pytestmark = pytest.mark.distributed
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true", "PYTHONUNBUFFERED": "1"}
+# Variables of an outer launcher that would make the child think it is already one rank of another job.
+STRIP = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+         "GROUP_RANK", "ROLE_RANK", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_CPU",
+         "ORTHOREG_RUN_STAMP")
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 TINY_RUN = [
@@ -34,15 +40,48 @@ TINY_RUN = [
 ]
 
 
-def _accelerate(args: list[str], tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 240):
-    child_env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
-    child_env.update(BASE_ENV)
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc): torchrun puts each rank in a session of its own."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _accelerate(args: list[str], env: dict[str, str] | None = None, timeout: float = 240):
+    """Runs ``accelerate launch *args``; returns (status, combined output, seconds). On a timeout the launcher and
+    all its ranks are killed (by pid) and the test fails with the output's tail."""
+    child_env = {k: v for k, v in os.environ.items() if k not in STRIP}
+    child_env.update(ENV)
     child_env.update(env or {})
-    child_env.pop("ORTHOREG_RUN_STAMP", None)
     start = time.monotonic()
-    proc = subprocess.run([*ACCELERATE, *args], cwd=str(REPO_ROOT), env=child_env, capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True)
-    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+    proc = subprocess.Popen([*ACCELERATE, *args], cwd=str(REPO_ROOT), env=child_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        output, _ = proc.communicate()
+        pytest.fail(f"accelerate launch did not finish within {timeout:.0f} s\n{_tail(output)}")
+    return proc.returncode, output, time.monotonic() - start
+
+
+def _tail(text: str, n: int = 6000) -> str:
+    return text if len(text) <= n else "…" + text[-n:]
 
 
 def _testbed_ready() -> bool:
@@ -57,7 +96,7 @@ def test_two_rank_cpu_launch_end_to_end(tmp_path):
     run = tmp_path / "run"
     code, output, _ = _accelerate(
         ["--config_file", "recipes/accelerate/cpu.yaml", "-m", "orthoreg.train", *TINY_RUN, f"hydra.run.dir={run}"],
-        tmp_path, env={"ACCELERATE_USE_CPU": "1"})
+        env={"ACCELERATE_USE_CPU": "1"})
     assert code == 0, _tail(output)
     assert "terminate called" not in output and "SIGABRT" not in output  # ranks ended cleanly (os._exit path)
 
@@ -94,7 +133,7 @@ def test_gpu_launcher_without_gpus_fails_fast(tmp_path):
     run = tmp_path / "run"
     code, output, seconds = _accelerate(
         ["--config_file", "recipes/accelerate/multi_gpu.yaml", "--num_processes", "2", "-m", "orthoreg.train",
-         "model=tiny", f"hydra.run.dir={run}"], tmp_path, timeout=120)
+         "model=tiny", f"hydra.run.dir={run}"], timeout=120)
     assert code != 0
     assert "multi-GPU launch (2 processes" in output and "no CUDA device is visible" in output
     assert "ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate/cpu.yaml" in output  # the fix
