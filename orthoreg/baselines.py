@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .callback import _mean_over_ranks, _move_ahead_of_reporters
+from .callback import _move_ahead_of_reporters, report_metrics
 from .capture import (
     bind_forward_inputs,
     find_decoder_stack,
@@ -733,15 +733,7 @@ class _EngineCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
-        metrics = self._metrics()
-        if not metrics:
-            return
-        metrics = _mean_over_ranks(metrics, args.device)
-        named = {self.metric_prefix + name: value for name, value in metrics.items()}
-        logs.update(named)
-        # Trainer.log appended a copy of `logs` to the history just before calling on_log.
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(named)
+        report_metrics(self._metrics(), self.metric_prefix, logs, state)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.engine.detach()

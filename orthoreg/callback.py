@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import logging
 
-import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -101,31 +100,40 @@ class OrthoRegCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
-        metrics = self.regularizer.pop_metrics()
-        if not metrics:
-            return
-        metrics = _mean_over_ranks(metrics, args.device)
-        named = {METRIC_PREFIX + name: value for name, value in metrics.items()}
-        named[METRIC_PREFIX + "warmup"] = self.config.warmup_factor(max(state.global_step - 1, 0))
-        logs.update(named)
-        # Trainer.log appended a copy of `logs` to the history just before calling on_log.
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(named)
+        warmup = self.config.warmup_factor(max(state.global_step - 1, 0))
+        report_metrics(self.regularizer.pop_metrics(), METRIC_PREFIX, logs, state, extra={"warmup": warmup})
 
     def on_train_end(self, args, state, control, **kwargs):
         self.regularizer.detach()
 
 
-def _mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return metrics
-    keys = sorted(k for k in metrics if k != "skipped")
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    values /= dist.get_world_size()
-    reduced = dict(zip(keys, values.tolist(), strict=True))
-    if "skipped" in metrics:
-        reduced["skipped"] = metrics["skipped"]
+def report_metrics(metrics: dict[str, float], prefix: str, logs: dict, state: TrainerState,
+                   extra: dict[str, float] | None = None) -> None:
+    """Averages ``metrics`` over data-parallel ranks and adds them, prefixed, to ``logs`` and the log history.
+
+    Every rank must call this at every log (Trainer calls ``on_log`` on all ranks), even with nothing to report:
+    the ranks' key sets can differ (a rank whose micro-batches were all skipped as non-finite has only ``skipped``),
+    so metrics are exchanged as whole dicts rather than by a key-by-key all-reduce that would not match up.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        metrics = _mean_over_ranks(metrics)
+    if not metrics:
+        return
+    named = {prefix + name: value for name, value in {**metrics, **(extra or {})}.items()}
+    logs.update(named)
+    # Trainer.log appended a copy of `logs` to the history just before calling on_log.
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(named)
+
+
+def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Per key, the mean over the ranks that have it (``skipped`` is summed)."""
+    gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, metrics)
+    reduced = {}
+    for key in sorted(set().union(*gathered)):
+        values = [m[key] for m in gathered if key in m]
+        reduced[key] = sum(values) if key == "skipped" else sum(values) / len(values)
     return reduced
 
 

@@ -192,9 +192,6 @@ def test_deepspeed_update_equals_ddp_and_single_process(request, single, ddp, ba
 
 
 # ---------------------------------------------------------------------- logging collectives
-@pytest.mark.xfail(run=False, reason="OrthoRegCallback.on_log runs a different all-reduce (or none) on a rank whose "
-                   "micro-batches were all skipped as non-finite: the ranks hang. Remove once on_log gathers metrics "
-                   "on every rank whatever their keys.")
 def test_nonfinite_skip_on_one_rank_does_not_hang(tmp_path):
     result = launch("callback_nonfinite.py", nproc=2, tmp_path=tmp_path, timeout=60)
     logs = [data["logs"] for data in result.json]
