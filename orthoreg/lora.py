@@ -12,6 +12,12 @@ How the three terms get into the loss:
   number. So ``accelerator.backward(outputs.loss)`` scales the weight term exactly like the rest of the loss
   (1/GA, fp16 loss scale, DeepSpeed's own scaling), and its backward runs while the owning module's parameters are
   gathered for its own backward.
+
+Why a forward hook (prepended) rather than a pre-hook: DeepSpeed registers its gather (pre-forward) and release
+(post-forward) hooks when the model is prepared, usually after OrthoLoRA is built, so an earlier pre-hook would run
+*before* the gather; a forward hook registered with ``prepend=True`` runs after the module's own forward (A and B
+gathered) and before DeepSpeed's release, and the injection node it adds sits below DeepSpeed's pre-backward gather
+on the output. Under FSDP the whole decoder layer is unsharded around its forward/backward, so either works.
 """
 
 from __future__ import annotations
