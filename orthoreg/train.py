@@ -315,8 +315,14 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as err:  # noqa: BLE001 - reported, then the rank exits non-zero
             code["value"] = _fail(err, info, 1)
 
-    sys.argv = [sys.argv[0], *argv, *launch.hydra_rank_overrides(info)]
-    hydra.main(version_base=None, config_path=str(root), config_name=rconfig.PRIMARY_CONFIG)(task)()
+    saved_argv = sys.argv
+    sys.argv = [sys.argv[0], *argv, *launch.hydra_rank_overrides(info)]  # Hydra parses sys.argv
+    try:
+        hydra.main(version_base=None, config_path=str(root), config_name=rconfig.PRIMARY_CONFIG)(task)()
+    except SystemExit as exit_:  # Hydra's own errors (a bad override key, ...): still end the rank cleanly
+        code["value"] = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved_argv
     launch.finish(info, code["value"])
 
 

@@ -182,6 +182,13 @@ def test_unknown_model_exits_2_with_the_valid_names(monkeypatch, capsys, tmp_pat
     assert not (tmp_path / "run").exists()  # refused before Hydra made a run directory
 
 
+def test_a_bad_config_key_is_hydras_error_and_exits_nonzero(monkeypatch, capsys, tmp_path):
+    _forbid_model_loading(monkeypatch)
+    code = _run_main(["finetune.no_such_key=1", f"hydra.run.dir={tmp_path}/run"], monkeypatch)
+    assert code == 1
+    assert "no_such_key" in capsys.readouterr().err
+
+
 def test_missing_judge_endpoint_fails_before_training(monkeypatch, capsys, tmp_path):
     _forbid_model_loading(monkeypatch)
     monkeypatch.delenv("ORTHOREG_JUDGE_BASE_URL", raising=False)

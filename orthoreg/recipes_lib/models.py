@@ -88,8 +88,10 @@ def model_config(model_cfg: Any):
         model_type = data.pop("model_type")
         return AutoConfig.for_model(model_type, **data)
     if source == "tiny":
-        tokenizer = tiny_tokenizer(model_cfg)
-        return tiny_config(model_cfg, tokenizer)
+        assets = _tiny_assets(model_cfg)
+        if assets:
+            return AutoConfig.from_pretrained(assets, local_files_only=True)
+        return tiny_config(model_cfg, tiny_tokenizer(model_cfg))
     if model_cfg.get("config") is not None:
         return LlamaConfig(**to_container(model_cfg.config))
     raise RecipeError(f"model {model_cfg.get('name')!r} has no `config_json` for a weightless build")
@@ -175,13 +177,26 @@ def train_bpe_tokenizer(vocab_size: int = TINY_BPE_VOCAB):
     return tokenizer
 
 
+def _tiny_assets(model_cfg: Any) -> str | None:
+    """The pretrained toy base folder to load for model=tiny, or None (``model.assets``: auto, a folder, null)."""
+    if model_cfg.get("tokenizer", "auto") == "bpe":
+        return None
+    wanted = model_cfg.get("assets", "auto")
+    if wanted == "auto":
+        found = testbed_assets_dir()
+        return str(found) if found else None
+    path = resolve_recipe_path(wanted)
+    if path and not Path(path, "config.json").is_file():
+        raise RecipeError(f"`model.assets` {path} holds no config.json (a folder written by the testbed's save_base)")
+    return path
+
+
 def _load_tiny(model_cfg: Any, seed: int):
     import torch
     from transformers import LlamaForCausalLM
 
-    assets = testbed_assets_dir() if model_cfg.get("assets", "auto") == "auto" else resolve_recipe_path(
-        model_cfg.get("assets"))
-    if assets and model_cfg.get("tokenizer", "auto") in ("auto", "world"):
+    assets = _tiny_assets(model_cfg)
+    if assets:
         from orthoreg.testbed.model import load_base
 
         model, tokenizer = load_base(assets)
