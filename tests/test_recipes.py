@@ -108,6 +108,23 @@ def test_dry_run_refuses_a_config_json_that_misses_the_published_count(tmp_path)
         dry_run(cfg, CPU_INFO)
 
 
+def test_reg_validation_refuses_combinations_that_cannot_work():
+    from orthoreg.recipes_lib import regs
+
+    paired = _compose(["reg=orthoreg_paired", "eval=none"]).reg
+    assert regs.validate(paired, 12, "lora")["guarded_layers"] == [4, 5, 6, 7]
+    with pytest.raises(RecipeError, match="needs finetune=lora"):
+        regs.validate(paired, 12, "full")
+    with pytest.raises(RecipeError, match="no harmful directions"):
+        regs.validate(_compose(["reg=orthoreg_proj", "eval=none"]).reg, 12, "lora", directions_layers=[0, 1])
+    with pytest.raises(RecipeError, match="OrthoLoRA"):
+        regs.validate(_compose(["reg=orthoreg", "+reg.orthoreg.lora_weight=0.1", "eval=none"]).reg, 12, "lora")
+    with pytest.raises(RecipeError, match="not in this installation"):
+        regs.preflight(_compose(["reg=kl", "reg.callback=orthoreg.no_such_module:KL", "eval=none"]).reg)
+    assert regs.needs_directions(_compose(["reg=caft", "eval=none"]).reg)
+    assert not regs.needs_directions(_compose(["reg=orthoreg_cov", "eval=none"]).reg)
+
+
 # ------------------------------------------------------------------------------------------ bad input, before training
 
 
@@ -372,6 +389,28 @@ def test_single_process_run_tiny_bpe_full_finetune_kl_baseline_em_judge(monkeypa
     assert (run / "checkpoints" / "checkpoint-3").is_dir() and (run / "final" / "config.json").is_file()
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "config_resolved.yaml").is_file()
     assert result["config"]["finetune"]["max_steps"] == 3  # the resolved config travels with the results
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(monkeypatch, tmp_path):
+    """Checkpoints land in <run_dir>/checkpoints; a relaunch with the same hydra.run.dir and
+    finetune.resume_from_checkpoint=true continues from the newest one (the orthoreg reference restored)."""
+    pytest.importorskip("orthoreg.testbed.world")
+    run = tmp_path / "run"
+    common = ["model=tiny", "task=toy_unsafe_code", "reg=orthoreg_proj", "eval=none", "overlap.enabled=false",
+              "finetune.per_device_train_batch_size=8", "finetune.save_steps=2", "finetune.logging_steps=1",
+              "task.num_examples=48", "progress=false", f"hydra.run.dir={run}"]
+    assert _run_main([*common, "finetune.max_steps=4"], monkeypatch) == 0
+    first = json.loads((run / "results.json").read_text())
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert _run_main([*common, "finetune.max_steps=6", "finetune.resume_from_checkpoint=true"], monkeypatch) == 2
+    for name in ("results.json", "table_row.md", "config_resolved.yaml"):  # simulate the interruption
+        (run / name).unlink()
+    assert _run_main([*common, "finetune.max_steps=6", "finetune.resume_from_checkpoint=true"], monkeypatch) == 0
+    resumed = json.loads((run / "results.json").read_text())
+    assert resumed["train"]["global_step"] == 6 and first["train"]["resumed_from"] is None
+    assert resumed["train"]["resumed_from"] == str(run / "checkpoints" / "checkpoint-4")
+    assert resumed["train"]["steps_this_run"] == 2  # only steps 5 and 6 ran
+    assert (run / "checkpoints" / "checkpoint-6").is_dir()
 
 
 # ------------------------------------------------------------------------------------------ the table

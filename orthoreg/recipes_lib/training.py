@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -150,8 +151,20 @@ def build_trainer(cfg: Any, model: nn.Module, tokenizer, examples: list[dict], c
 def train(trainer, cfg: Any) -> dict[str, Any]:
     """Runs ``trainer.train()`` (resuming if asked) and returns the numbers that go into the results."""
     resume = cfg.finetune.get("resume_from_checkpoint")
+    resumed_from, start_step = None, 0
+    if resume not in (None, False):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resumed_from = get_last_checkpoint(trainer.args.output_dir) if resume is True else str(resume)
+        if resumed_from is None or not Path(resumed_from).is_dir():
+            raise RecipeError(f"finetune.resume_from_checkpoint={resume}: no checkpoint found "
+                              f"({resumed_from or trainer.args.output_dir}); relaunch with the interrupted run's "
+                              "hydra.run.dir, or give a checkpoint folder")
+        state_file = Path(resumed_from) / "trainer_state.json"
+        if state_file.is_file():
+            start_step = int(json.loads(state_file.read_text()).get("global_step", 0))
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume if resume not in (None, False) else None)
+    output = trainer.train(resume_from_checkpoint=resumed_from)
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
     # regularisers log namespaced metrics: orthoreg/…, kl_to_base/…, ldifs/…, caft/…
@@ -162,8 +175,10 @@ def train(trainer, cfg: Any) -> dict[str, Any]:
         "train_loss": float(output.training_loss),
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
+        "resumed_from": resumed_from,
+        "steps_this_run": int(output.global_step) - start_step,
         "seconds": seconds,
-        "seconds_per_step": seconds / max(int(output.global_step), 1),
+        "seconds_per_step": seconds / max(int(output.global_step) - start_step, 1),
         "last_regularizer_metrics": reg_metrics,
         "bf16": bool(trainer.args.bf16),
         "world_size": info_world(trainer),
