@@ -67,13 +67,15 @@ def dry_run(cfg: Any, info: LaunchInfo) -> dict[str, Any]:
     with torch.device("meta"):  # LoRA matrices get shapes but no storage either
         wrapped = training.prepare_model(model, ft, model_cfg)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    weight_bytes = parameters * _bytes(str(model_cfg.get("dtype", "float32")))
+    dtype_bytes = _bytes(str(model_cfg.get("dtype", "float32")))
+    # Per trainable parameter: gradient + AdamW's m and v, in fp32 for LoRA (PEFT keeps adapters in fp32) and in the
+    # model's dtype for full fine-tuning (torch's AdamW keeps its states in the parameter dtype).
+    state_bytes = 3 * (4 if ft.get("method") == "lora" else dtype_bytes)
     plan["finetune"] = {
         "method": ft.get("method"), "trainable_parameters": trainable,
-        "memory_estimate_gib": {
-            "weights": weight_bytes / 2**30,
-            # AdamW: fp32 master copy is not kept by HF for bf16 weights; m and v in fp32 plus the gradient.
-            "grads_and_adam_states": trainable * (4 + 4 + _bytes(str(model_cfg.get("dtype", "float32")))) / 2**30,
+        "memory_estimate_gib": {  # rough, one replica, activations not included
+            "weights": parameters * dtype_bytes / 2**30,
+            "grads_and_adam_states": trainable * state_bytes / 2**30,
         },
     }
     directions_layers = None
@@ -87,8 +89,7 @@ def dry_run(cfg: Any, info: LaunchInfo) -> dict[str, Any]:
     else:
         directions_layers = resolve_layers(cfg.directions.get("layers", "all"), stack.num_layers)
     plan["directions"] = {"source": cfg.directions.get("source"), "layers": directions_layers}
-    plan["reg"] = regs.validate(cfg.reg, stack.num_layers, ft.get("method"), directions_layers,
-                                import_baselines=bool(cfg.get("dry_run_import_baselines", True)))
+    plan["reg"] = regs.validate(cfg.reg, stack.num_layers, ft.get("method"), directions_layers)
     plan["task"] = _check_task(cfg.task)
     evaluator = build_evaluator(cfg)  # a judge without an endpoint, a bad eval kind etc. fail here
     plan["eval"] = {"kind": evaluator.kind, "endpoint_contacted": False}
