@@ -1,13 +1,17 @@
 """``orthoreg audit``: the geometric overlap of a fine-tuning task with a model's harmful directions.
 
 Before training (default) the task's feature direction is its mean negative loss gradient at each layer; with
-``--finetuned`` it is the mean activation shift of the fine-tuned model from the base. Prints a per-layer table and a
-verdict line, and writes ``overlap.json`` and ``overlap.png`` to ``--out``.
+``--finetuned`` it is the mean activation shift of the fine-tuned model from the base. Prints a per-layer table, the
+superposition density of the base model on the task data, a recommended configuration (guarded layers, drift budget,
+anchor) as ready-to-paste code, and the verdict line (last); writes ``overlap.json`` (with ``density`` and
+``recommendation``) and ``overlap.png`` to ``--out``.
 
 Examples:
     orthoreg audit --model ./base --data task.jsonl --directions harmful.safetensors --out audit/
     orthoreg audit --model ./base --finetuned ./tuned --data task.jsonl --directions harmful.safetensors
     orthoreg audit ... --fail-on elevated     # exit status 1 when the verdict is elevated or high (for CI)
+    orthoreg audit ... --lora                 # recommend the paired anchor (LoRA fine-tuning)
+    orthoreg audit ... --no-recommend         # overlap only: no density pass, no recommendation
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Any
 
 from ._common import EXIT_FLAGGED, EXIT_OK, add_model_flags, fail, load_model, parse_layers, user_errors
@@ -40,6 +45,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="verdict thresholds: low < LOW <= elevated < HIGH <= high")
     parser.add_argument("--fail-on", choices=("elevated", "high"), default=None,
                         help="exit with status 1 when the verdict is at least this")
+    parser.add_argument("--lora", action="store_true",
+                        help="the fine-tune will be LoRA: recommend the paired anchor")
+    parser.add_argument("--no-recommend", dest="recommend", action="store_false",
+                        help="skip the density pass and the recommended configuration")
     add_model_flags(parser)
     parser.set_defaults(func=run)
     return parser
@@ -63,9 +72,13 @@ def _audit(args: argparse.Namespace) -> int:
     )
     report.info.update(model=args.model, finetuned=args.finetuned, data=args.data, directions=args.directions)
 
+    extra = _recommendation(args, model, tokenizer, directions, examples, report) if args.recommend else {}
+
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "overlap.json")
     report.save_json(json_path)
+    if extra:
+        _add_to_json(json_path, {key: value.to_dict() for key, value in extra.items()})
     written = [json_path]
     try:
         written.append(plot_overlap(report, os.path.join(args.out, "overlap.png")))
@@ -76,11 +89,46 @@ def _audit(args: argparse.Namespace) -> int:
     print(f"overlap of the {what} with the harmful directions; {report.n_examples} examples, {report.n_tokens} "
           f"tokens; * = guarded layer")
     print(report.table())
+    if extra:
+        print("superposition density of the base model on the task data (orthoreg.density):")
+        print(extra["density"].table())
+        recommendation = extra["recommendation"]
+        print("recommended configuration (orthoreg.recommend; " + "; ".join(recommendation.reasons) + "):")
+        print(recommendation.code(args.directions))
     print(f"wrote {', '.join(written)}")
     print(report.verdict_line())
     if args.fail_on and VERDICTS.index(report.verdict) >= VERDICTS.index(args.fail_on):
         return EXIT_FLAGGED
     return EXIT_OK
+
+
+def _recommendation(args, model, tokenizer, directions, examples, report) -> dict[str, Any]:
+    """The density of the base model on the task data and the recommended configuration."""
+    from ..audit import _task_batches, encode_task_examples
+    from ..density import superposition_density
+    from ..extraction import _input_device, _pad_id, model_context_length
+    from ..recommend import recommend
+
+    encoded = encode_task_examples(tokenizer, examples, max_length=args.max_length or model_context_length(model))
+    batches = _task_batches(encoded, args.batch_size, _pad_id(tokenizer) if tokenizer is not None else 0,
+                            _input_device(model))
+    batches = ({k: v for k, v in b.items() if k != "labels"} for b in batches) if args.mask == "attention" else batches
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if args.quiet else "default")
+        density = superposition_density(model, batches, layers=sorted(report.per_layer), directions=directions,
+                                        mask=args.mask)
+    return {"density": density, "recommendation": recommend(report, density, lora=args.lora)}
+
+
+def _add_to_json(path: str, extra: dict[str, Any]) -> None:
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    data.update(extra)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
 
 
 def run(args: argparse.Namespace) -> int:
