@@ -275,8 +275,9 @@ class DriftMonitor:
             self._batch_means.setdefault(layer, []).append((coords.sum(dim=0) / n).cpu())
 
     def observe(self, hidden_states: Mapping[int, torch.Tensor], mask: torch.Tensor | None = None) -> None:
-        """Feeds one micro-batch by hand: layer → its output hidden states (B, T, d) (with HF
-        ``output_hidden_states=True``, layer ℓ's output is ``hidden_states[ℓ + 1]``); ``mask`` (B, T) selects tokens.
+        """Feeds one micro-batch by hand: layer → its output hidden states (B, T, d); ``mask`` (B, T) selects tokens.
+        With HF ``output_hidden_states=True``, layer ℓ's output is ``hidden_states[ℓ + 1]`` — except the last layer's,
+        which most models return after the final norm.
 
         Use either the hooks (``attach``) or this, not both on the same forwards.
         """
