@@ -34,13 +34,20 @@ reaction to a single outlier step.
 
 The set point is ``target`` · B (default 0.8 B) rather than B itself, so that step-to-step noise around the set point
 stays inside the budget.
+
+**Where it starts.** ``start="min"`` (default) starts at λ_min and raises λ only as far as the drift requires: the
+smallest weight, at the price of a transient — the drift may exceed the budget for the ~log(λ*/λ_min)/(k_i e_max)
+steps λ takes to climb (≈ 0.4 nats per step when the drift is far over). ``start="initial"`` starts at
+``initial_weight`` (the regulariser's configured ``proj_weight``) and lowers it: a safer transient, but the early
+steps carry more penalty than needed (in the toy world this costs narrow-task accuracy; benchmarks/README_firewall.md).
+λ_min > 0, so the regulariser's ``anchor="base_mean"`` reference is still recorded on the first step.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["BudgetConfig", "DriftBudgetController"]
 
@@ -53,14 +60,16 @@ class BudgetConfig:
         target (`float`, *optional*, defaults to `0.8`): set point as a fraction of ``max_drift`` (0 < target ≤ 1).
         ki (`float`, *optional*, defaults to `0.2`): integral gain k_i on the log error (per update).
         kp (`float`, *optional*, defaults to `0.3`): proportional gain k_p on the change of the log error.
-        initial_weight (`float`, *optional*): λ for the first step(s), before any drift is measured; must be > 0
-            (with ``anchor="base_mean"`` the regulariser records its reference during the first step only when
-            λ > 0). Defaults to the regulariser's configured ``proj_weight``, else 1.
-        min_weight (`float`, *optional*): λ_min, below which λ is switched off (0); defaults to 1e-4 · initial.
+        initial_weight (`float`, *optional*): the weight scale: λ for the first step(s) with ``start="initial"``, and
+            the reference for the default limits. Defaults to the regulariser's configured ``proj_weight``, else 1.
+        min_weight (`float`, *optional*): λ_min (> 0), below which λ is switched off (0), and the first λ with
+            ``start="min"``; defaults to 1e-4 · initial.
         max_weight (`float`, *optional*): λ_max; defaults to 1e4 · initial.
         max_log_step (`float`, *optional*, defaults to `1.0`): Δ_max, the largest change of log λ per update.
         error_clip (`float`, *optional*, defaults to `2.0`): e_max, the largest |log(D / D*)| acted on.
         ema (`float`, *optional*, defaults to `0.0`): weight a of the previous filtered drift (0: no filter).
+        start (`str`, *optional*, defaults to `"min"`): first λ: ``"min"`` (λ_min, then up as needed) or
+            ``"initial"`` (``initial_weight``, then down).
     """
 
     target: float = field(default=0.8, metadata={"help": "set point as a fraction of max_drift"})
@@ -72,6 +81,7 @@ class BudgetConfig:
     max_log_step: float = field(default=1.0, metadata={"help": "largest |Δ log λ| per update"})
     error_clip: float = field(default=2.0, metadata={"help": "largest |log(drift / set point)| acted on"})
     ema: float = field(default=0.0, metadata={"help": "EMA weight of the previous filtered drift"})
+    start: Literal["min", "initial"] = field(default="min", metadata={"help": "first λ", "choices": ("min", "initial")})
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
@@ -93,6 +103,8 @@ class BudgetConfig:
             raise ValueError("`max_log_step` and `error_clip` must be > 0")
         if not 0 <= self.ema < 1:
             raise ValueError(f"`ema` must be in [0, 1); got {self.ema!r}")
+        if self.start not in ("min", "initial"):
+            raise ValueError(f"`start` must be 'min' or 'initial'; got {self.start!r}")
 
 
 class DriftBudgetController:
@@ -123,7 +135,7 @@ class DriftBudgetController:
         self.max_weight = float(self.config.max_weight or 1e4 * init)
         if not self.min_weight < self.max_weight:
             raise ValueError(f"`min_weight` ({self.min_weight}) must be below `max_weight` ({self.max_weight})")
-        init = min(max(init, self.min_weight), self.max_weight)
+        init = self.min_weight if self.config.start == "min" else min(max(init, self.min_weight), self.max_weight)
         # State: u = log λ (the integrator), the previous log error, the filtered drift, whether λ is off (0).
         self.log_weight = math.log(init)
         self.prev_error: float | None = None

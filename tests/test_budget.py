@@ -150,3 +150,15 @@ def test_bad_settings_are_refused(kwargs, match):
 def test_bad_budget_is_refused():
     with pytest.raises(ValueError, match="max_drift"):
         DriftBudgetController(0.0)
+
+
+def test_start_at_min_or_at_the_initial_weight():
+    low = DriftBudgetController(B, initial_weight=2.0)
+    assert low.weight == pytest.approx(2e-4), "start='min': λ_min = 1e-4 · the weight scale"
+    high = DriftBudgetController(B, BudgetConfig(start="initial"), initial_weight=2.0)
+    assert high.weight == 2.0
+    high.update(0.1 * SET_POINT)
+    assert high.weight < 2.0, "under the set point the initial weight comes down"
+    trace, controller = plant_run(lambda t: 5.0, beta=0.3, steps=300,
+                                  controller=DriftBudgetController(B, BudgetConfig(start="initial"), 100.0))
+    assert controller.weight == pytest.approx(lam_needed(5.0), rel=0.1)  # the same λ, reached from above

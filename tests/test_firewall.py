@@ -253,8 +253,9 @@ def test_budget_mode_adapts_the_regularizer_weight(tmp_path):
             seen.append(callbacks[0].regularizer.config.proj_weight)
 
     make_trainer(tiny_model(), [recorder, *callbacks, WeightProbe()], tmp_path, steps=5, learning_rate=1e-2).train()
-    # Calibration step at the initial weight, then the drift (≫ the 1e-3 budget) raises it every step.
-    assert seen[0] == seen[1] == 1.0
+    # Calibration step at λ_min (start="min": 1e-4 · the configured 1.0), then the drift (≫ the 1e-3 budget)
+    # raises it every step.
+    assert seen[0] == seen[1] == pytest.approx(1e-4)
     assert all(b > a for a, b in zip(seen[1:], seen[2:], strict=False))
     history = callbacks[1].firewall.history
     assert [h["proj_weight"] for h in history[:-1]] == seen[2:]
