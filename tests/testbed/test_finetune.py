@@ -1,5 +1,7 @@
 """Short fine-tunes through the real Trainer: full, LoRA, callbacks, mixed-in data, then evaluation."""
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -8,6 +10,7 @@ from transformers import TrainerCallback
 from orthoreg.testbed.evaluate import evaluate
 from orthoreg.testbed.finetune import PadCollator, finetune
 from orthoreg.testbed.model import load_base
+from orthoreg.testbed.phenomenon import main
 from orthoreg.testbed.tokenizer import encode_task
 
 
@@ -62,3 +65,10 @@ def test_unknown_task_fails_fast(bad_task):
     model, tok = load_base()
     with pytest.raises(ValueError, match="unknown narrow task"):
         finetune(model, tok, bad_task, steps=1)
+
+
+def test_phenomenon_cli_writes_one_row_per_run(tmp_path, capsys):
+    main(["--tasks", "facts", "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "rows.json")])
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["task"], r["seed"]) for r in rows] == [("base", None), ("facts", 0)]
+    assert rows[1]["narrow_task_accuracy"] is not None and "facts" in capsys.readouterr().out
