@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from . import world
 from .tokenizer import build_tokenizer
@@ -140,5 +140,7 @@ def load_base(path: str | Path = ASSETS_DIR) -> tuple[LlamaForCausalLM, object]:
 
     Each call returns a new model, so fine-tuning one never changes another."""
     model = LlamaForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # tokenizer.json rather than AutoTokenizer: transformers 5 writes a tokenizer_config.json
+    # ("TokenizersBackend", a list of extra special tokens) that 4.x cannot read.
+    tokenizer = build_tokenizer(Path(path) / "tokenizer.json")
     return model.eval(), tokenizer

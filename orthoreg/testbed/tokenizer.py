@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -18,11 +20,17 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over ``world.vocabulary()``: one id per whitespace-separated word, no merges."""
-    vocab = {w: i for i, w in enumerate(world.vocabulary())}
-    core = Tokenizer(WordLevel(vocab, unk_token=world.UNK))
-    core.pre_tokenizer = WhitespaceSplit()
+def build_tokenizer(tokenizer_file: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``world.vocabulary()``: one id per whitespace-separated word, no merges.
+
+    With ``tokenizer_file`` the core is read from a saved ``tokenizer.json`` instead; the special
+    tokens and chat template are the world's either way, so the result does not depend on the
+    transformers version that wrote the folder's tokenizer_config.json."""
+    if tokenizer_file is not None:
+        core = Tokenizer.from_file(str(tokenizer_file))
+    else:
+        core = Tokenizer(WordLevel({w: i for i, w in enumerate(world.vocabulary())}, unk_token=world.UNK))
+        core.pre_tokenizer = WhitespaceSplit()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token=world.BOS, eos_token=world.EOS, unk_token=world.UNK, pad_token=world.PAD,
         additional_special_tokens=[world.USER, world.ASSISTANT, world.END], padding_side="right", model_max_length=128,
