@@ -7,11 +7,16 @@ selected. Nothing here knows about models, hooks or trainers.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "covariance_penalty",
+    "covariance_from_index",
+    "projection_from_index",
+    "selected_index",
     "projection_penalty",
     "lora_weight_penalty",
     "select_tokens",
@@ -74,6 +79,149 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
 
 
+def selected_index(mask: torch.Tensor | None, num_rows: int | None = None) -> torch.Tensor | None:
+    """Flat row indices of the tokens selected by ``mask`` (B, T), or ``None`` when every token is selected.
+
+    Computing the indices once per forward and sharing them across layers and penalties replaces a boolean-mask
+    gather per layer and per term (each one a device sync and a copy of the rows); ``None`` lets the penalties read
+    the rows of ``h`` without any copy.
+    """
+    if mask is None:
+        return None
+    flat = mask.reshape(-1)
+    if flat.dtype != torch.bool:
+        flat = flat.bool()
+    index = flat.nonzero().squeeze(1)
+    if index.numel() == (flat.numel() if num_rows is None else num_rows):
+        return None
+    return index
+
+
+def _rows(h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """The (N, d) float32 rows of ``h`` at ``index`` (all rows when ``None``: a view when ``h`` is float32)."""
+    flat = h.reshape(-1, h.shape[-1])
+    if index is not None:
+        flat = flat.index_select(0, index)
+    return flat.float()
+
+
+def _rows_grad(grad_rows: torch.Tensor, h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Scatters the gradient of the selected rows back to the shape (and dtype) of ``h``; unselected rows get 0."""
+    if index is None:
+        return grad_rows.to(h.dtype).view(h.shape)
+    out = torch.zeros(h.numel() // h.shape[-1], h.shape[-1], dtype=h.dtype, device=h.device)
+    return out.index_copy_(0, index, grad_rows.to(h.dtype)).view(h.shape)
+
+
+def _no_autocast(device: torch.device):
+    """Float32 math inside an autocast region (mixed-precision training computes the penalties inside the model's
+    forward): without this, autocast would run the products in bf16/fp16."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
+def _symmetric_product(a: torch.Tensor) -> torch.Tensor:
+    """aᵀa for a (m, n) matrix, computing only the blocks on and above the diagonal and mirroring the rest.
+
+    BLAS has no symmetric rank-k product in torch, so a plain ``a.T @ a`` does all n² dot products; with b×b
+    blocks only b(b+1)/2 are computed ((b+1)/(2b) of the work; b = 4 for n ≥ 512, 2 for n ≥ 256, else one
+    product). Every entry is still a single dot product over m, as in ``a.T @ a``.
+    """
+    n = a.shape[1]
+    blocks = 4 if n >= 512 else 2 if n >= 256 else 1
+    if blocks == 1:
+        return a.T @ a
+    edges = [n * i // blocks for i in range(blocks + 1)]
+    cols = [a[:, edges[i]:edges[i + 1]] for i in range(blocks)]
+    out = a.new_empty(n, n)
+    for i in range(blocks):
+        rows_i = slice(edges[i], edges[i + 1])
+        for j in range(i, blocks):
+            part = cols[i].T @ cols[j]
+            out[rows_i, edges[j]:edges[j + 1]] = part
+            if j != i:
+                out[edges[j]:edges[j + 1], rows_i] = part.T
+    return out
+
+
+# Cost of the covariance penalty in units of one (N, d)·(d, min(N, d)) product, forward and backward (the forward's
+# symmetric product does (b+1)/(2b) of one with b = 4 blocks at the sizes that matter; the backward is one full
+# product where autograd's generic backward of ``Xcᵀ Xc`` would take two). Read by ``scripts/bench_overhead.py``
+# for its analytic FLOP count.
+COV_FORWARD_MATMULS = 0.625
+COV_BACKWARD_MATMULS = 1
+
+
+class _OffDiagonalCovariance(torch.autograd.Function):
+    r"""Σ_{i≠j} C_ij² / d of the rows of ``h`` at ``index``, with a closed-form backward.
+
+    Forward: N ≥ d: S = X_cᵀX_c with its diagonal zeroed, off = ‖S‖_F²; N < d: G = X_cX_cᵀ and c_j = Σ_i X_c,ij²,
+    off = ‖G‖_F² − ‖c‖² — each O(N·d·min(N, d)), the symmetric product computed block-triangularly. Backward: ∂off/∂X_c = 4 X_c S (N ≥ d) or 4 (G X_c − X_c diag(c))
+    (N < d), one more product of the same size, then the row-mean is removed (the centring's Jacobian). Saved for
+    backward: ``h`` itself (which the model keeps alive anyway), the indices, μ, and S (d×d) or G (N×N) — never the
+    (N, d) float32 copy of the rows, which backward re-reads from ``h``.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        with _no_autocast(h.device):
+            return _OffDiagonalCovariance._forward(ctx, h, index)
+
+    @staticmethod
+    def _forward(ctx, h: torch.Tensor, index: torch.Tensor | None):
+        x = _rows(h, index)
+        n, d = x.shape
+        ctx.n, ctx.d = n, d
+        ctx.h_meta = (h.shape, h.dtype, h.device)
+        ctx.empty = n < 2  # no off-diagonal covariance (and no rows to read when n == 0): exactly 0, zero gradient
+        if ctx.empty:
+            return x.new_zeros(())
+        mu = x.mean(dim=0, keepdim=True)
+        xc = x - mu
+        del x
+        scale = 1.0 / (float(n - 1) ** 2 * d)
+        if n >= d:
+            # Zero the diagonal explicitly: subtracting Σ S_ii² from ‖S‖² would cancel catastrophically in float32
+            # exactly when the features are nearly decorrelated (diagonal ≫ off-diagonal), the regime we push toward.
+            s = _symmetric_product(xc)  # (d, d) = Xcᵀ Xc
+            s.diagonal().zero_()
+            off_sq = torch.linalg.vector_norm(s).square()
+            ctx.save_for_backward(h, index, mu, s)
+        else:
+            # Gram form. Here the subtraction is benign: for N < d the off-diagonal mass is ~d/N times the diagonal's.
+            g = _symmetric_product(xc.T)  # (N, N) = Xc Xcᵀ: ‖Xc Xcᵀ‖_F = ‖Xcᵀ Xc‖_F
+            col_sq = xc.square().sum(dim=0)  # (d,) the diagonal of Xcᵀ Xc
+            off_sq = torch.linalg.vector_norm(g).square() - col_sq.square().sum()
+            ctx.save_for_backward(h, index, mu, g, col_sq)
+        return off_sq * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        with _no_autocast(grad.device):
+            return _OffDiagonalCovariance._backward(ctx, grad.float())
+
+    @staticmethod
+    def _backward(ctx, grad):
+        if ctx.empty:
+            shape, dtype, device = ctx.h_meta
+            return torch.zeros(shape, dtype=dtype, device=device), None
+        h, index, mu, *stats = ctx.saved_tensors
+        n, d = ctx.n, ctx.d
+        xc = _rows(h, index) - mu
+        coef = grad * (4.0 / (float(n - 1) ** 2 * d))
+        if n >= d:
+            (s,) = stats
+            gx = xc @ s
+        else:
+            g, col_sq = stats
+            gx = torch.addcmul(g @ xc, xc, col_sq, value=-1.0)
+        gx = gx - gx.mean(dim=0, keepdim=True)  # through the centring (≈ 0: the rows of X_c sum to 0)
+        gx = gx * coef
+        return _rows_grad(gx, h, index), None
+
+
 def covariance_penalty(h: torch.Tensor, mask: torch.Tensor | None = None, gather: bool = False) -> torch.Tensor:
     r"""Off-diagonal covariance penalty (the VICReg covariance term) of the selected hidden states.
 
@@ -83,7 +231,8 @@ def covariance_penalty(h: torch.Tensor, mask: torch.Tensor | None = None, gather
     .. math:: \mathrm{cov}(h) = \frac{1}{d} \sum_{i \ne j} C_{ij}^2 = \frac{\|C\|_F^2 - \sum_i C_{ii}^2}{d}
 
     When N < d the d×d matrix C is never formed: :math:`\|X_c^\top X_c\|_F = \|X_c X_c^\top\|_F` (the N×N Gram
-    matrix), and :math:`C_{ii}` are column sums of squares.
+    matrix), and :math:`C_{ii}` are column sums of squares. The cheaper form is taken: N·d·min(N, d) multiply-adds
+    forward and as many backward (a closed-form gradient: one product instead of autograd's two).
 
     Args:
         h (`torch.Tensor`): hidden states (B, T, d) or (N, d), any float dtype.
@@ -94,24 +243,62 @@ def covariance_penalty(h: torch.Tensor, mask: torch.Tensor | None = None, gather
     Returns:
         A 0-dim float32 tensor; exactly 0 when fewer than two rows are selected.
     """
-    x = select_tokens(h, mask)
-    if gather:
-        x = gather_rows(x)
-    n, d = x.shape
-    if n == 0:
-        return x.sum()  # exact 0, gradient of zeros
-    xc = x - x.mean(dim=0, keepdim=True)
-    denom = max(n - 1, 1)
-    if n >= d:
-        # Zero the diagonal explicitly: subtracting Σ C_ii² from ‖C‖² would cancel catastrophically in float32
-        # exactly when the features are nearly decorrelated (diagonal ≫ off-diagonal), the regime we push toward.
-        scatter = xc.T @ xc  # (d, d)
-        off_sq = (scatter - torch.diag_embed(torch.diagonal(scatter))).square().sum()
-    else:
-        # Gram form. Here the subtraction is benign: for N < d the off-diagonal mass is ~d/N times the diagonal's.
-        total_sq = (xc @ xc.T).square().sum()  # ‖Xc Xcᵀ‖_F² = ‖Xcᵀ Xc‖_F²
-        off_sq = total_sq - xc.square().sum(dim=0).square().sum()
-    return off_sq / (denom * denom * d)
+    if h.dim() < 2:
+        raise ValueError(f"hidden states must be (B, T, d) or (N, d); got shape {tuple(h.shape)}")
+    if mask is not None and tuple(mask.shape) != tuple(h.shape[:-1]):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but hidden states are {tuple(h.shape)}")
+    index = selected_index(None if mask is None else mask.to(h.device))
+    return covariance_from_index(h, index, gather=gather)
+
+
+def covariance_from_index(h: torch.Tensor, index: torch.Tensor | None, gather: bool = False) -> torch.Tensor:
+    """``covariance_penalty`` on the rows of ``h`` at flat ``index`` (``None``: all rows; see ``selected_index``)."""
+    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _OffDiagonalCovariance.apply(gather_rows(_rows(h, index)), None)
+    return _OffDiagonalCovariance.apply(h, index)
+
+
+class _Projection(torch.autograd.Function):
+    r"""Σ_rows ‖e‖² / N with e = U x − anchor (clamped at 0 when one-sided), closed-form backward 2 e U / N.
+
+    Saves ``h`` (kept alive by the model anyway), the indices, U and e (N×k); never the (N, d) float32 rows.
+    """
+
+    @staticmethod
+    def forward(ctx, h, index, u, anchor, one_sided):
+        with _no_autocast(h.device):
+            return _Projection._forward(ctx, h, index, u, anchor, one_sided)
+
+    @staticmethod
+    def _forward(ctx, h, index, u, anchor, one_sided):
+        x = _rows(h, index)
+        n = x.shape[0]
+        ctx.h_meta = (h.shape, h.dtype, h.device)
+        ctx.n = n
+        if n == 0:
+            return x.new_zeros(())
+        e = x @ u.T  # (N, k)
+        del x
+        if anchor is not None:
+            e = e - anchor
+        if one_sided:
+            e = e.clamp(min=0)
+        ctx.save_for_backward(h, index, u, e)
+        return e.square().sum() / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        with _no_autocast(grad.device):
+            return _Projection._backward(ctx, grad.float())
+
+    @staticmethod
+    def _backward(ctx, grad):
+        if ctx.n == 0:
+            shape, dtype, device = ctx.h_meta
+            return torch.zeros(shape, dtype=dtype, device=device), None, None, None, None
+        h, index, u, e = ctx.saved_tensors
+        gx = (e * (grad * (2.0 / ctx.n))) @ u  # d/de of max(e, 0)² is 2 max(e, 0): the same formula
+        return _rows_grad(gx, h, index), None, None, None, None
 
 
 def projection_penalty(
@@ -149,27 +336,44 @@ def projection_penalty(
             f"directions must be (k, d) with d = {h.shape[-1]} (the hidden size); got {tuple(directions.shape)}. "
             "Extract or load directions for this model."
         )
+    if h.dim() < 2:
+        raise ValueError(f"hidden states must be (B, T, d) or (N, d); got shape {tuple(h.shape)}")
+    if mask is not None and tuple(mask.shape) != tuple(h.shape[:-1]):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but hidden states are {tuple(h.shape)}")
     u = directions.to(device=h.device, dtype=torch.float32)
-    x = select_tokens(h, mask)
-    if x.shape[0] == 0:
-        return x.sum()
-    coords = x @ u.T  # (N, k)
+    index = selected_index(None if mask is None else mask.to(h.device))
     if reference is not None:
         reference = reference.detach()
         if reference.dim() == 1:
             if reference.shape[0] != u.shape[0]:
                 raise ValueError(f"reference r has {reference.shape[0]} entries but there are {u.shape[0]} directions")
-            coords = coords - reference.to(device=h.device, dtype=torch.float32)
+            reference = reference.to(device=h.device, dtype=torch.float32)
         elif tuple(reference.shape) == tuple(h.shape):
-            coords = coords - select_tokens(reference, mask) @ u.T
+            with _no_autocast(h.device):
+                reference = _rows(reference.to(h.device), index) @ u.T  # U x_ref of the selected rows, (N, k)
         else:
             raise ValueError(
                 f"reference must be r of shape ({u.shape[0]},) or h_ref of shape {tuple(h.shape)}; "
                 f"got {tuple(reference.shape)}"
             )
-    if one_sided:
-        coords = coords.clamp(min=0)
-    return coords.square().sum() / x.shape[0]
+    return projection_from_index(h, u, index, reference, one_sided)
+
+
+def projection_from_index(
+    h: torch.Tensor,
+    u: torch.Tensor,
+    index: torch.Tensor | None,
+    anchor: torch.Tensor | None = None,
+    one_sided: bool = False,
+) -> torch.Tensor:
+    """``projection_penalty`` on the rows of ``h`` at flat ``index`` (``None``: all rows).
+
+    ``u`` is float32 (k, d) on ``h``'s device; ``anchor`` is ``None``, r (k,), or the reference coordinates
+    U x_ref of the same selected rows, (N, k) float32 — a constant.
+    """
+    if anchor is not None:
+        anchor = anchor.detach()
+    return _Projection.apply(h, index, u, anchor, one_sided)
 
 
 def lora_weight_penalty(

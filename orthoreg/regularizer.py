@@ -35,7 +35,7 @@ from torch import nn
 from .capture import DecoderStack, bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
 from .config import OrthoRegConfig
 from .directions import DirectionsError, HarmfulDirections
-from .penalties import covariance_penalty, projection_penalty, select_tokens
+from .penalties import _no_autocast, covariance_from_index, projection_from_index, select_tokens, selected_index
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,12 @@ class _Session:
     active: bool
     mask: torch.Tensor | None = None
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    # anchor="paired": per guarded layer with directions, U x_ref of every token, (B·T, k) float32 (not the
+    # (B, T, d) reference activations: the projection needs only these coordinates). Subclasses (LDIFS) may store
+    # reference hidden states here instead.
     reference: dict[int, torch.Tensor] | None = None
+    index: torch.Tensor | None = None  # flat indices of the selected tokens (None: all), computed once per forward
+    index_ready: bool = False
 
 
 class OrthoRegularizer:
@@ -167,7 +172,9 @@ class OrthoRegularizer:
         if shape is not None:
             self._session.mask = token_mask(inputs, shape, self.config.mask)
         if self.config.anchor == "paired" and self.config.proj_weight > 0:
-            self._session.reference = self._reference_hidden_states(module, args, kwargs)
+            self._session.reference = self._reference_hidden_states(
+                module, args, kwargs, transform=self._reference_coordinates
+            )
         return None
 
     def _make_capture_hook(self, index: int):
@@ -201,6 +208,20 @@ class OrthoRegularizer:
         return _replace_first_tensor(output, lambda x: _InjectPenalty.apply(x, penalty * self.grad_scale))
 
     # ------------------------------------------------------------------ the math
+    def _selected_index(self, session: _Session, h: torch.Tensor) -> torch.Tensor | None:
+        """Flat indices of the session's selected tokens, computed once per forward and shared by every layer and
+        term (``None`` when all tokens count)."""
+        if not session.index_ready:
+            mask = session.mask
+            if mask is not None and tuple(mask.shape) != tuple(h.shape[:-1]):
+                raise ValueError(f"mask has shape {tuple(mask.shape)} but hidden states are {tuple(h.shape)}")
+            session.index = selected_index(None if mask is None else mask.to(h.device))
+            session.index_ready = True
+        index = session.index
+        if index is not None and index.device != h.device:  # layers on several devices (pipeline / device_map)
+            index = index.to(h.device)
+        return index
+
     def _penalty(self, session: _Session) -> torch.Tensor | None:
         cfg = self.config
         mask = session.mask
@@ -211,9 +232,10 @@ class OrthoRegularizer:
             h = session.captured[index]
             if mask is not None and mask.device != h.device:
                 mask = mask.to(h.device)
+            rows = self._selected_index(session, h)
             terms = []
             if cfg.cov_weight > 0:
-                cov = covariance_penalty(h, mask, gather=cfg.gather)
+                cov = covariance_from_index(h, rows, gather=cfg.gather)
                 values[f"cov/layer_{index}"] = cov.detach()
                 terms.append(cfg.cov_weight * cov)
             if cfg.proj_weight > 0 and self.directions is not None and index in self.directions:
@@ -234,8 +256,10 @@ class OrthoRegularizer:
                     if reference.device != h.device:
                         reference = self.base_reference[index] = reference.to(h.device)
                 elif cfg.anchor == "paired":
-                    reference = session.reference[index]
-                proj = projection_penalty(h, u, mask, reference=reference, one_sided=cfg.one_sided)
+                    reference = session.reference[index].to(h.device)
+                    if rows is not None:
+                        reference = reference.index_select(0, rows)
+                proj = projection_from_index(h, _float32(u), rows, reference, one_sided=cfg.one_sided)
                 values[f"proj/layer_{index}"] = proj.detach()
                 terms.append(cfg.proj_weight * proj)
             for term in terms:
@@ -326,14 +350,24 @@ class OrthoRegularizer:
         self.calibration_batches_seen = self.config.calibration_batches  # calibration done
 
     @torch.no_grad()
-    def _reference_hidden_states(self, lm: nn.Module, args: tuple, kwargs: dict) -> dict[int, torch.Tensor]:
-        """The guarded layers' outputs of the same model with its PEFT adapter disabled, on the same inputs."""
+    def _reference_hidden_states(
+        self, lm: nn.Module, args: tuple, kwargs: dict, transform=None
+    ) -> dict[int, torch.Tensor]:
+        """The guarded layers' outputs of the same model with its PEFT adapter disabled, on the same inputs.
+
+        ``transform(index, h)``, when given, is applied to each captured output and its result stored instead (a
+        layer is left out when it returns ``None``), so only what the penalty needs stays alive.
+        """
         captured: dict[int, torch.Tensor] = {}
         deepest = max(self.layer_indices)
         hooks = []
         for index in self.layer_indices:
             def hook(module, a, output, index=index):
-                captured.setdefault(index, layer_hidden(output).detach())
+                if index not in captured:
+                    value = layer_hidden(output).detach()
+                    value = value if transform is None else transform(index, value)
+                    if value is not None:
+                        captured[index] = value
                 if index == deepest:
                     raise _StopReferenceForward  # the layers above and the LM head are not needed
             hooks.append(self.stack.layers[index].register_forward_hook(hook))
@@ -350,6 +384,14 @@ class OrthoRegularizer:
             for h in hooks:
                 h.remove()
         return captured
+
+    def _reference_coordinates(self, index: int, h_ref: torch.Tensor) -> torch.Tensor | None:
+        """U_ℓ x_ref for every token of the reference activations, (B·T, k) float32; ``None`` without directions."""
+        if self.directions is None or index not in self.directions:
+            return None
+        u = _float32(self.directions[index]).to(h_ref.device)
+        with _no_autocast(h_ref.device):
+            return h_ref.reshape(-1, h_ref.shape[-1]).float() @ u.T
 
     # ------------------------------------------------------------------ metrics and state
     def _reset_metrics(self) -> None:
@@ -421,6 +463,10 @@ class _StopReferenceForward(Exception):
 
 
 _STACK_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "cache_position")
+
+
+def _float32(u: torch.Tensor) -> torch.Tensor:
+    return u if u.dtype == torch.float32 else u.float()
 
 
 def _find_peft_model(model: nn.Module) -> nn.Module | None:
