@@ -530,12 +530,12 @@ def model_step_flops(spec: ModelSpec, params: dict[str, int], mode: str, checkpo
     return passes * forward
 
 
-def regularizer_flops(arm: str, spec: ModelSpec, params: dict[str, int], mode: str, cov_backward_matmuls: int) -> float:
+def regularizer_flops(arm: str, spec: ModelSpec, params: dict[str, int], mode: str, cov_units: float) -> float:
     """Matmul FLOPs (forward + backward) of an arm's extra work per step, as implemented."""
     n, d, k, r, L = spec.selected, spec.hidden_size, spec.k, spec.lora_r, len(spec.guarded)
     flops = 0.0
     if arm in ("cov", "cov+proj", "cov+proj_paired", "all"):
-        flops += L * (1 + cov_backward_matmuls) * 2.0 * n * d * min(n, d)
+        flops += L * cov_units * 2.0 * n * d * min(n, d)
     if arm.startswith("proj") or arm in ("cov+proj", "cov+proj_paired", "all"):
         flops += L * 2 * 2.0 * n * d * k  # coords = X Uᵀ, and grad = E U
     if arm.endswith("paired"):
@@ -657,9 +657,9 @@ def run_config(spec: ModelSpec, mode: str, checkpointing: bool, device: str, dty
     isolated = {name: isolated_cost(name, ctx, args.isolated_reps, args.clock) for name in names}
     plain_peak = memory["plain"]["peak_bytes"]
     plain_delta = memory["plain"]["step_delta_bytes"]
-    cov_bwd = _cov_backward_matmuls()
+    cov_units = _cov_matmuls(spec)
     for name in names:
-        reg_flops = regularizer_flops(name, spec, params, mode, cov_bwd) if name != "plain" else 0.0
+        reg_flops = regularizer_flops(name, spec, params, mode, cov_units) if name != "plain" else 0.0
         med_ratio = statistics.median(ratios[name])
         result.arms[name] = {
             "step_time_s_median": statistics.median(times[name]),
@@ -693,11 +693,15 @@ def run_config(spec: ModelSpec, mode: str, checkpointing: bool, device: str, dty
     return result
 
 
-def _cov_backward_matmuls() -> int:
-    """Matmuls in the covariance backward of the installed orthoreg (2 with autograd's mm, 1 with the fused one)."""
+def _cov_matmuls(spec: ModelSpec) -> float:
+    """(N, d)·(d, min(N, d)) products per covariance evaluation (forward + backward) in the installed orthoreg:
+    3 with autograd's generic matmul backward; 1 + 1 with the closed-form backward; less with a symmetric forward."""
     from orthoreg import penalties
 
-    return int(getattr(penalties, "COV_BACKWARD_MATMULS", 2))
+    forward = float(getattr(penalties, "COV_FORWARD_MATMULS", 1.0))
+    if forward < 1.0 and min(spec.selected, spec.hidden_size) < 512:  # fewer blocks at small sizes
+        forward = 0.75 if min(spec.selected, spec.hidden_size) >= 256 else 1.0
+    return forward + float(getattr(penalties, "COV_BACKWARD_MATMULS", 2))
 
 
 # ------------------------------------------------------------------------------------------------ RSS (subprocess)
