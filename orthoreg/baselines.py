@@ -62,11 +62,14 @@ from .directions import DirectionsError, HarmfulDirections, orthonormalize
 from .penalties import select_tokens
 from .regularizer import (
     _STACK_INPUTS,
+    NO_GRAD_CHECKPOINT_WARNING,
     NonFiniteHiddenStateError,
     OrthoRegularizer,
     _batch_shape,
     _find_peft_model,
     _StopReferenceForward,
+    reference_forward,
+    reference_forward_active,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,9 +92,6 @@ _MASK_POLICIES = ("attention", "labels")
 # Forward kwargs that must not reach the reference forward: it computes no loss and keeps no cache.
 _NOT_FOR_REFERENCE = ("labels", "num_items_in_batch", "past_key_values", "use_cache", "return_dict")
 # transformers < 5.23 checkpoints layers in training mode even under no_grad; torch then warns on every reference pass.
-_NO_GRAD_CHECKPOINT_WARNING = "None of the inputs have requires_grad=True"
-
-
 def _check_weight(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(
@@ -256,7 +256,6 @@ class KLToBaseRegularizer:
         self.lm: nn.Module | None = None
         self._peft_model: nn.Module | None = None
         self._handles: list[Any] = []
-        self._in_reference_forward = False
         self._reset_metrics()
 
     @property
@@ -295,7 +294,7 @@ class KLToBaseRegularizer:
 
     # ------------------------------------------------------------------ hooks
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._in_reference_forward or not (module.training and torch.is_grad_enabled()):
+        if reference_forward_active() or not (module.training and torch.is_grad_enabled()):
             return None
         logits = getattr(output, "logits", None)
         if logits is None:
@@ -355,17 +354,12 @@ class KLToBaseRegularizer:
     def _reference_logits(self, lm: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         kwargs = {k: v for k, v in inputs.items() if k not in _NOT_FOR_REFERENCE}
         kwargs["use_cache"] = False
-        self._in_reference_forward = True
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_NO_GRAD_CHECKPOINT_WARNING)
-                if self.reference_model is not None:
-                    output = self.reference_model(**kwargs)
-                else:
-                    with self._peft_model.disable_adapter():
-                        output = lm(**kwargs)
-        finally:
-            self._in_reference_forward = False
+        with reference_forward():
+            if self.reference_model is not None:
+                output = self.reference_model(**kwargs)
+            else:
+                with self._peft_model.disable_adapter():
+                    output = lm(**kwargs)
         logits = getattr(output, "logits", None)
         if logits is None:
             raise RuntimeError("KLToBaseCallback: the reference model returned no `logits`")
@@ -469,13 +463,13 @@ class LDIFSRegularizer(OrthoRegularizer):
         return self
 
     def _open_session(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._in_reference_forward:
+        if reference_forward_active():
             return None
         super()._open_session(module, args, kwargs)  # mask and ``active``; no reference (proj_weight == 0)
         session = self._session
         if session is not None and session.active:
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_NO_GRAD_CHECKPOINT_WARNING)
+                warnings.filterwarnings("ignore", message=NO_GRAD_CHECKPOINT_WARNING)
                 if self._ref_stack is None:
                     session.reference = self._reference_hidden_states(module, args, kwargs)  # adapter disabled
                 else:
@@ -500,13 +494,12 @@ class LDIFSRegularizer(OrthoRegularizer):
         hooks = [layers[i].register_forward_hook(make_hook(i)) for i in self.layer_indices]
         inputs = _call_kwargs(lm, args, kwargs)
         stack_inputs = {k: v for k, v in inputs.items() if k in _STACK_INPUTS and v is not None}
-        self._in_reference_forward = True
         try:
-            self._ref_stack.stack(**stack_inputs, use_cache=False)
+            with reference_forward():
+                self._ref_stack.stack(**stack_inputs, use_cache=False)
         except _StopReferenceForward:
             pass
         finally:
-            self._in_reference_forward = False
             for h in hooks:
                 h.remove()
         return captured

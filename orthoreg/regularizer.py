@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,29 @@ from .directions import DirectionsError, HarmfulDirections
 from .penalties import _no_autocast, covariance_from_index, projection_from_index, select_tokens, selected_index
 
 logger = logging.getLogger(__name__)
+
+# torch warns on every no-grad forward through a checkpointed layer (transformers < 5.23); reference passes are that.
+NO_GRAD_CHECKPOINT_WARNING = "None of the inputs have requires_grad=True"
+_reference_state = threading.local()
+
+
+def reference_forward_active() -> bool:
+    """Whether a reference forward (base activations or logits, no grad) is running in this thread."""
+    return getattr(_reference_state, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def reference_forward():
+    """Marks a reference forward in progress. The flag is shared by every regulariser on every model, so two
+    regularisers on one model (e.g. orthoreg's paired anchor and LDIFS) never capture each other's reference
+    passes as training activations, nor close each other's sessions."""
+    _reference_state.depth = getattr(_reference_state, "depth", 0) + 1
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=NO_GRAD_CHECKPOINT_WARNING)
+            yield
+    finally:
+        _reference_state.depth -= 1
 
 
 class NonFiniteHiddenStateError(FloatingPointError):
@@ -115,7 +140,6 @@ class OrthoRegularizer:
         self._peft_model: nn.Module | None = None
         self._handles: list[Any] = []
         self._session: _Session | None = None
-        self._in_reference_forward = False
         self._reset_metrics()
 
     # ------------------------------------------------------------------ attachment
@@ -161,7 +185,7 @@ class OrthoRegularizer:
 
     # ------------------------------------------------------------------ hooks
     def _open_session(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._in_reference_forward:
+        if reference_forward_active():
             return None
         active = module.training and torch.is_grad_enabled()
         self._session = _Session(active=active)
@@ -180,7 +204,7 @@ class OrthoRegularizer:
     def _make_capture_hook(self, index: int):
         def capture(module: nn.Module, args: tuple, output: Any) -> None:
             session = self._session
-            if self._in_reference_forward or session is None or not session.active or index in session.captured:
+            if reference_forward_active() or session is None or not session.active or index in session.captured:
                 return None
             session.captured[index] = layer_hidden(output)
             return None
@@ -188,7 +212,7 @@ class OrthoRegularizer:
         return capture
 
     def _close_session(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if self._in_reference_forward:
+        if reference_forward_active():
             return None
         session, self._session = self._session, None
         if session is None or not session.active:
@@ -373,14 +397,12 @@ class OrthoRegularizer:
             hooks.append(self.stack.layers[index].register_forward_hook(hook))
         inputs = bind_forward_inputs(lm, args, kwargs)
         stack_inputs = {k: v for k, v in inputs.items() if k in _STACK_INPUTS and v is not None}
-        self._in_reference_forward = True
         try:
-            with self._peft_model.disable_adapter():
+            with reference_forward(), self._peft_model.disable_adapter():
                 self.stack.stack(**stack_inputs, use_cache=False)
         except _StopReferenceForward:
             pass
         finally:
-            self._in_reference_forward = False
             for h in hooks:
                 h.remove()
         return captured

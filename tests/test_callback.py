@@ -309,3 +309,23 @@ def test_bf16_mixed_precision_trainer_step_runs(tmp_path):
     trainer.train()
     logged = trainer.state.log_history[0]
     assert torch.isfinite(torch.tensor([logged["orthoreg/cov"], logged["orthoreg/proj"]])).all()
+
+
+def test_two_paired_regularisers_on_one_model_do_not_see_each_others_reference_pass():
+    from orthoreg.regularizer import OrthoRegularizer
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["o_proj", "down_proj"],
+                                                    init_lora_weights=False))
+    model.train()
+    batch = {k: torch.tensor(v) for k, v in padded_dataset(n=4)[:].items()}
+    configs = [OrthoRegConfig(layers=[1], proj_weight=1.0, anchor="paired"),
+               OrthoRegConfig(layers=[2], proj_weight=1.0, cov_weight=10.0, anchor="paired")]
+    alone = []
+    for config in configs:
+        reg = OrthoRegularizer(config, dirs(), mode="return").attach(model)
+        model(**batch)
+        alone.append(reg.pending_penalty.item())
+        reg.detach()
+    together = [OrthoRegularizer(config, dirs(), mode="return").attach(model) for config in configs]
+    model(**batch)
+    assert [reg.pending_penalty.item() for reg in together] == alone
