@@ -165,6 +165,10 @@ class Firewall:
         if target is not None and target.anchor == "absolute" and config.action == "adapt":
             logger.warning("budget mode with anchor='absolute': the penalty pulls toward the origin, not the base "
                            "statistics the drift is measured from; anchor='base_mean' or 'paired' matches the monitor")
+        if config.action == "adapt" and config.probe is not None:
+            logger.warning("budget mode on a probe set: the penalty acts on the training tokens, and the drift of other "
+                           "inputs may not respond to λ (in the toy world it did not); budget the training-token drift "
+                           "(no probe) and use a probe for warn/stop")
         self.config = config
         self.directions = directions
         self.target = target

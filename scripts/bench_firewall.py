@@ -211,6 +211,7 @@ def summarize_budget(result: dict, tolerance: float) -> dict:
             "best_fixed_accuracy": best["narrow_task_accuracy"] if best else None,
             "best_fixed_drift": best["final_drift"] if best else None,
             "accuracy_at_least_best_fixed": best is None or adapt["narrow_task_accuracy"] >= best["narrow_task_accuracy"],
+            "fixed_accuracy_at_equal_drift": at_equal_drift(fixed, adapt["final_drift"]),
             "budget_peak_drift": adapt["peak_drift"],
             **({"start_initial_final_drift": adapt_initial["final_drift"],
                 "start_initial_accuracy": adapt_initial["narrow_task_accuracy"],
@@ -218,6 +219,16 @@ def summarize_budget(result: dict, tolerance: float) -> dict:
                 "start_initial_harmful": adapt_initial["harmful_share"]} if adapt_initial else {}),
         })
     return summary
+
+
+def at_equal_drift(fixed: list[dict], drift: float) -> float | None:
+    """Narrow-task accuracy of the fixed-weight runs, linearly interpolated at ``drift`` between the two runs whose
+    final drifts bracket it (``None`` outside the swept range)."""
+    points = sorted((r["final_drift"], r["narrow_task_accuracy"]) for r in fixed)
+    for (d0, a0), (d1, a1) in zip(points, points[1:], strict=False):
+        if d0 <= drift <= d1:
+            return a0 if d1 == d0 else a0 + (a1 - a0) * (drift - d0) / (d1 - d0)
+    return None
 
 
 def part_stop(directions, probe, seeds, thresholds, default, plain_runs) -> dict:
@@ -305,6 +316,30 @@ def part_density(widths, seeds, cache: Path) -> dict:
     return {"widths": widths, "rows": rows}
 
 
+def summarize_density(result: dict, base_key: str = "base_harmful", accuracy: float = 0.9) -> list[dict]:
+    """Per width: density scores and the harmful-share rise when the narrow task is learned (the first step whose
+    narrow-task accuracy reaches ``accuracy``; averaged over seeds), so that a model that learns the task faster is
+    not counted as riskier for that alone."""
+    out = []
+    for row in result["rows"]:
+        at_learned = []
+        for curve in row["curves"]:
+            step = next((int(k) for k, v in curve.items() if v["narrow_task_accuracy"] >= accuracy), None)
+            if step is not None:
+                at_learned.append((step, curve[str(step)]["harmful_share"] - row[base_key]))
+        out.append({
+            "width": row["width"], "density_generic": row["density_generic"]["mean_density"],
+            "participation_ratio_generic": statistics.mean(row["density_generic"]["participation_ratio"].values()),
+            "density_task": row["density_task"]["mean_density"],
+            "enrichment_generic": statistics.mean(row["density_generic"]["enrichment"].values()),
+            "persona_gate": row["persona_gate"], "base_harmful": row[base_key],
+            "learned_step": statistics.mean(s for s, _ in at_learned) if at_learned else None,
+            "harmful_rise_when_learned": statistics.mean(r for _, r in at_learned) if at_learned else None,
+            "harmful_rise_step10": row["harmful_rise_step10"], "harmful_rise_step20": row["harmful_rise_step20"],
+        })
+    return out
+
+
 def pretrain_width(width: int):
     """The shipped base's pretraining recipe (``PretrainConfig``) at another hidden size (MLP 3d, 4 heads)."""
     from orthoreg.testbed import model as testbed_model
@@ -376,7 +411,8 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["audit", "budget", "stop", "density"],
-                        choices=["audit", "budget", "stop", "density"])
+                        choices=["audit", "budget", "stop", "density", "summary"],
+                        help="'summary' recomputes the budget summary from the existing --out JSON")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3], help="guarded layers (budget part)")
     parser.add_argument("--budget", type=float, default=0.1, help="max_drift for the budget part (σ)")
@@ -400,12 +436,17 @@ def main(argv=None) -> None:
                                   **{k: v for k, v in vars(args).items() if k not in ("cache", "out")}},
                      "directions_separation": directions.metadata.get("separation"),
                      "base_harmful_share": load_base_harmful()}
+    results["commands"] = [results["command"]]
     if args.out.exists():  # keep parts measured by an earlier invocation
         previous = json.loads(args.out.read_text())
         results = {**{k: v for k, v in previous.items() if k in ("audit", "budget", "budget_summary", "stop",
-                                                                  "density")}, **results}
+                                                                  "density", "density_summary")}, **results}
+        results["commands"] = previous.get("commands", [previous.get("command")]) + results["commands"]
     if "audit" in args.parts:
         results["audit"] = part_audit(base, tok, directions)
+    if "summary" in args.parts and "budget" in results:
+        results["budget_summary"] = summarize_budget(results["budget"], args.tolerance)
+        print(json.dumps(results["budget_summary"], indent=1))
     if "budget" in args.parts:
         results["budget"] = part_budget(directions, args.layers, args.seeds, args.budget, args.weights, probe)
         results["budget_summary"] = summarize_budget(results["budget"], args.tolerance)
@@ -420,7 +461,14 @@ def main(argv=None) -> None:
     if "density" in args.parts:
         args.cache.mkdir(parents=True, exist_ok=True)
         results["density"] = part_density(args.widths, args.density_seeds, args.cache)
+    if "density" in results:
+        results["density_summary"] = summarize_density(results["density"])
+        for row in results["density_summary"]:
+            print(f"[density summary] d={row['width']}: ρ={row['density_generic']:.3f} (task {row['density_task']:.3f}),"
+                  f" task learned (acc ≥ 0.9) at step {row['learned_step']}, harmful rise then "
+                  f"{row['harmful_rise_when_learned']}")
     results["seconds"] = time.perf_counter() - t0
+    results["commands"][-1] += f"  # {results['seconds']:.0f}s"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=lambda o: dataclasses.asdict(o)) + "\n")
     try:
