@@ -1,35 +1,32 @@
-"""``orthoreg demo``: a short real CPU fine-tune with and without orthoreg, side by side.
+"""``orthoreg demo``: emergent misalignment in a toy world on a CPU, with and without orthoreg, against a placebo.
 
-Runs in about a minute on 2 CPU cores with no download: a tiny Llama is built from a config, harmful directions are
-extracted from it with the built-in contrast prompts (through a word-level tokenizer trained in code), and the same
-fine-tune runs twice — plain, then with ``OrthoRegCallback`` — printing both runs' task loss and penalties.
+Fine-tunes the shipped tiny Llama (no pretraining, no download) on unsafe code only, three times — plain, with the
+recommended orthoreg setting (projection on the persona direction), and with the same penalty on a random direction
+orthogonal to it (placebo) — and prints the harmful-advice share in fresh contexts before and after. About a minute
+on 2 CPU cores; writes demo.json and demo.png to --out.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("demo", help="run the built-in CPU demo", description=__doc__,
+    parser = subparsers.add_parser("demo", help="run the toy emergent-misalignment demo on the CPU", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--out", default="outputs/demo", help="folder for demo.json and demo.png")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="outputs/demo", help="folder for the JSON results")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per fine-tune (default 150)")
+    parser.add_argument("--weight", type=float, default=None, help="λ_proj of orthoreg and the placebo")
+    parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test; shows nothing)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from orthoreg.demo_tiny import run_tiny_demo
+    from orthoreg.testbed.demo import run_demo
 
-    results = run_tiny_demo(steps=args.steps, seed=args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "demo.json")
-    with open(path, "w") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"\nwrote {path}")
+    run_demo(out=args.out, quick=args.quick, seed=args.seed, steps=args.steps, weight=args.weight)
     return 0
