@@ -16,7 +16,8 @@ test-current:
 test-legacy:
 	bash scripts/setup.sh --legacy .venv-legacy
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv-legacy/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_penalties.py tests/test_capture.py tests/test_callback_grads.py tests/test_callback.py
+		tests/test_penalties.py tests/test_capture.py tests/test_callback_grads.py tests/test_callback.py \
+		tests/test_lora.py tests/test_baselines.py tests/testbed
 
 lint:
 	.venv/bin/ruff check orthoreg tests scripts

@@ -288,7 +288,7 @@ def test_bf16_model_gradients_equal_explicit_loss():
 
     explicit = copy.deepcopy(model)
     captured = {}
-    explicit.model.layers[1].register_forward_hook(lambda m, a, o: captured.setdefault(1, layer_hidden(o)))
+    explicit.model.layers[1].register_forward_hook(lambda m, a, o: captured.update({1: layer_hidden(o)}))
     out = explicit(**batch)
     mask = batch["attention_mask"].bool()
     penalty = 30.0 * covariance_penalty(captured[1], mask) + 2.0 * projection_penalty(captured[1], directions[1], mask)

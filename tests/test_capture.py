@@ -31,8 +31,9 @@ def test_finds_decoder_layers_of_every_family(family):
     assert stack.lm is model
     # The stack is the module whose forward runs the layers: its output is the final hidden state.
     outputs = {}
-    stack.stack.register_forward_hook(lambda m, a, o: outputs.setdefault("stack", o))
-    stack.layers[2].register_forward_hook(lambda m, a, o: outputs.setdefault("last", layer_hidden(o)))
+    # Hooks must return None: a forward hook's return value replaces the module's output.
+    stack.stack.register_forward_hook(lambda m, a, o: outputs.update(stack=o))
+    stack.layers[2].register_forward_hook(lambda m, a, o: outputs.update(last=layer_hidden(o)))
     model(torch.randint(3, 99, (2, 5)))
     assert outputs["last"].shape == (2, 5, 32)
     assert outputs["stack"][0].shape == (2, 5, 32)

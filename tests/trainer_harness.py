@@ -101,10 +101,13 @@ def capture_layers(model, layers, batch, peft_disabled=False):
     """Forward ``batch`` through ``model`` (no checkpointing) and return the guarded layers' outputs."""
     stack = find_decoder_stack(model)
     out: dict[int, torch.Tensor] = {}
-    handles = [
-        stack.layers[i].register_forward_hook(lambda m, a, o, i=i: out.setdefault(i, layer_hidden(o)))
-        for i in layers
-    ]
+    def make_hook(i):
+        def hook(module, args, output):  # returns None: a forward hook's return value would replace the output
+            out.setdefault(i, layer_hidden(output))
+
+        return hook
+
+    handles = [stack.layers[i].register_forward_hook(make_hook(i)) for i in layers]
     try:
         if peft_disabled:
             with model.disable_adapter(), torch.no_grad():

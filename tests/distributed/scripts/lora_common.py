@@ -86,7 +86,8 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
 def _capture_layers(model, stack_layers, indices, run):
     captured = {}
     hooks = [
-        stack_layers[i].register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, layer_hidden(o)))
+        # update() returns None: a forward hook's non-None return value would replace the layer's output.
+        stack_layers[i].register_forward_hook(lambda m, a, o, i=i: captured.update({i: layer_hidden(o)}))
         for i in indices
     ]
     try:
