@@ -108,13 +108,91 @@ def report(outdir: Path) -> dict:
     if (outdir / "efficacy_overlap.json").exists():
         overlap = json.loads((outdir / "efficacy_overlap.json").read_text())
     rows = summarize(records, base["harmful_share"])
-    result = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "base": base,
+    matched = matched_penalty(rows)
+    result = {"matched_penalty": matched, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "base": base,
               "persona_separation": dirs.metadata["separation"], "summary": rows, "overlap": overlap,
               "records": records}
     (outdir / "efficacy.json").write_text(json.dumps(result, indent=1))
     _plot(rows, base["harmful_share"], outdir / "efficacy.png")
     _print_table(rows)
+    md = markdown_table(rows, base["harmful_share"], overlap, records)
+    md += "\nMatched penalty magnitude (final λ·penalty; placebo interpolated along its λ sweep)\n\n"
+    md += "| setting | persona arm | final λ·penalty | persona harmful % | placebo harmful % at same penalty |\n"
+    md += "| --- | --- | --- | --- | --- |\n"
+    for m in matched:
+        pl = m["placebo_harmful_share_at_same_penalty"]
+        md += (f"| {m['setting']} | {m['persona_arm']} | {m['final_weighted_penalty']:.3g} | "
+               f"{100 * m['persona_harmful_share']:.1f} | {'outside sweep' if pl is None else f'{100 * pl:.1f}'} |\n")
+    (outdir / "efficacy_table.md").write_text(md)
     return result
+
+
+def matched_penalty(rows) -> list[dict]:
+    """Placebo vs persona at matched penalty *magnitude* (final λ·penalty, not λ): for each persona projection arm,
+    the placebo's harmful share interpolated (linearly in log penalty) along the placebo's λ sweep at the persona
+    arm's final weighted penalty; None outside the placebo sweep's range."""
+    import math
+
+    out = []
+    for setting in sorted({r["setting"] for r in rows}):
+        for anchor in ("base_mean", "absolute", "paired"):
+            def sweep(target, setting=setting, anchor=anchor):
+                return sorted((r["final_weighted_penalty"], r["harmful_share"][0], r["arm"]) for r in rows
+                              if r["setting"] == setting and r["kind"] == "proj" and r["target"] == target
+                              and anchor in r["arm"] and r["final_weighted_penalty"])
+            placebo = sweep("placebo")
+            for pen, share, arm in sweep("persona"):
+                interp = None
+                for (p0, s0, _), (p1, s1, _) in zip(placebo, placebo[1:]):
+                    if p0 <= pen <= p1 and p1 > p0:
+                        w = (math.log(pen) - math.log(p0)) / (math.log(p1) - math.log(p0))
+                        interp = s0 + w * (s1 - s0)
+                out.append({"setting": setting, "persona_arm": arm, "final_weighted_penalty": pen,
+                            "persona_harmful_share": share, "placebo_harmful_share_at_same_penalty": interp,
+                            "placebo_sweep": [{"arm": a, "final_weighted_penalty": p, "harmful_share": h}
+                                              for p, h, a in placebo]})
+    return out
+
+
+def _fmt(stat, scale=100.0, digits=1):
+    if stat is None or stat[0] is None:
+        return "–"
+    return f"{scale * stat[0]:.{digits}f} [{scale * stat[1]:.{digits}f}, {scale * stat[2]:.{digits}f}]"
+
+
+def markdown_table(rows, base_share: float, overlap=None, records=()) -> str:
+    """The summary as a markdown table (mean [min, max] over seeds), plus the overlap table."""
+    out = [f"base harmful share {100 * base_share:.1f}%", "",
+           "| setting | arm | seeds | harmful share % | sampled % | narrow task % | persona gate % | rise removed "
+           "| final λ·penalty | persona drift (task tokens) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        removed = "–" if r["rise_removed"] is None else f"{100 * r['rise_removed']:.0f}%"
+        pen = "–" if r["final_weighted_penalty"] is None else f"{r['final_weighted_penalty']:.3g}"
+        out.append(f"| {r['setting']} | {r['arm']} | {len(r['seeds'])} | {_fmt(r['harmful_share'])} | "
+                   f"{_fmt(r['sampled_harmful_rate'])} | {_fmt(r['narrow_task_accuracy'])} | "
+                   f"{_fmt(r['persona_inference_accuracy'], digits=0)} | {removed} | {pen} | "
+                   f"{r['persona_task_drift']:.3g} |")
+    ckpt: dict[tuple[str, int], list[dict]] = {}
+    for rec in records:
+        for c in rec.get("checkpoints", []):
+            ckpt.setdefault((rec["setting"]["name"], c["step"]), []).append(c)
+    if ckpt:
+        out += ["", "Early stopping: the plain runs scored at earlier steps (mean [min, max] over seeds)", "",
+                "| setting | step | harmful share % | narrow task % |", "| --- | --- | --- | --- |"]
+        for (s, step), cs in sorted(ckpt.items()):
+            h = [c["harmful_share"] for c in cs]
+            t = [c["narrow_task_accuracy"] for c in cs]
+            out.append(f"| {s} | {step} | {_fmt((sum(h) / len(h), min(h), max(h)))} | "
+                       f"{_fmt((sum(t) / len(t), min(t), max(t)))} |")
+    if overlap:
+        out += ["", f"Overlap score before training vs rise ({overlap['steps']} steps, seed {overlap['seed']}); "
+                f"Spearman = {overlap['spearman']}", "", "| task | overlap | harmful share % | rise (pts) | task % |",
+                "| --- | --- | --- | --- | --- |"]
+        for t in overlap["tasks"]:
+            out.append(f"| {t['task']} | {t['overlap']:.3f} | {100 * t['harmful_share']:.1f} | "
+                       f"{100 * t['rise']:+.1f} | {100 * t['narrow_task_accuracy']:.1f} |")
+    return "\n".join(out) + "\n"
 
 
 def _print_table(rows) -> None:
