@@ -23,8 +23,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
-from orthoreg.testbed.efficacy import (Arm, Setting, overlap_vs_rise, persona_directions,  # noqa: E402
-                                       placebo_directions, run_arm, summarize)
+from orthoreg.testbed.efficacy import (  # noqa: E402
+    Arm,
+    Setting,
+    overlap_vs_rise,
+    persona_directions,
+    placebo_directions,
+    run_arm,
+    summarize,
+)
 from orthoreg.testbed.evaluate import evaluate  # noqa: E402
 from orthoreg.testbed.model import load_base  # noqa: E402
 
@@ -143,7 +150,7 @@ def matched_penalty(rows) -> list[dict]:
             placebo = sweep("placebo")
             for pen, share, arm in sweep("persona"):
                 interp = None
-                for (p0, s0, _), (p1, s1, _) in zip(placebo, placebo[1:]):
+                for (p0, s0, _), (p1, s1, _) in zip(placebo, placebo[1:], strict=False):
                     if p0 <= pen <= p1 and p1 > p0:
                         w = (math.log(pen) - math.log(p0)) / (math.log(p1) - math.log(p0))
                         interp = s0 + w * (s1 - s0)
@@ -218,7 +225,7 @@ def _plot(rows, base_share: float, path: Path) -> None:
         return
     settings = sorted({r["setting"] for r in rows})
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
-    for ax, s in zip(axes[0], settings):
+    for ax, s in zip(axes[0], settings, strict=True):
         sub = [r for r in rows if r["setting"] == s]
         for target, color in (("persona", "tab:red"), ("placebo", "tab:blue")):
             pts = sorted((r["weight"], r["harmful_share"]) for r in sub

@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 from ..directions import HarmfulDirections
 from . import world
 from .evaluate import evaluate
-from .finetune import PadCollator, finetune
+from .finetune import finetune
 from .model import load_base
 from .tokenizer import encode_prompt, encode_task
 
@@ -348,7 +348,7 @@ def spearman(x, y) -> float | None:
         return None
     rx, ry = _ranks(list(x)), _ranks(list(y))
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
     if vx == 0 or vy == 0:
         return None

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthoreg.testbed.efficacy import (Arm, Setting, persona_directions, placebo_directions, run_arm, spearman,
-                                       summarize)
+from orthoreg.testbed.efficacy import (
+    Arm,
+    Setting,
+    persona_directions,
+    placebo_directions,
+    run_arm,
+    spearman,
+    summarize,
+)
 from orthoreg.testbed.model import load_base
 
 ROOT = Path(__file__).resolve().parents[2]
