@@ -39,32 +39,40 @@ def select_tokens(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Te
 class _AllGatherRows(torch.autograd.Function):
     """All-gather of equal-shaped per-rank tensors that keeps gradients.
 
-    Backward all-reduces (sums) the gradient of the gathered tensor and returns this rank's slice, so each rank's
-    input gradient is the full derivative of the *global* loss times the world size W (every rank computes the same
-    global loss). DDP's gradient averaging then divides by W, and the update equals the single-process update on
-    the concatenated batch (VICReg's ``FullGatherLayer``).
+    Each rank's input gradient is the full derivative of the *global* loss times the world size W. DDP's gradient
+    averaging then divides by W, and the update equals the single-process update on the concatenated batch
+    (VICReg's ``FullGatherLayer``). In general backward all-reduces (sums) the gradient of the gathered tensor and
+    returns this rank's slice. With ``identical_loss=True`` the caller guarantees that every rank computes the same
+    loss from the gathered tensor (orthoreg's covariance of the global batch), so the gathered gradient is already
+    the same on every rank and the all-reduce would only multiply it by W: backward then returns W × this rank's
+    slice without communicating.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, identical_loss: bool) -> torch.Tensor:
         world = dist.get_world_size()
-        out = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(out, x.contiguous())
-        return torch.stack(out)
+        ctx.identical_loss = identical_loss
+        out = x.new_empty((world,) + tuple(x.shape))
+        dist.all_gather(list(out.unbind(0)), x.contiguous())  # straight into one buffer: no stacking copy
+        return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        rank = dist.get_rank()
+        if ctx.identical_loss:
+            return grad[rank] * dist.get_world_size(), None
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[dist.get_rank()]
+        return grad[rank], None
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, identical_loss: bool = False) -> torch.Tensor:
     """Concatenates every data-parallel rank's (N_r, d) rows into (Σ N_r, d), differentiably.
 
     Ranks may hold different numbers of rows (different counts of real tokens): rows are padded to the largest
     count for the collective and the padding is dropped again. Without an initialised process group (or with one
-    rank) this is the identity. See ``_AllGatherRows`` for how gradients are scaled.
+    rank) this is the identity. See ``_AllGatherRows`` for how gradients are scaled; ``identical_loss=True`` (every
+    rank computes the same loss from the result) makes backward communication-free.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
@@ -75,7 +83,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     counts = [int(c.item()) for c in counts]
     padded = torch.zeros(max(counts), x.shape[1], device=x.device, dtype=x.dtype)
     padded = torch.cat([x, padded[x.shape[0]:]]) if x.shape[0] < max(counts) else x
-    gathered = _AllGatherRows.apply(padded)  # (W, max N, d)
+    gathered = _AllGatherRows.apply(padded, identical_loss)  # (W, max N, d)
     return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
 
 
@@ -254,7 +262,12 @@ def covariance_penalty(h: torch.Tensor, mask: torch.Tensor | None = None, gather
 def covariance_from_index(h: torch.Tensor, index: torch.Tensor | None, gather: bool = False) -> torch.Tensor:
     """``covariance_penalty`` on the rows of ``h`` at flat ``index`` (``None``: all rows; see ``selected_index``)."""
     if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _OffDiagonalCovariance.apply(gather_rows(_rows(h, index)), None)
+        # Rows travel in the model's dtype (half the bytes of float32 for bf16 models; the cast is exact either
+        # way), and every rank computes the same covariance from them, so backward needs no communication.
+        rows = h.reshape(-1, h.shape[-1])
+        if index is not None:
+            rows = rows.index_select(0, index)
+        return _OffDiagonalCovariance.apply(gather_rows(rows, identical_loss=True).float(), None)
     return _OffDiagonalCovariance.apply(h, index)
 
 
