@@ -9,12 +9,14 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # ~30-60 s: a whole (tiny) benchmark run in a subprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "bench_overhead.py")
 
 ARM_KEYS = {
     "step_time_s_median", "step_time_s_q25", "step_time_s_q75", "step_time_samples_s", "ratio_to_plain_median",
-    "ratio_to_plain_q25", "ratio_to_plain_q75", "ratio_of_medians", "time_overhead_pct", "other_clock",
+    "ratio_to_plain_q25", "ratio_to_plain_q75", "ratio_of_medians", "ratio_of_minimums", "time_overhead_pct", "other_clock",
     "other_clock_step_time_s_median", "other_clock_ratio_to_plain_median", "peak_bytes", "step_delta_bytes",
     "static_bytes", "memory_overhead_pct", "step_delta_overhead_pct", "reg_flops", "flop_ratio_pct", "impl",
     "isolated_s", "isolated_pct_of_plain",
@@ -24,8 +26,8 @@ CONFIG_KEYS = {
     "selected_tokens", "guarded_layers", "k", "lora_r", "rounds", "steps_per_block", "warmup", "model_step_flops",
     "arms", "gather", "rounds_order",
 }
-GATHER_KEYS = {"world_size", "n_max_rows", "per_layer_forward_bytes", "per_layer_backward_bytes",
-               "per_microbatch_bytes", "per_microbatch_bytes_suffstats_alternative"}
+GATHER_KEYS = {"world_size", "n_max_rows", "row_itemsize", "per_layer_forward_bytes", "per_layer_backward_bytes",
+               "per_microbatch_bytes", "per_microbatch_bytes_before", "per_microbatch_bytes_suffstats_alternative"}
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +86,12 @@ def test_arms_and_fields(report, mode):
         for row in config["gather"]:
             assert set(row) == GATHER_KEYS
             assert row["per_microbatch_bytes"] > 0
-        # analytic: the all-gather moves (W-1)·N_max·d float32 per layer forward, twice that backward
+        # analytic: with W = 2 each rank sends its padded N_max×d rows (float32 on CPU) and one int64 count per
+        # layer forward, nothing backward
         two = next(r for r in config["gather"] if r["world_size"] == 2)
-        assert two["per_layer_backward_bytes"] == 2 * config["selected_tokens"] * config["hidden_size"] * 4
+        assert two["per_layer_forward_bytes"] == config["selected_tokens"] * config["hidden_size"] * 4 + 8
+        assert two["per_layer_backward_bytes"] == 0
+        assert two["per_microbatch_bytes"] == len(config["guarded_layers"]) * two["per_layer_forward_bytes"]
 
 
 def test_targets_block_is_well_formed(report):
