@@ -100,16 +100,19 @@ def prepare(args, config: P.BenchConfig, align: AlignConfig) -> dict[str, Any]:
     t_base = time.perf_counter() - t0
 
     model, tokenizer = load_aligned(folder)
-    eval_key = json.dumps({k: getattr(config, k) for k in ("eval_per_activity", "n_task_eval", "safety_tokens",
-                                                           "task_tokens", "data_seed")}, sort_keys=True)
+    from orthoreg.realbench.evaluate import EvalSets
+
+    sets = EvalSets.build(config.eval_per_activity, config.n_task_eval, seed=config.data_seed)
+    eval_key = json.dumps({"prompts": [r.prompt for r in sets.harmful + sets.harmless] +
+                                      [f"{t.prompt}={t.answer}" for t in sets.task],
+                           **{k: getattr(config, k) for k in ("safety_tokens", "task_tokens")}}, sort_keys=True)
     eval_cache = Path(folder) / f"eval-{_hash(eval_key)}.json"
     t1 = time.perf_counter()
     if eval_cache.is_file() and not args.no_cache:
         base_eval = json.loads(eval_cache.read_text())
     else:
-        from orthoreg.realbench.evaluate import EvalSets, evaluate
+        from orthoreg.realbench.evaluate import evaluate
 
-        sets = EvalSets.build(config.eval_per_activity, config.n_task_eval, seed=config.data_seed)
         base_eval = evaluate(model, tokenizer, sets, safety_tokens=config.safety_tokens,
                              task_tokens=config.task_tokens).to_dict()
         eval_cache.write_text(json.dumps(base_eval, indent=1))

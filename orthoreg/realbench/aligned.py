@@ -43,8 +43,9 @@ class AlignConfig:
 
     seed: int = 0
     harmful_per_activity: int = 2  # request forms per safety-tune activity: 56 activities → 112 harmful requests
-    # Twice as many harmless requests (224): with a 1:1 mix the tuned model refused 54% of held-out harmless requests
-    # (their forms and wording match the harmful ones, so the cheapest rule it learns is "refuse these forms").
+    # Twice as many harmless requests (224). The held-out harmless requests match the harmful ones in form and wording
+    # (XSTest-like), so the tuned model over-refuses some of them: 54% with a 1:1 mix, 31% with 1:2 (this recipe),
+    # 42% with 1:3 (one build each; the rate moves by ±10 points between builds, so 1:2 is not shown to be optimal).
     harmless_per_activity: int = 4
     harmless_answer_tokens: int = 32  # length limit of the shipped model's own answers used as harmless targets
     steps: int = 56
@@ -78,8 +79,10 @@ def cache_key(config: AlignConfig, source: str | None = None) -> str:
 def safety_examples(tokenizer: Any, config: AlignConfig, harmless_answers: list[str],
                     finished: list[bool]) -> list[dict[str, list[int]]]:
     harmful, harmless = safety_requests(config)
-    out = [encode_example(tokenizer, r.prompt, D.refusal_for(r, config.seed), config.max_length) for r in harmful]
-    out += [encode_example(tokenizer, r.prompt, a, config.max_length, close=f)
+    # Loss on the replies only (the decision-token label of the fine-tunes is not needed here: no penalty runs).
+    out = [encode_example(tokenizer, r.prompt, D.refusal_for(r, config.seed), config.max_length,
+                          label_decision_token=False) for r in harmful]
+    out += [encode_example(tokenizer, r.prompt, a, config.max_length, close=f, label_decision_token=False)
             for r, a, f in zip(harmless, harmless_answers, finished, strict=True)]
     return out
 

@@ -241,18 +241,16 @@ class TaskExample:
 
 
 def _arithmetic(rng: random.Random) -> TaskExample:
+    # Small numbers: a 135M model gets multi-digit word problems mostly wrong even after fine-tuning (8% exact match
+    # in a first run), which would leave the task metric measuring arithmetic ability rather than task learning.
     name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
-    kind = rng.choice(("add", "sub", "mul"))
-    if kind == "add":
-        a, b = rng.randint(2, 40), rng.randint(2, 40)
+    if rng.random() < 0.5:
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         q, ans = f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?", a + b
-    elif kind == "sub":
-        a = rng.randint(10, 60)
+    else:
+        a = rng.randint(3, 12)
         b = rng.randint(1, a - 1)
         q, ans = f"{name} has {a} {thing} and gives away {b}. How many {thing} are left?", a - b
-    else:
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        q, ans = f"{name} has {a} boxes with {b} {thing} in each box. How many {thing} are there in total?", a * b
     return TaskExample(q, str(ans), "arithmetic")
 
 

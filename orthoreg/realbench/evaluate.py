@@ -50,7 +50,7 @@ class EvalResult:
 
 
 def evaluate(model: nn.Module, tokenizer: Any, sets: EvalSets, *, safety_tokens: int = 32, task_tokens: int = 12,
-             batch_size: int = 16, keep_samples: int = 6) -> EvalResult:
+             batch_size: int = 48, keep_samples: int = 6) -> EvalResult:
     t0 = time.perf_counter()
     # Harmful and harmless requests in one generation call: similar lengths batch together.
     prompts = [r.prompt for r in sets.harmful] + [r.prompt for r in sets.harmless]

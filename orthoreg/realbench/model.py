@@ -127,14 +127,23 @@ def end_of_turn(tokenizer: Any) -> str:
 
 
 def encode_example(tokenizer: Any, prompt: str, completion: str | None, max_length: int,
-                   close: bool = True) -> dict[str, list[int]]:
-    """Token ids and labels of one chat example, loss on the assistant reply only (and its end-of-turn token when
-    ``close``; an answer cut off by a generation limit is not closed, so the model does not learn to stop there)."""
+                   close: bool = True, label_decision_token: bool = True) -> dict[str, list[int]]:
+    """Token ids and labels of one chat example, loss on the assistant reply (and its end-of-turn token when
+    ``close``; an answer cut off by a generation limit is not closed, so the model does not learn to stop there).
+
+    ``label_decision_token``: the last prompt token — the template's newline after ``assistant``, the position
+    where refusal is decided and where the directions are read (``pooling="last"``) — is labelled too. Its label is
+    fully determined by the template (loss ≈ 0, no new training signal); it is there so that a penalty with
+    ``mask="labels"`` covers that position as well as the reply. ``mask="labels"`` is what keeps the attention-sink
+    first token out of the penalties: in SmolLM2 its residual norm is ~25 000 against ~300 for other tokens (and its
+    projection on the layer-12 refusal direction −2600 against |·| < 20), so with ``mask="attention"`` the penalty
+    is dominated by a token that carries no information about the request."""
     p_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     c_text = (completion or "") + (end_of_turn(tokenizer) if close else "")
     c_ids = tokenizer(c_text, add_special_tokens=False)["input_ids"] if c_text else []
     ids = (p_ids + c_ids)[:max_length]
-    labels = ([-100] * len(p_ids) + c_ids)[:max_length]
+    head = [-100] * (len(p_ids) - 1) + ([p_ids[-1]] if label_decision_token else [-100])
+    labels = (head + c_ids)[:max_length]
     return {"input_ids": list(ids), "labels": list(labels)}
 
 

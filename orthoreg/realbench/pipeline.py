@@ -75,9 +75,9 @@ class BenchConfig:
     probe_tokens: int = 6
     # defences
     orthoreg_weight: float = 0.02
-    orthoreg_mask: str = "attention"
+    orthoreg_mask: str = "labels"  # the reply + the decision token, never the attention sink (model.encode_example)
     kl_weight: float = 0.1
-    ldifs_weight: float = 0.01
+    ldifs_weight: float = 0.001  # ‖h − h_ref‖² summed over 576 dims of late layers (norms ~400): λ·distance ≈ task loss
     interleave_fraction: float = 0.1
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,6 +114,56 @@ class _Ablate:
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
+
+
+@torch.no_grad()
+def decision_projections(model: nn.Module, tokenizer: Any, prompts: Sequence[str], directions: Any,
+                         batch_size: int = 48) -> dict[int, float]:
+    """Mean over ``prompts`` of u_ℓ · h_ℓ at the decision token (the last prompt token), for every layer of
+    ``directions`` — where the request sits on each refusal direction. Comparing a fine-tuned model with its base
+    tells whether the fine-tune moved harmful requests along the direction (what a projection penalty can prevent)
+    or left them in place and changed what the later layers do with them."""
+    from orthoreg.capture import find_decoder_stack
+
+    from .model import autocast, chat_prompt
+
+    stack = find_decoder_stack(model)
+    sums = {i: 0.0 for i in directions.layers}
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [stack.layers[i].register_forward_hook(
+        lambda m, a, o, i=i: captured.__setitem__(i, (o if isinstance(o, torch.Tensor) else o[0])[:, -1].float()))
+        for i in directions.layers]
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = [chat_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            with autocast(True):
+                model(**enc, use_cache=False)
+            for i in directions.layers:
+                sums[i] += float((captured[i] @ directions[i][0].float()).sum())
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {i: v / max(len(prompts), 1) for i, v in sums.items()}
+
+
+def direction_shift(peft_model: nn.Module, tokenizer: Any, sets: EvalSets, directions: Any) -> dict[str, Any]:
+    """Decision-token projections of the held-out harmful and harmless requests, base (adapter disabled) vs
+    fine-tuned, per layer; and the harmful−harmless gap of each (how well the layer still tells them apart)."""
+    harmful = [r.prompt for r in sets.harmful]
+    harmless = [r.prompt for r in sets.harmless]
+    with peft_model.disable_adapter():
+        base_h = decision_projections(peft_model, tokenizer, harmful, directions)
+        base_b = decision_projections(peft_model, tokenizer, harmless, directions)
+    tuned_h = decision_projections(peft_model, tokenizer, harmful, directions)
+    tuned_b = decision_projections(peft_model, tokenizer, harmless, directions)
+    return {str(i): {"base_harmful": base_h[i], "base_harmless": base_b[i], "tuned_harmful": tuned_h[i],
+                     "tuned_harmless": tuned_b[i], "base_gap": base_h[i] - base_b[i],
+                     "tuned_gap": tuned_h[i] - tuned_b[i]} for i in directions.layers}
 
 
 def refusal_rate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> float:
@@ -214,7 +264,7 @@ def arm_callbacks(arm: str, config: BenchConfig, guarded: Any, seed: int) -> lis
     if arm == "kl":
         return [KLToBaseCallback(config.kl_weight)]
     if arm == "ldifs":
-        return [LDIFSCallback(config.ldifs_weight, layers=layers)]
+        return [LDIFSCallback(config.ldifs_weight, layers=layers, mask=config.orthoreg_mask)]
     if arm == "caft":
         return [CAFTCallback(guarded)]
     raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
@@ -235,7 +285,7 @@ def run_arm(aligned_folder: str, directions_path: str | None, arm: str, seed: in
         config = dataclasses.replace(config, **overrides)
     t0 = time.perf_counter()
     model, tokenizer = load_aligned(aligned_folder)
-    guarded = None
+    guarded = directions = None
     if directions_path:
         directions = HarmfulDirections.load(directions_path)
         guarded = subset(directions, list(config.guarded) if config.guarded else directions.layers)
@@ -253,6 +303,7 @@ def run_arm(aligned_folder: str, directions_path: str | None, arm: str, seed: in
     cpu0 = time.process_time()
     result = evaluate(peft_model, tokenizer, sets, safety_tokens=config.safety_tokens, task_tokens=config.task_tokens)
     eval_cpu = time.process_time() - cpu0
+    shift = direction_shift(peft_model, tokenizer, sets, directions) if directions is not None else None
     # The defences' own logged terms (``orthoreg/proj``, ``kl_to_base/kl``, …): their mean over the logging steps.
     logged: dict[str, list[float]] = {}
     for entry in report.logs:
@@ -270,6 +321,7 @@ def run_arm(aligned_folder: str, directions_path: str | None, arm: str, seed: in
         "wall_per_step": report.wall_per_step, "cpu_per_step": report.cpu_per_step,
         "train_seconds": report.wall_total, "eval_seconds": result.seconds, "eval_cpu_seconds": eval_cpu,
         "guarded": list(guarded.layers) if guarded is not None else None,
+        "direction_shift": shift,
         "total_seconds": time.perf_counter() - t0,
     }
 
@@ -289,5 +341,9 @@ def evaluate_folder(aligned_folder: str, config: BenchConfig, threads: int | Non
 def directions_key(aligned_folder: str | os.PathLike, config: BenchConfig) -> str:
     fields = {k: getattr(config, k) for k in ("candidate_layers", "guard_layers", "probe_prompts", "probe_tokens",
                                               "data_seed")}
+    from orthoreg.prompts import load_builtin
+
+    fields["probe"] = probe_prompts(config.probe_prompts, config.data_seed)
+    fields["contrast"] = [load_builtin("train").fingerprint(), load_builtin("test").fingerprint()]
     payload = json.dumps({"aligned": Path(aligned_folder).name, **fields}, sort_keys=True, default=list)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
