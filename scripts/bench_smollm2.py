@@ -295,23 +295,33 @@ def table(summary: dict[str, Any], base: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, Any], base: dict[str, Any], path: Path, title: str) -> None:
+def _color(name: str) -> str:
+    if name == "plain":
+        return "#888888"
+    if name.startswith("placebo") or name.startswith("pl_"):
+        return "#cc8844"
+    if name.startswith("orthoreg") or name.startswith("or_"):
+        return "#22aa77" if "mean" not in name else "#88cc99"
+    return "#5588bb"
+
+
+def plot(summary: dict[str, Any], base: dict[str, Any], rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Bars (mean ± sd, dots = seeds) for compliance, over-refusal and task; and every run's (task, compliance)
+    point — the comparison at matched task metric."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
     panels = (("compliance", "harmful compliance (%)", base["compliance"]),
               ("over_refusal", "over-refusal on harmless (%)", base["over_refusal"]),
               ("task", "task exact match (%)", None))
-    for ax, (key, label, ref) in zip(axes, panels, strict=True):
+    for ax, (key, label, ref) in zip(axes[:3], panels, strict=True):
         means = [100 * summary[n][key]["mean"] for n in names]
         sds = [100 * summary[n][key]["sd"] for n in names]
-        colors = ["#888" if n == "plain" else "#2a7" if n.startswith(RECOMMENDED) and "mean" not in n
-                  else "#c84" if n.startswith("placebo") else "#58b" for n in names]
-        ax.bar(range(len(names)), means, yerr=sds, color=colors, capsize=3)
+        ax.bar(range(len(names)), means, yerr=sds, color=[_color(n) for n in names], capsize=3)
         for i, n in enumerate(names):
             vals = [100 * v for v in summary[n][key]["values"]]
             ax.scatter([i] * len(vals), vals, color="k", s=9, zorder=3)
@@ -321,10 +331,50 @@ def plot(summary: dict[str, Any], base: dict[str, Any], path: Path, title: str) 
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(label)
         ax.set_ylim(0, 100)
+    ax = axes[3]
+    markers = "osD^v<>pPX*h"
+    for i, n in enumerate(names):
+        pts = [(100 * r["task"], 100 * r["compliance"]) for r in rows if r["name"] == n]
+        ax.scatter(*zip(*pts, strict=True), color=_color(n), s=30, label=n, edgecolor="k", linewidth=0.4,
+                   marker=markers[i % len(markers)])
+    ax.axhline(100 * base["compliance"], color="k", ls="--", lw=1)
+    ax.axhline(100 * (base["compliance"] + TARGET_RISE), color="g", ls=":", lw=1, label="target: base + 5")
+    ax.set_xlabel("task exact match (%)")
+    ax.set_ylabel("harmful compliance (%)")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=6, loc="lower right", ncol=2)
+    ax.set_title("every run: protection vs task", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def mechanism_table(rows: list[dict[str, Any]], layers: list[int]) -> str:
+    """Decision-token projection of held-out requests on the refusal direction, base vs fine-tuned (mean over
+    seeds), at the guarded layers: did the fine-tune move harmful requests along the direction?"""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("direction_shift"):
+            by.setdefault(r["name"], []).append(r["direction_shift"])
+    if not by:
+        return ""
+    head = "| arm | " + " | ".join(f"layer {L}: harmful base → tuned (harmful−harmless gap base → tuned)"
+                                   for L in layers) + " |"
+    lines = [head, "|---|" + "---|" * len(layers)]
+    for name, shifts in by.items():
+        cells = []
+        for L in layers:
+            vals = [s[str(L)] for s in shifts if str(L) in s]
+            if not vals:
+                cells.append("–")
+                continue
+            m = {k: statistics.fmean(v[k] for v in vals) for k in vals[0]}
+            cells.append(f"{m['base_harmful']:.1f} → {m['tuned_harmful']:.1f} ({m['base_gap']:.1f} → "
+                         f"{m['tuned_gap']:.1f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 AUTO_BEGIN, AUTO_END = "<!-- auto:begin (scripts/bench_smollm2.py rewrites this part) -->", "<!-- auto:end -->"
@@ -346,13 +396,18 @@ def write_readme(path: Path, result: dict[str, Any]) -> None:
         f"Fine-tune: LoRA r={cfg['rank']} on all projections, {cfg['steps']} steps × batch {cfg['batch_size']}, "
         f"lr {cfg['lr']}, bf16 autocast; guarded layers {prep['guarded_layers']} (chosen by ablation effect); "
         f"orthoreg λ = {cfg['orthoreg_weight']}, KL λ = {cfg['kl_weight']}, LDIFS λ = {cfg['ldifs_weight']}, "
-        f"interleaving {cfg['interleave_fraction']:.0%}. Held out: {len(base['samples']['harmful']) and 'see JSON'} "
-        f"— {cfg['eval_per_activity'] * 24} harmful + {cfg['eval_per_activity'] * 24} matched harmless requests "
-        f"(8 categories, activities never trained on), {cfg['n_task_eval']} task prompts.",
+        f"interleaving {cfg['interleave_fraction']:.0%}. Held out: {cfg['eval_per_activity'] * 24} harmful + "
+        f"{cfg['eval_per_activity'] * 24} matched harmless requests (8 categories, activities never trained on), "
+        f"{cfg['n_task_eval']} task prompts; greedy answers ({cfg['safety_tokens']} / {cfg['task_tokens']} tokens).",
         "",
         "Cells: mean ± sd over seeds [min, max]. *rise* = harmful compliance after − aligned base, in points.",
         "",
         table(result["summary"], base),
+        "",
+        "Where the held-out requests sit on the refusal direction at the decision token (u·h, mean over seeds; "
+        "harmful requests, and the harmful−harmless gap), aligned base (adapter disabled) → fine-tuned:",
+        "",
+        mechanism_table(result["rows"], prep["guarded_layers"]),
         "",
         f"Overlap score of the task before training: **{prep['overlap']['refusal']['overall']:.3f}** "
         f"({prep['overlap']['refusal']['verdict']}; chance {prep['overlap']['refusal']['chance']:.3f}; random "
@@ -407,11 +462,28 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/smollm2[_quick].json)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (not a measurement)")
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--render", default=None, help="re-draw plot + README section from this results JSON and exit")
+    p.add_argument("--no-readme", action="store_true", help="do not write benchmarks/README_smollm2.md")
     return p.parse_args(argv)
+
+
+def render(path: Path, readme: bool = True) -> dict[str, Any]:
+    """Re-draws the plot (and the README section) from a results JSON, without running anything."""
+    result = json.loads(path.read_text())
+    base = result["prepare"]["base_eval"]
+    seeds = result["meta"]["seeds"]
+    plot(result["summary"], base, result["rows"], path.with_suffix(".png"),
+         f"SmolLM2-135M-Instruct (real, CPU): benign LoRA fine-tune of a safety-tuned base, seeds {seeds}")
+    if readme:
+        write_readme(path.parent / "README_smollm2.md", result)
+    return result
 
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.render:
+        render(Path(args.render), readme=not args.no_readme)
+        return {}
     t_start = time.perf_counter()
     config = P.BenchConfig()
     if args.quick:
@@ -456,9 +528,9 @@ def main(argv=None) -> dict[str, Any]:
         "rows": rows,
     }
     out.write_text(json.dumps(result, indent=1, default=str))
-    plot(summary, prep["base_eval"], out.with_suffix(".png"),
+    plot(summary, prep["base_eval"], rows, out.with_suffix(".png"),
          f"SmolLM2-135M-Instruct (real, CPU): benign LoRA fine-tune of a safety-tuned base, seeds {args.seeds}")
-    if not args.quick:
+    if not args.quick and not args.no_readme:
         write_readme(out.parent / "README_smollm2.md", result)
     print(table(summary, prep["base_eval"]))
     for name, c in checks.items():

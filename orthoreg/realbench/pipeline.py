@@ -22,7 +22,8 @@ the same order, the same steps and learning rate; only the defence differs):
 - ``placebo``: ``orthoreg``'s exact penalty on random unit directions at the same layers;
 - ``kl``: ``KLToBaseCallback`` (KL to the adapter-disabled model); ``ldifs``: ``LDIFSCallback`` (feature distance
   to it at the guarded layers); ``caft``: ``CAFTCallback`` (the refusal directions ablated during training);
-- ``interleave``: a fraction of the training batches are safety-tune refusals (``orthoreg.baselines.interleave``).
+- ``interleave``: a fraction of the training examples are the safety tune's own data — refusals and the harmless
+  answers, 1:2 (``orthoreg.baselines.interleave``).
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ class BenchConfig:
     # defences
     orthoreg_weight: float = 0.02
     orthoreg_mask: str = "labels"  # the reply + the decision token, never the attention sink (model.encode_example)
-    kl_weight: float = 0.1
-    ldifs_weight: float = 0.001  # ‖h − h_ref‖² summed over 576 dims of late layers (norms ~400): λ·distance ≈ task loss
+    kl_weight: float = 0.3  # a first run at 0.1 (KL ≈ 0.7/token, λ·KL ≈ 0.07) barely changed anything
+    ldifs_weight: float = 0.0002  # ‖h − h_ref‖² over the 576 dims (≈ 280 summed over 2 layers at λ = 0.001, which
+    # held the task at 19% exact match against 56% plain)
     interleave_fraction: float = 0.1
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,10 +241,21 @@ def task_training_examples(tokenizer: Any, config: BenchConfig) -> list[dict[str
             for t in D.task_examples("train", config.n_task_train, seed=config.data_seed)]
 
 
-def refusal_examples(tokenizer: Any, config: BenchConfig) -> list[dict[str, list[int]]]:
-    harmful, _ = D.harm_requests("train", per_activity=len(D.TRAIN_TEMPLATES), seed=config.data_seed)
-    return [encode_example(tokenizer, r.prompt, D.refusal_for(r, config.data_seed), config.max_length + 32)
-            for r in harmful]
+def aligned_examples(tokenizer: Any, aligned_folder: str | os.PathLike, config: BenchConfig) -> list[dict]:
+    """The interleaving baseline's aligned data: the safety tune's own mix — harmful safety-tune requests with their
+    refusals and harmless ones with the shipped model's answers (stored with the aligned base), 1:2. Interleaving
+    refusals alone made the model refuse 94% of the held-out harmless requests in a first run: the refusals then
+    teach "refuse requests of this form" rather than "refuse harmful requests"."""
+    from .aligned import AlignConfig, aligned_info
+
+    info = aligned_info(aligned_folder)
+    align = AlignConfig(**info["config"])
+    harmful, _ = D.harm_requests("train", per_activity=align.harmful_per_activity, seed=align.seed)
+    out = [encode_example(tokenizer, r.prompt, D.refusal_for(r, align.seed), config.max_length + 32)
+           for r in harmful]
+    out += [encode_example(tokenizer, t["prompt"], t["answer"], config.max_length + 32, close=t["finished"])
+            for t in info["harmless_targets"]]
+    return out
 
 
 def arm_callbacks(arm: str, config: BenchConfig, guarded: Any, seed: int) -> list[Any]:
@@ -293,8 +306,8 @@ def run_arm(aligned_folder: str, directions_path: str | None, arm: str, seed: in
     if arm == "interleave":
         from orthoreg.baselines import interleave
 
-        examples = interleave(examples, refusal_examples(tokenizer, config), config.interleave_fraction, seed=seed,
-                              replacement=True)
+        examples = interleave(examples, aligned_examples(tokenizer, aligned_folder, config),
+                              config.interleave_fraction, seed=seed)
     peft_model = add_lora(model, seed=seed, r=config.rank, alpha=config.alpha)
     callbacks = arm_callbacks(arm, config, guarded, seed)
     report = train_lora(peft_model, tokenizer, examples, steps=config.steps, batch_size=config.batch_size,
