@@ -830,6 +830,26 @@ def format_table(results: list[ConfigResult]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(report: dict[str, Any]) -> str:
+    """Markdown tables of a report (``--markdown PATH``), as pasted into ``benchmarks/README.md``."""
+    out = []
+    for c in report["configs"]:
+        out.append(f"\n**{c['model']}** ({c['params']['total'] / 1e6:.1f}M params, d={c['hidden_size']}, "
+                   f"L={c['num_layers']}), {c['mode']}, checkpointing {'on' if c['checkpointing'] else 'off'}, "
+                   f"B×T={c['batch']}×{c['seq']}, N={c['selected_tokens']}, guarded {c['guarded_layers']}, "
+                   f"k={c['k']}" + (f", r={c['lora_r']}" if c["lora_r"] else "") + f", {c['rounds']} rounds\n")
+        out.append("| arm | step s (median) | time overhead % (median ratio) | IQR of ratio | ratio of minimums "
+                   "| isolated % | FLOP % | peak MiB | memory overhead % |")
+        out.append("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+        for name, a in c["arms"].items():
+            out.append(
+                f"| {name} | {a['step_time_s_median']:.3f} | {a['time_overhead_pct']:+.1f} | "
+                f"[{a['ratio_to_plain_q25']:.3f}, {a['ratio_to_plain_q75']:.3f}] | {a.get('ratio_of_minimums', float('nan')):.3f} | "
+                f"{_pct(a['isolated_pct_of_plain'])} | {a['flop_ratio_pct']:.2f} | {a['peak_bytes'] / 2 ** 20:.1f} | "
+                f"{a['memory_overhead_pct']:+.2f} |")
+    return "\n".join(out)
+
+
 TARGETS = [
     # (model, arm, metric, limit %)
     ("small", "cov+proj", "time_overhead_pct", 3.0),
@@ -853,6 +873,14 @@ def evaluate_targets(results: list[ConfigResult]) -> list[dict[str, Any]]:
     return out
 
 
+def _loadavg() -> list[str] | None:
+    try:
+        with open("/proc/loadavg") as handle:
+            return handle.read().split()[:3]
+    except OSError:
+        return None
+
+
 def machine_info(device: str) -> dict[str, Any]:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__}
@@ -862,7 +890,6 @@ def machine_info(device: str) -> dict[str, Any]:
                 if line.startswith("model name"):
                     info["cpu"] = line.split(":", 1)[1].strip()
                     break
-        info["loadavg_start"] = open("/proc/loadavg").read().split()[:3]
     except OSError:
         pass
     for pkg in ("transformers", "peft"):
@@ -900,6 +927,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rss", action="store_true", help="also measure VmHWM per arm in fresh subprocesses (CPU)")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny model) for CI")
+    p.add_argument("--markdown", default=None, metavar="JSON", help="print the tables of an existing report as Markdown")
     p.add_argument("--analytic-only", action="store_true",
                    help="print analytic FLOP ratios and gather bytes (no run; e.g. --models llama3-8b without a GPU)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/overhead_<device>[_quick].json)")
@@ -933,6 +961,10 @@ def main(argv=None) -> dict[str, Any]:
     if args.rss_child is not None:
         rss_child(args.rss_child)
         return {}
+    if args.markdown:
+        with open(args.markdown) as handle:
+            print(format_markdown(json.load(handle)))
+        return {}
     if args.analytic_only:
         specs = model_specs(False)
         rows = [r for name in args.models.split(",") for r in analytic_report(
@@ -963,6 +995,7 @@ def main(argv=None) -> dict[str, Any]:
     modes = args.modes.split(",")
     ckpts = [{"off": False, "on": True}[c] for c in args.ckpt.split(",")]
     started = _dt.datetime.now(_dt.timezone.utc)
+    load_start = _loadavg()
     results: list[ConfigResult] = []
     skipped: list[dict[str, Any]] = []
     for name in models:
@@ -1000,8 +1033,7 @@ def main(argv=None) -> dict[str, Any]:
         "skipped": skipped,
         "targets": evaluate_targets(results),
     }
-    report["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3] if os.path.exists(
-        "/proc/loadavg") else None
+    report["machine"]["loadavg_start"], report["machine"]["loadavg_end"] = load_start, _loadavg()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=1)
