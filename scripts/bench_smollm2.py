@@ -314,7 +314,7 @@ def plot(summary: dict[str, Any], base: dict[str, Any], rows: list[dict[str, Any
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
+    fig, axes = plt.subplots(1, 4, figsize=(20.5, 4.4))
     panels = (("compliance", "harmful compliance (%)", base["compliance"]),
               ("over_refusal", "over-refusal on harmless (%)", base["over_refusal"]),
               ("task", "task exact match (%)", None))
@@ -343,7 +343,7 @@ def plot(summary: dict[str, Any], base: dict[str, Any], rows: list[dict[str, Any
     ax.set_ylabel("harmful compliance (%)")
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=6, loc="lower right", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.set_title("every run: protection vs task", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
