@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-MaskPolicy = str  # "attention" | "labels"
-MASK_POLICIES = ("attention", "labels")
+MaskPolicy = str  # "attention" | "labels" | "prompt_end"
+MASK_POLICIES = ("attention", "labels", "prompt_end")
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
@@ -251,6 +251,22 @@ def _mask_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(all_zero, torch.ones_like(mask), mask)
 
 
+def _prompt_end_mask(label_mask: torch.Tensor) -> torch.Tensor:
+    """One True per labelled row, at the position before its first label (see ``token_mask``)."""
+    has_label = label_mask.any(dim=1)
+    first = label_mask.int().argmax(dim=1)
+    if bool((has_label & (first == 0)).any()):
+        raise ValueError(
+            "mask='prompt_end' needs a prompt token before the answer, but a row's first label is at position 0 "
+            "(every token is a target, as in plain language modelling). Mask the prompt's labels with -100 "
+            "(completion-only loss), or use mask='labels'."
+        )
+    out = torch.zeros_like(label_mask)
+    rows = has_label.nonzero().squeeze(1)
+    out[rows, first[rows] - 1] = True
+    return out
+
+
 def token_mask(
     inputs: dict[str, Any],
     batch_shape: tuple[int, int],
@@ -262,9 +278,14 @@ def token_mask(
       every token counts.
     - ``policy="labels"`` additionally keeps only tokens whose label is not -100 (labels as passed to the model,
       aligned with ``input_ids``).
+    - ``policy="prompt_end"`` keeps, per row, only the last prompt token: the token just before the row's first
+      label that is not -100 (the position whose output predicts the first answer token — where a chat model
+      decides whether to comply or refuse, and where ``extract_directions(pooling="last")`` reads its
+      directions). Rows with no label (all -100) contribute no token.
 
     Raises:
-        ValueError: ``policy="labels"`` but the batch carries no labels, or a mask of the wrong shape.
+        ValueError: ``policy="labels"``/``"prompt_end"`` but the batch carries no labels, a row whose first label
+            is at position 0 (no prompt token before it), or a mask of the wrong shape.
     """
     if policy not in MASK_POLICIES:
         raise ValueError(f"mask policy {policy!r} is not one of {MASK_POLICIES}")
@@ -279,16 +300,18 @@ def token_mask(
         mask = None
     if mask is not None and tuple(mask.shape) != (B, T):
         raise ValueError(f"token mask has shape {tuple(mask.shape)} but the hidden states are {(B, T)}")
-    if policy == "labels":
+    if policy in ("labels", "prompt_end"):
         labels = inputs.get("labels")
         if not isinstance(labels, torch.Tensor):
             raise ValueError(
-                "OrthoRegConfig(mask='labels') but this forward call carries no `labels` (DPOTrainer and "
+                f"OrthoRegConfig(mask={policy!r}) but this forward call carries no `labels` (DPOTrainer and "
                 "prediction steps do not pass them). Use mask='attention' for this trainer."
             )
         if tuple(labels.shape) != (B, T):
             raise ValueError(f"labels have shape {tuple(labels.shape)} but the hidden states are {(B, T)}")
         label_mask = labels != -100
+        if policy == "prompt_end":
+            label_mask = _prompt_end_mask(label_mask if mask is None else mask & label_mask)
         mask = label_mask if mask is None else mask & label_mask
     if mask is None:
         return torch.ones(B, T, dtype=torch.bool)

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .capture import MASK_POLICIES
+
 Anchor = Literal["absolute", "base_mean", "paired"]
 ANCHORS = ("absolute", "base_mean", "paired")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -33,7 +35,9 @@ class OrthoRegConfig:
             x_ref from the same model with its PEFT adapter disabled; costs one extra no-grad forward per step).
         one_sided (`bool`, *optional*, defaults to `False`): penalise only movement toward the harmful side.
         mask (`str`, *optional*, defaults to `"attention"`): tokens that count: ``"attention"`` (non-padding)
-            or ``"labels"`` (non-padding tokens whose label is not -100).
+            ``"labels"`` (non-padding tokens whose label is not -100) or ``"prompt_end"`` (one token per row: the
+            last prompt token before the first label, where a chat model decides how to answer; needs
+            completion-only labels).
         warmup_steps (`int`, *optional*, defaults to `0`): optimizer steps over which w(t) ramps linearly from
             1/warmup_steps to 1 (w = 1 from then on; w = 1 throughout when 0).
         gather (`bool`, *optional*, defaults to `False`): covariance of the global batch across data-parallel
@@ -55,7 +59,7 @@ class OrthoRegConfig:
     lora_weight: float = field(default=0.0, metadata={"help": "λ_lora, weight of the LoRA weight-space penalty"})
     anchor: Anchor = field(default="base_mean", metadata={"help": "origin of the projection", "choices": ANCHORS})
     one_sided: bool = False
-    mask: Literal["attention", "labels"] = "attention"
+    mask: Literal["attention", "labels", "prompt_end"] = "attention"
     warmup_steps: int = 0
     gather: bool = False
     calibration_batches: int = 1
@@ -76,8 +80,8 @@ class OrthoRegConfig:
             )
         if self.anchor not in ANCHORS:
             raise ValueError(f"`anchor` must be one of {ANCHORS}; got {self.anchor!r}")
-        if self.mask not in ("attention", "labels"):
-            raise ValueError(f"`mask` must be 'attention' or 'labels'; got {self.mask!r}")
+        if self.mask not in MASK_POLICIES:
+            raise ValueError(f"`mask` must be one of {MASK_POLICIES}; got {self.mask!r}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_POLICIES}; got {self.on_nonfinite!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:

@@ -39,6 +39,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .budget import BudgetConfig, DriftBudgetController
+from .capture import MASK_POLICIES
 from .callback import OrthoRegCallback, _move_ahead_of_reporters, report_metrics
 from .config import OrthoRegConfig
 from .directions import HarmfulDirections
@@ -99,8 +100,8 @@ class FirewallConfig:
             raise ValueError(f"`side` must be one of {SIDES}; got {self.side!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
             raise ValueError(f"`patience` must be an int >= 1; got {self.patience!r}")
-        if self.mask not in (None, "attention", "labels"):
-            raise ValueError(f"`mask` must be 'attention' or 'labels'; got {self.mask!r}")
+        if self.mask is not None and self.mask not in MASK_POLICIES:
+            raise ValueError(f"`mask` must be one of {MASK_POLICIES}; got {self.mask!r}")
         if not isinstance(self.probe_every, int) or self.probe_every < 1:
             raise ValueError(f"`probe_every` must be an int >= 1; got {self.probe_every!r}")
         if self.probe is not None:

@@ -79,3 +79,11 @@ def test_label_mask_policy_and_anchor(anchor, tmp_path):
     config = OrthoRegConfig(layers="last_half", cov_weight=3e4, proj_weight=20.0, anchor=anchor, mask="labels")
     check_callback_gradients(tiny_model("llama"), config, directions_for([1, 2]), 2, None, tmp_path,
                              mask_policy="labels")
+
+
+def test_prompt_end_mask_policy(tmp_path):
+    # One token per row (the last prompt token): the reference selects position 1 from the data layout itself.
+    config = OrthoRegConfig(layers="last_half", cov_weight=3e4, proj_weight=20.0, anchor="base_mean",
+                            mask="prompt_end")
+    check_callback_gradients(tiny_model("llama"), config, directions_for([1, 2]), 2, None, tmp_path,
+                             mask_policy="prompt_end")

@@ -117,6 +117,22 @@ def test_mask_from_attention_and_labels():
     assert token_mask(inputs, (2, 4), "labels").tolist() == [[False, True, True, False], [False, True, False, False]]
 
 
+def test_prompt_end_mask_keeps_the_token_before_the_first_label():
+    attention = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # right, left padded; no label
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, -100, -100, 7, 8], [-100, -100, -100, -100, -100]])
+    mask = token_mask({"attention_mask": attention, "labels": labels}, (3, 5), "prompt_end")
+    assert mask.tolist() == [[False, True, False, False, False], [False, False, True, False, False],
+                             [False] * 5]
+
+
+def test_prompt_end_mask_refuses_rows_without_a_prompt():
+    labels = torch.tensor([[4, 5, 6], [-100, 5, 6]])  # plain LM labels on row 0: no prompt token before them
+    with pytest.raises(ValueError, match="completion-only"):
+        token_mask({"attention_mask": torch.ones(2, 3), "labels": labels}, (2, 3), "prompt_end")
+    with pytest.raises(ValueError, match="mask='attention'"):
+        token_mask({"attention_mask": torch.ones(1, 3)}, (1, 3), "prompt_end")
+
+
 def test_mask_from_position_ids_of_padding_free_batch():
     # TRL padding-free: one row, sequences of length 3, 2, 1 packed, then right padding with position id 0.
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0]])
