@@ -108,7 +108,9 @@ class _GradTap(torch.autograd.Function):
 
         # Runs when this backward pass ends; reentrant-checkpoint recomputes happen before that.
         torch.autograd.Variable._execution_engine.queue_callback(_finish)
-        zeros = tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.anchor_meta)
+        # A broadcast scalar, not a hidden-sized buffer: the edge only has to exist (the values are all zero).
+        zeros = tuple(torch.zeros((), dtype=dtype, device=device).expand(shape)
+                      for shape, dtype, device in ctx.anchor_meta)
         return (None, None, *zeros)
 
 

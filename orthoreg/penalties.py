@@ -113,6 +113,17 @@ def _rows(h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return flat.float()
 
 
+def _centred_rows(h: torch.Tensor, index: torch.Tensor | None, mu: torch.Tensor) -> torch.Tensor:
+    """``_rows(h, index) - mu``, centred in place when the rows are already a fresh copy (one pass, no allocation)."""
+    rows = _rows(h, index)
+    return rows.sub_(mu) if _is_copy(h, index) else rows - mu
+
+
+def _is_copy(h: torch.Tensor, index: torch.Tensor | None) -> bool:
+    """``_rows(h, index)`` is a fresh tensor (not a view of ``h``), so it may be modified in place."""
+    return index is not None or h.dtype != torch.float32
+
+
 def _rows_grad(grad_rows: torch.Tensor, h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     """Scatters the gradient of the selected rows back to the shape (and dtype) of ``h``; unselected rows get 0."""
     if index is None:
@@ -187,7 +198,7 @@ class _OffDiagonalCovariance(torch.autograd.Function):
         if ctx.empty:
             return x.new_zeros(())
         mu = x.mean(dim=0, keepdim=True)
-        xc = x - mu
+        xc = x.sub_(mu) if _is_copy(h, index) else x - mu
         del x
         scale = 1.0 / (float(n - 1) ** 2 * d)
         if n >= d:
@@ -217,16 +228,17 @@ class _OffDiagonalCovariance(torch.autograd.Function):
             return torch.zeros(shape, dtype=dtype, device=device), None
         h, index, mu, *stats = ctx.saved_tensors
         n, d = ctx.n, ctx.d
-        xc = _rows(h, index) - mu
+        xc = _centred_rows(h, index, mu)
         coef = grad * (4.0 / (float(n - 1) ** 2 * d))
+        # The coefficient scales the small factor (d×d or N×N), not the (N, d) result. The centring's Jacobian
+        # (subtracting the column mean of the result) is omitted because it is exactly zero: 1ᵀ X_c = 0, so
+        # 1ᵀ X_c S = 0 and 1ᵀ (G X_c − X_c diag(c)) = 1ᵀ X_c X_cᵀ X_c − 0 = 0 (float rounding of μ aside).
         if n >= d:
             (s,) = stats
-            gx = xc @ s
+            gx = xc @ (s * coef)
         else:
             g, col_sq = stats
-            gx = torch.addcmul(g @ xc, xc, col_sq, value=-1.0)
-        gx = gx - gx.mean(dim=0, keepdim=True)  # through the centring (≈ 0: the rows of X_c sum to 0)
-        gx = gx * coef
+            gx = torch.addcmul((g * coef) @ xc, xc, col_sq * coef, value=-1.0)
         return _rows_grad(gx, h, index), None
 
 

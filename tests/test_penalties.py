@@ -136,6 +136,29 @@ def test_paired_reference_gets_no_gradient():
     assert ref.grad is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("n", [6, 40])  # Gram (N < d) and direct (N > d)
+def test_covariance_gradient_with_large_mean_and_input_untouched(dtype, masked, n):
+    # A large common offset is where float32 centring errors show: the backward omits the centring Jacobian
+    # (exactly zero in exact arithmetic), so its gradient must still match float64 on the same rounded inputs.
+    # The rows are centred in place only when they are a copy: the caller's tensor must come back unchanged.
+    g = torch.Generator().manual_seed(n)
+    h = (torch.randn(2, n // 2, 16, generator=g) + 50.0).to(dtype)
+    mask = (torch.rand(2, n // 2, generator=g) < 0.8) if masked else None
+    before = h.clone()
+    h_in = h.clone().requires_grad_(True)
+    h64 = h.double().requires_grad_(True)
+    got = covariance_penalty(h_in, mask)
+    want = ref_covariance(h64, mask if masked else torch.ones(2, n // 2, dtype=torch.bool))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(h_in.grad.double(), h64.grad.to(dtype).double(), rtol=2e-2 if dtype == torch.bfloat16
+                               else 1e-4, atol=1e-6)
+    assert torch.equal(h_in.detach(), before)
+
+
 def test_bf16_inputs_are_accumulated_in_float32():
     h, mask = random_case(d=16, seed=5)
     got = covariance_penalty(h.bfloat16(), mask)
