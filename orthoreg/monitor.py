@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .capture import bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
+from .capture import MASK_POLICIES, bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
 from .directions import DirectionsError, HarmfulDirections
 from .penalties import covariance_penalty
 
@@ -132,8 +132,8 @@ class DriftMonitor:
     ):
         if not isinstance(directions, HarmfulDirections):
             raise TypeError(f"DriftMonitor needs HarmfulDirections; got {type(directions).__name__}")
-        if mask not in ("attention", "labels"):
-            raise ValueError(f"`mask` must be 'attention' or 'labels'; got {mask!r}")
+        if mask not in MASK_POLICIES:
+            raise ValueError(f"`mask` must be one of {MASK_POLICIES}; got {mask!r}")
         self.directions = directions
         self.layer_spec = layers
         self.mask = mask
