@@ -39,8 +39,8 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .budget import BudgetConfig, DriftBudgetController
-from .capture import MASK_POLICIES
 from .callback import OrthoRegCallback, _move_ahead_of_reporters, report_metrics
+from .capture import MASK_POLICIES
 from .config import OrthoRegConfig
 from .directions import HarmfulDirections
 from .monitor import DriftMonitor, DriftReading

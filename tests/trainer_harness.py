@@ -19,7 +19,7 @@ def padded_dataset(n: int = 8, T: int = 9, vocab: int = 99, seed: int = 0, pad_i
     """Right-padded sequences of varied length, labels -100 on padding and on the first two (prompt) tokens."""
     g = torch.Generator().manual_seed(seed)
     rows = {"input_ids": [], "attention_mask": [], "labels": []}
-    for i in range(n):
+    for _i in range(n):
         length = int(torch.randint(4, T + 1, (1,), generator=g))
         ids = torch.randint(3, vocab, (length,), generator=g).tolist()
         labels = [-100, -100] + ids[2:]

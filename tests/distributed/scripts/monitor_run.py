@@ -31,7 +31,7 @@ def main() -> None:
     net = model().train()
     monitor = DriftMonitor(directions(), mask="labels").attach(net)
     readings = []
-    for step, per_rank in enumerate(MICRO_BATCHES):
+    for _step, per_rank in enumerate(MICRO_BATCHES):
         for seed in per_rank[rank]:
             net(**batch(seed))
         reading = monitor.update()
