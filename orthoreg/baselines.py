@@ -17,8 +17,8 @@ baseline here is a callback that plugs into ``Trainer``, TRL's ``SFTTrainer``/``
 The reference policy / features (:math:`\pi_{ref}`, :math:`h^{ref}`) come from the *same* PEFT model with its
 adapter disabled (no extra weights), or from a frozen ``reference_model`` copy for full fine-tuning.
 
-Like orthoreg's own penalties, each micro-batch's term is divided by ``gradient_accumulation_steps`` (scaled like the
-task loss), so the weight per optimizer step does not depend on the number of micro-batches. The gradients skip
+Like orthoreg's own penalties, each micro-batch's term is divided by the micro-batches of its optimizer step
+(``gradient_accumulation_steps``, fewer in an epoch's uneven last step; scaled like the task loss), so the weight per optimizer step does not depend on the number of micro-batches. The gradients skip
 fp16 loss scaling, so fp16 with a GradScaler is refused (use bf16 or fp32).
 
 **Early stopping.** The benchmarks evaluate the early-stopping defence from the plain run's own trajectory (its
@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .callback import _move_ahead_of_reporters, report_metrics
+from .callback import _length, _move_ahead_of_reporters, micro_batches_in_step, report_metrics
 from .capture import (
     bind_forward_inputs,
     find_decoder_stack,
@@ -700,6 +700,7 @@ class _EngineCallback(TrainerCallback):
 
     def __init__(self, engine):
         self.engine = engine
+        self._steps_in_epoch: int | None = None
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         _move_ahead_of_reporters(self)
@@ -717,8 +718,16 @@ class _EngineCallback(TrainerCallback):
         _move_ahead_of_reporters(self)
         if not self.engine.attached:
             self.engine.attach(model)
+        self._steps_in_epoch = _length(kwargs.get("train_dataloader"))
+        self._set_scale(args, state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._set_scale(args, state)
+
+    def _set_scale(self, args: TrainingArguments, state: TrainerState) -> None:
         if hasattr(self.engine, "grad_scale"):
-            self.engine.grad_scale = 1.0 / args.gradient_accumulation_steps
+            self.engine.grad_scale = 1.0 / micro_batches_in_step(state.global_step, args.gradient_accumulation_steps,
+                                                                 self._steps_in_epoch)
 
     def _metrics(self) -> dict[str, float]:
         return self.engine.pop_metrics()

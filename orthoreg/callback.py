@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from typing import Any
 
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -27,7 +28,9 @@ class OrthoRegCallback(TrainerCallback):
     .. math:: \mathcal{L}_{task} + w(t)\,\big(\lambda_{cov} \sum_\ell \mathrm{cov}(h_\ell)
               + \lambda_{proj} \sum_\ell \mathrm{proj}(h_\ell)\big)
 
-    with each micro-batch's penalty divided by ``gradient_accumulation_steps`` (scaled like the task loss). It works
+    with each micro-batch's penalty divided by the number of micro-batches of its optimizer step — the
+    ``gradient_accumulation_steps``, or fewer in the last step of an epoch whose length is not a multiple of it
+    (the Trainer normalises the task loss over the same micro-batches). It works
     unchanged in ``Trainer``, TRL's ``SFTTrainer`` and ``DPOTrainer`` (whose reference passes run without grad and are
     not regularised), with or without activation checkpointing, PEFT, DDP, DeepSpeed ZeRO-2/3 and FSDP.
 
@@ -56,6 +59,7 @@ class OrthoRegCallback(TrainerCallback):
         self.directions = directions
         self.regularizer = OrthoRegularizer(config, directions, mode="inject")
         self._saved_calibration = False
+        self._steps_in_epoch: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -74,7 +78,9 @@ class OrthoRegCallback(TrainerCallback):
         _move_ahead_of_reporters(self)
         if not self.regularizer.attached:
             self.regularizer.attach(model)
-        self.regularizer.grad_scale = 1.0 / args.gradient_accumulation_steps
+        self._steps_in_epoch = _length(kwargs.get("train_dataloader"))
+        self.regularizer.grad_scale = 1.0 / micro_batches_in_step(state.global_step, args.gradient_accumulation_steps,
+                                                                  self._steps_in_epoch)
         self.regularizer.step = state.global_step
         stored = state.stateful_callbacks.get(STATE_KEY) if state.stateful_callbacks else None
         if state.global_step > 0 and stored is not None:
@@ -90,6 +96,8 @@ class OrthoRegCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.regularizer.step = state.global_step
+        self.regularizer.grad_scale = 1.0 / micro_batches_in_step(state.global_step, args.gradient_accumulation_steps,
+                                                                  self._steps_in_epoch)
 
     def on_step_end(self, args, state, control, **kwargs):
         # Written into TrainerState so every later checkpoint's trainer_state.json (JSON, no pickle) carries it.
@@ -105,6 +113,25 @@ class OrthoRegCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.regularizer.detach()
+
+
+def micro_batches_in_step(global_step: int, accumulation_steps: int, steps_in_epoch: int | None) -> int:
+    """How many micro-batches the Trainer runs in optimizer step ``global_step``: ``accumulation_steps``, except in
+    the last step of each epoch when the epoch's ``steps_in_epoch`` micro-batches do not divide evenly (the Trainer
+    chunks every epoch from its start, so that step gets the remainder). ``steps_in_epoch=None`` (a dataloader
+    without a length, which the Trainer also treats as an endless stream): always ``accumulation_steps``."""
+    if steps_in_epoch is None or steps_in_epoch <= 0 or accumulation_steps <= 1:
+        return max(accumulation_steps, 1)
+    per_epoch = -(-steps_in_epoch // accumulation_steps)
+    remainder = steps_in_epoch % accumulation_steps or accumulation_steps
+    return remainder if global_step % per_epoch == per_epoch - 1 else accumulation_steps
+
+
+def _length(dataloader: Any) -> int | None:
+    try:
+        return len(dataloader) if dataloader is not None else None
+    except TypeError:  # an IterableDataset without __len__
+        return None
 
 
 def report_metrics(metrics: dict[str, float], prefix: str, logs: dict, state: TrainerState,

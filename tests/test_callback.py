@@ -329,3 +329,14 @@ def test_two_paired_regularisers_on_one_model_do_not_see_each_others_reference_p
     together = [OrthoRegularizer(config, dirs(), mode="return").attach(model) for config in configs]
     model(**batch)
     assert [reg.pending_penalty.item() for reg in together] == alone
+
+
+def test_micro_batches_in_step_follows_the_trainers_chunking():
+    from orthoreg.callback import micro_batches_in_step
+
+    # 5 micro-batches an epoch, GA = 2: steps of 2, 2, 1 in every epoch.
+    assert [micro_batches_in_step(step, 2, 5) for step in range(7)] == [2, 2, 1, 2, 2, 1, 2]
+    assert [micro_batches_in_step(step, 4, 8) for step in range(3)] == [4, 4, 4]  # even epochs
+    assert micro_batches_in_step(0, 3, 2) == 2  # a single, short step
+    assert micro_batches_in_step(7, 4, None) == 4  # no length: the Trainer's endless stream
+    assert micro_batches_in_step(3, 1, 5) == 1

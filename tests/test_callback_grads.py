@@ -28,18 +28,22 @@ def directions_for(layers, d=32, k=2, seed=0):
     return HarmfulDirections({i: torch.randn(k, d, generator=g) for i in layers})
 
 
-def check_callback_gradients(model, config, directions, ga, checkpointing, tmp_path, mask_policy="attention"):
-    dataset = padded_dataset(n=4 * ga)
+def check_callback_gradients(model, config, directions, ga, checkpointing, tmp_path, mask_policy="attention",
+                             micro_batches=None):
+    """``micro_batches`` < ``ga``: the epoch holds only that many micro-batches, so the one optimizer step is an
+    uneven last step (the Trainer normalises the task loss over those micro-batches, the penalty must follow)."""
+    micro_batches = micro_batches or ga
+    dataset = padded_dataset(n=4 * micro_batches)
     initial = copy.deepcopy(model)
     plain_grads, plain_batches, _ = train_one_step(
         copy.deepcopy(model), dataset, ga=ga, checkpointing=checkpointing, output_dir=str(tmp_path / "plain"))
     callback = OrthoRegCallback(config, directions)
     got, batches, trainer = train_one_step(
         model, dataset, callbacks=[callback], ga=ga, checkpointing=checkpointing, output_dir=str(tmp_path / "reg"))
-    assert len(batches) == ga
+    assert len(batches) == micro_batches
     for a, b in zip(plain_batches, batches, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    penalty = reference_penalty_grads(initial, batches, config, directions, ga, mask_policy=mask_policy)
+    penalty = reference_penalty_grads(initial, batches, config, directions, micro_batches, mask_policy=mask_policy)
     want = {name: plain_grads[name] + penalty.get(name, 0) for name in plain_grads}
     # The test must be able to fail: the penalty's gradient is a sizeable part of the total.
     ratio = sum(p.norm() for p in penalty.values()) / sum(g.norm() for g in plain_grads.values())
@@ -87,3 +91,9 @@ def test_prompt_end_mask_policy(tmp_path):
                             mask="prompt_end")
     check_callback_gradients(tiny_model("llama"), config, directions_for([1, 2]), 2, None, tmp_path,
                              mask_policy="prompt_end")
+
+
+def test_uneven_last_accumulation_step_scales_the_penalty_like_the_task(tmp_path):
+    # GA = 3 over an epoch of 2 micro-batches: the step's penalty is the mean over those 2, not Σ/3.
+    config = OrthoRegConfig(layers=[1, 2], cov_weight=3e4, proj_weight=20.0, anchor="base_mean")
+    check_callback_gradients(tiny_model("llama"), config, directions_for([1, 2]), 3, None, tmp_path, micro_batches=2)
