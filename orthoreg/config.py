@@ -40,10 +40,13 @@ class OrthoRegConfig:
             completion-only labels).
         warmup_steps (`int`, *optional*, defaults to `0`): optimizer steps over which w(t) ramps linearly from
             1/warmup_steps to 1 (w = 1 from then on; w = 1 throughout when 0).
-        gather (`bool`, *optional*, defaults to `False`): covariance of the global batch across data-parallel
-            ranks (a differentiable all-gather per guarded layer per micro-batch).
+        gather (`bool`, *optional*, defaults to `False`): both terms become statistics of the global batch across
+            data-parallel ranks: the covariance of every rank's rows (a differentiable all-gather per guarded layer
+            per micro-batch) and the projection's mean over every rank's tokens (one scalar all-reduce per
+            micro-batch). Without it each rank's terms use its own tokens.
         calibration_batches (`int`, *optional*, defaults to `1`): micro-batches of the first optimizer step used
-            to record r for ``anchor="base_mean"``; at most the gradient-accumulation steps, so r is recorded
+            to record r for ``anchor="base_mean"`` — over every data-parallel rank's tokens, so all ranks (and a
+            resumed run) share one r; at most the gradient-accumulation steps, so r is recorded
             before any update.
         per_layer_metrics (`bool`, *optional*, defaults to `False`): also log ``orthoreg/cov/layer_i`` etc.
         layers_path (`str`, *optional*): dotted path of the decoder-layer ``ModuleList`` for architectures the

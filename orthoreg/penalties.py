@@ -87,6 +87,26 @@ def gather_rows(x: torch.Tensor, identical_loss: bool = False) -> torch.Tensor:
     return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
 
 
+def data_parallel_world() -> int:
+    """The number of ranks of the default process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over the ranks of the default process group (``x`` itself with one rank); not differentiable.
+    The collective runs where the backend needs it (NCCL: the current CUDA device, gloo: the CPU) and the result
+    comes back on ``x``'s device."""
+    if data_parallel_world() == 1:
+        return x
+    if dist.get_backend() == "nccl":
+        device = x.device if x.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    buffer = x.detach().to(device).clone()
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    return buffer.to(x.device)
+
+
 def selected_index(mask: torch.Tensor | None, num_rows: int | None = None) -> torch.Tensor | None:
     """Flat row indices of the tokens selected by ``mask`` (B, T), or ``None`` when every token is selected.
 

@@ -37,7 +37,15 @@ from torch import nn
 from .capture import DecoderStack, bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
 from .config import OrthoRegConfig
 from .directions import DirectionsError, HarmfulDirections
-from .penalties import _no_autocast, covariance_from_index, projection_from_index, select_tokens, selected_index
+from .penalties import (
+    _no_autocast,
+    all_reduce_sum,
+    covariance_from_index,
+    data_parallel_world,
+    projection_from_index,
+    select_tokens,
+    selected_index,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +106,7 @@ class _Session:
     reference: dict[int, torch.Tensor] | None = None
     index: torch.Tensor | None = None  # flat indices of the selected tokens (None: all), computed once per forward
     index_ready: bool = False
+    token_share: float | None = None  # gather=True: W·n_r/N of this forward (see OrthoRegularizer._global_token_share)
 
 
 class OrthoRegularizer:
@@ -284,6 +293,8 @@ class OrthoRegularizer:
                     if rows is not None:
                         reference = reference.index_select(0, rows)
                 proj = projection_from_index(h, _float32(u), rows, reference, one_sided=cfg.one_sided)
+                if cfg.gather:
+                    proj = proj * self._global_token_share(session, h, rows)
                 values[f"proj/layer_{index}"] = proj.detach()
                 terms.append(cfg.proj_weight * proj)
             for term in terms:
@@ -312,15 +323,34 @@ class OrthoRegularizer:
         return self.calibration_batches_seen < self.config.calibration_batches and self.step == 0
 
     @torch.no_grad()
+    def _global_token_share(self, session: _Session, h: torch.Tensor, rows: torch.Tensor | None) -> float:
+        """W·n_r/N for ``gather=True``: turns this rank's token mean into its share of the global-batch token mean
+        (Σ_ranks Σ_tokens / N, N the selected tokens of all ranks), so that DDP's gradient averaging (÷W) yields the
+        gradient of the global mean, and the ranks' logged values average to it. One all-reduce per forward."""
+        if session.token_share is None:
+            world = data_parallel_world()
+            n_local = h.shape[0] * h.shape[1] if rows is None else rows.numel()
+            if world == 1:
+                session.token_share = 1.0
+            else:
+                n_all = int(all_reduce_sum(torch.tensor([n_local], dtype=torch.float64, device=h.device)).item())
+                session.token_share = world * n_local / n_all if n_all else 0.0
+        return session.token_share
+
     def _record_base_mean(self, index: int, h: torch.Tensor, mask: torch.Tensor | None, u: torch.Tensor) -> None:
-        # Token-weighted running mean of U x over the calibration micro-batches (before any optimizer update).
-        coords = select_tokens(h.detach(), mask) @ u.float().T
-        n = coords.shape[0]
+        # Token-weighted running mean of U x over the calibration micro-batches (before any optimizer update) of
+        # every data-parallel rank: one all-reduce of (Σ U x, n) per layer and calibration micro-batch, so all ranks
+        # hold the same r — the one a single process would record from the concatenated batch, and the one the
+        # checkpoint (written by rank 0) restores on every rank. A rank with no selected token still takes part.
+        coords = select_tokens(h.detach(), mask).float() @ u.float().T
+        sums = torch.cat([coords.double().sum(dim=0), coords.new_tensor([coords.shape[0]], dtype=torch.float64)])
+        sums = all_reduce_sum(sums)
+        n = int(sums[-1].item())
         if n == 0:
             self.base_reference.setdefault(index, torch.zeros(u.shape[0], device=h.device))
             return
         seen = self.calibration_tokens.get(index, 0)
-        batch_mean = coords.mean(dim=0)
+        batch_mean = (sums[:-1] / n).float()
         if seen == 0:
             self.base_reference[index] = batch_mean
         else:
@@ -332,7 +362,9 @@ class OrthoRegularizer:
         """Records the base model's mean projection r on a calibration set (``anchor="base_mean"``).
 
         Call before training; replaces recording from the first training batches. ``batches`` yields model
-        kwargs (``input_ids``, ``attention_mask``, …) already on the model's device.
+        kwargs (``input_ids``, ``attention_mask``, …) already on the model's device. Under data parallelism every
+        rank must call it with the same number of batches: r is the token mean over all ranks' batches (one
+        all-reduce per layer and batch).
         """
         if not self.attached:
             self.attach(model)

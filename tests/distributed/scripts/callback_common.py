@@ -33,6 +33,7 @@ HIDDEN = 32
 # Gram path locally), rank 1 gets 9 + 4 = 13, the global batch has 36 (> d: the direct d×d path).
 LENGTHS = [12, 11, 9, 4, 10, 3, 12, 7]
 COV_WEIGHT = 0.005
+PROJ_WEIGHT = 0.05
 LAYERS = "all"
 LR = 1.0
 GLOBAL_BATCH = 4  # 2 ranks x 2, or 1 process x 4
@@ -86,10 +87,20 @@ class ListDataset(torch.utils.data.Dataset):
         return {k: torch.tensor(v) for k, v in self.items[i].items()}
 
 
-def orthoreg_config(gather: bool):
+def orthoreg_config(gather: bool, proj: bool = False):
+    """Covariance on every layer; with ``proj`` also the base-mean projection (global r, global token mean)."""
     from orthoreg import OrthoRegConfig
 
-    return OrthoRegConfig(layers=LAYERS, cov_weight=COV_WEIGHT, proj_weight=0.0, gather=gather)
+    return OrthoRegConfig(layers=LAYERS, cov_weight=COV_WEIGHT, proj_weight=PROJ_WEIGHT if proj else 0.0,
+                          anchor="base_mean", gather=gather)
+
+
+def projection_directions():
+    """Two fixed random directions per layer (d = 32), for the ``proj`` cases."""
+    from orthoreg import HarmfulDirections
+
+    g = torch.Generator().manual_seed(7)
+    return HarmfulDirections({i: torch.randn(2, HIDDEN, generator=g) for i in range(3)})
 
 
 def deepspeed_cpu_state() -> None:
@@ -158,8 +169,9 @@ def zero3_sharded(model) -> int:
 
 
 def train_once(name: str, *, batch: int, ga: int, lora: bool, gather: bool | None, deepspeed: str | None,
-               work: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """One optimizer step; ``gather=None`` means no callback (the task-loss-only update)."""
+               work: str, proj: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One optimizer step; ``gather=None`` means no callback (the task-loss-only update); ``proj`` adds the
+    base-mean projection penalty."""
     from transformers import Trainer, TrainerCallback
 
     from orthoreg import OrthoRegCallback
@@ -192,7 +204,8 @@ def train_once(name: str, *, batch: int, ga: int, lora: bool, gather: bool | Non
 
     callbacks = [Probe()]
     if gather is not None:
-        callbacks.append(OrthoRegCallback(orthoreg_config(gather)))
+        callbacks.append(OrthoRegCallback(orthoreg_config(gather, proj),
+                                          directions=projection_directions() if proj else None))
     trainer = Trainer(model=model, args=training_args(f"{work}/{name}", batch, ga, deepspeed),
                       train_dataset=data, callbacks=callbacks)
     trainer.train()

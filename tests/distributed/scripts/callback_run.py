@@ -7,7 +7,8 @@ or a DeepSpeed ZeRO config. Every case records the one-step SGD update of each t
 ``callback_common``); results go to ``rank{r}.json``/``rank{r}.safetensors`` and the rank ends with ``os._exit``.
 
 Cases: ``full_ga1_gather``, ``full_ga1_local`` (gather=False), ``full_ga1_task`` (no callback),
-``full_ga2_gather``, ``lora_ga1_gather``, ``lora_ga1_task``.
+``full_ga2_gather``, ``lora_ga1_gather``, ``lora_ga1_task``, ``full_ga1_proj`` / ``full_ga2_proj`` (gather=True
+plus the base-mean projection: r recorded over every rank's tokens, the projection a global token mean).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def parse_case(case: str) -> dict:
     return {
         "lora": kind == "lora",
         "ga": int(ga.removeprefix("ga")),
-        "gather": {"gather": True, "local": False, "task": None}[mode],
+        "gather": {"gather": True, "local": False, "task": None, "proj": True}[mode],
+        "proj": mode == "proj",
     }
 
 
@@ -105,12 +107,12 @@ def main() -> None:
         spec = parse_case(case)
         start = time.monotonic()
         info, case_tensors = train_once(case, batch=batch, ga=spec["ga"], lora=spec["lora"], gather=spec["gather"],
-                                        deepspeed=deepspeed, work=work)
+                                        deepspeed=deepspeed, work=work, proj=spec["proj"])
         results["seconds"][case] = time.monotonic() - start
         tensors.update(case_tensors)
         if opts.backend == "ddp" and spec["gather"] is not None and not spec["lora"] and spec["ga"] == 1:
             info["cov_at_init"] = local_and_global_cov(info["batches"][0])
-        if opts.backend == "single":
+        if opts.backend == "single" and not spec["proj"]:  # the proj cases compare runs with one another only
             ref = explicit_reference(info["batches"], spec["lora"], with_reg=spec["gather"] is not None)
             tensors.update({f"{case}/explicit/{n}": g for n, g in ref.items()})
         results["cases"][case] = info
