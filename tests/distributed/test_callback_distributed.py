@@ -41,7 +41,7 @@ SINGLE_CASES = ["full_ga1_gather", "full_ga1_task", "full_ga2_gather", "lora_ga1
                 *PROJ_CASES]
 DDP_CASES = ["full_ga1_gather", "full_ga1_local", "full_ga1_task", "full_ga2_gather", "lora_ga1_gather",
              "lora_ga1_task", *PROJ_CASES]
-DS_CASES = ["full_ga1_gather", "full_ga2_gather", "lora_ga1_gather"]
+DS_CASES = ["full_ga1_gather", "full_ga2_gather", "lora_ga1_gather", "full_ga1_proj"]
 
 
 def _run(tmp_path_factory, backend: str, cases: list[str]):
