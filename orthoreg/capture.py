@@ -67,12 +67,15 @@ class DecoderStack:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strips DDP/DeepSpeed/FSDP1 (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT wrappers."""
+    """Strips DDP/DeepSpeed/FSDP1 (``.module``), ``torch.compile`` (``._orig_mod``), PEFT and ``OrthoLoRA``
+    wrappers."""
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
         if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
+        elif getattr(type(model), "_orthoreg_wrapper", False) and isinstance(getattr(model, "model", None), nn.Module):
+            model = model.model
         elif hasattr(model, "get_base_model") and callable(model.get_base_model):
             model = model.get_base_model()
         elif type(model).__name__ in {"DistributedDataParallel", "DeepSpeedEngine", "FullyShardedDataParallel",

@@ -386,6 +386,8 @@ class OrthoLoRA(nn.Module):
         >>> accelerator.unwrap_model(model).pop_metrics()  # {'proj': ..., 'lora': ..., 'total': ...}
     """
 
+    _orthoreg_wrapper = True  # ``orthoreg.capture.unwrap_model`` looks through it (monitors, audits, firewalls)
+
     def __init__(
         self,
         peft_model: nn.Module,

@@ -364,3 +364,41 @@ def test_plain_firewall_in_a_custom_loop():
     again = Firewall(FirewallConfig(max_drift=1e-4, action="stop"), dirs(), target=config)
     again.load_state_dict(state)
     assert again.monitor.base_mean == firewall.monitor.base_mean and again.stopped_at == firewall.stopped_at
+
+
+def test_budget_mode_drives_ortholora_in_a_custom_loop():
+    # Without a Trainer: the firewall adapts OrthoLoRA's proj_weight (the paired anchor), and the next forward's
+    # outputs.loss carries exactly the new weight; the adapter-disabled reference forward is not observed.
+    from orthoreg.lora import OrthoLoRA
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"],
+                                                         init_lora_weights=False))
+    config = OrthoRegConfig(layers=[1, 2], proj_weight=1.0, anchor="paired")
+    model = OrthoLoRA(peft_model, config, dirs())
+    firewall = Firewall(FirewallConfig(max_drift=1e-3, action="adapt"), dirs(), target=config)
+    firewall.attach(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    weights = []
+    for seed in range(4):
+        out = model(**batch(seed))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        event = firewall.update()
+        weights.append(config.proj_weight)
+        if event.reading is not None:
+            assert event.weight == config.proj_weight
+    assert firewall.monitor.calibrated and len(firewall.history) == 3
+    assert all(h["drift"] > 1e-3 for h in firewall.history), "the LoRA update must drift past this tiny budget"
+    assert weights[-1] > weights[1] > 0, f"over budget, the weight must rise: {weights}"
+    # The weight in force is the one the loss uses.
+    out = model(**batch(9))
+    penalty = float(out.orthoreg_penalty.detach())
+    assert float(out.loss) == pytest.approx(float(out.task_loss) + penalty, abs=2e-6)  # float32 at |loss| ≈ 5
+    assert penalty > 0
+    config.proj_weight = 2 * weights[-1]
+    doubled = model(**batch(9))
+    assert float(doubled.orthoreg_penalty.detach()) == pytest.approx(2 * penalty, rel=1e-4)
+    # One observation per training forward: the paired reference forward (adapter disabled) is not counted.
+    assert firewall.monitor.calibration_tokens == int(batch(0)["attention_mask"].sum())
