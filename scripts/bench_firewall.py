@@ -221,6 +221,82 @@ def summarize_budget(result: dict, tolerance: float) -> dict:
     return summary
 
 
+def hand_tuned_weight(result: dict, tolerance: float) -> float | None:
+    """What a user tuning λ by hand on the tuning seeds would pick: among the swept weights whose final drift is
+    within the budget (± tolerance) on *every* tuning seed, the one with the highest mean narrow-task accuracy."""
+    budget, runs = result["budget"], result["runs"]
+    seeds = sorted({r["seed"] for r in runs})
+    best, best_acc = None, -1.0
+    for weight in result["weights"]:
+        rows = [r for r in runs if r["kind"] == "fixed" and r["weight"] == weight]
+        if len(rows) != len(seeds) or any(r["final_drift"] > budget * (1 + tolerance) for r in rows):
+            continue
+        acc = statistics.mean(r["narrow_task_accuracy"] for r in rows)
+        if acc > best_acc:
+            best, best_acc = weight, acc
+    return best
+
+
+def part_heldout(directions, layers, tuning: dict, seeds, tolerance: float) -> dict:
+    """Budget mode vs the hand-tuned fixed weight on fresh seeds (λ chosen on the tuning seeds, then frozen): the
+    comparison a user actually faces, free of the per-seed hindsight of "best fixed weight on this very seed"."""
+    budget, weights = tuning["budget"], tuning["weights"]
+    chosen = hand_tuned_weight(tuning, tolerance)
+    if chosen is None:
+        raise SystemExit("no swept weight keeps every tuning seed within the budget; widen --weights")
+    neighbours = [w for w in weights if w != chosen]  # the whole sweep, for the equal-drift interpolation
+    rows = []
+    arms = [("budget", {"budget": budget}), ("hand_tuned", {"weight": chosen}),
+            *[("fixed", {"weight": w}) for w in neighbours]]
+    for seed in seeds:
+        for kind, setting in arms:
+            row = {"kind": kind, **run("unsafe_code", seed, directions=directions, layers=layers, **setting)}
+            rows.append(row)
+            weight = "-" if row["weight"] is None else f"{row['weight']:g}"
+            print(f"[heldout] seed {seed} {kind:<10} λ={weight:<7} final drift {row['final_drift']:.3f}σ harmful "
+                  f"{row['harmful_share']:.3f} narrow acc {row['narrow_task_accuracy']:.4f}", flush=True)
+    for row in rows:
+        row.pop("evals", None)
+    return {"budget": budget, "tolerance": tolerance, "hand_tuned_weight": chosen, "neighbours": neighbours,
+            "tuning_seeds": sorted({r["seed"] for r in tuning["runs"]}), "seeds": list(seeds), "runs": rows}
+
+
+def summarize_heldout(result: dict) -> dict:
+    budget, tol = result["budget"], result["tolerance"]
+    per_seed = []
+    for seed in result["seeds"]:
+        runs = [r for r in result["runs"] if r["seed"] == seed]
+        adapt = next(r for r in runs if r["kind"] == "budget")
+        hand = next(r for r in runs if r["kind"] == "hand_tuned")
+        fixed = [r for r in runs if r["kind"] in ("hand_tuned", "fixed")]
+        per_seed.append({
+            "seed": seed, "budget_accuracy": adapt["narrow_task_accuracy"], "budget_drift": adapt["final_drift"],
+            "budget_harmful": adapt["harmful_share"], "hand_accuracy": hand["narrow_task_accuracy"],
+            "hand_drift": hand["final_drift"], "hand_harmful": hand["harmful_share"],
+            "fixed_accuracy_at_equal_drift": at_equal_drift(fixed, adapt["final_drift"]),
+        })
+
+    def mean_se(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        m = statistics.mean(values)
+        se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+        return {"mean": m, "se": se, "n": len(values)}
+
+    return {
+        "hand_tuned_weight": result["hand_tuned_weight"], "per_seed": per_seed,
+        "budget_within": sum(r["budget_drift"] <= budget * (1 + tol) for r in per_seed),
+        "hand_within": sum(r["hand_drift"] <= budget * (1 + tol) for r in per_seed),
+        "accuracy_diff_vs_hand": mean_se([r["budget_accuracy"] - r["hand_accuracy"] for r in per_seed]),
+        "accuracy_diff_at_equal_drift": mean_se([None if r["fixed_accuracy_at_equal_drift"] is None else
+                                                 r["budget_accuracy"] - r["fixed_accuracy_at_equal_drift"]
+                                                 for r in per_seed]),
+        "drift_diff_vs_hand": mean_se([r["budget_drift"] - r["hand_drift"] for r in per_seed]),
+        "harmful_diff_vs_hand": mean_se([r["budget_harmful"] - r["hand_harmful"] for r in per_seed]),
+    }
+
+
 def at_equal_drift(fixed: list[dict], drift: float) -> float | None:
     """Narrow-task accuracy of the fixed-weight runs, linearly interpolated at ``drift`` between the two runs whose
     final drifts bracket it (``None`` outside the swept range)."""
@@ -411,9 +487,11 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["audit", "budget", "stop", "density"],
-                        choices=["audit", "budget", "stop", "density", "summary"],
+                        choices=["audit", "budget", "heldout", "stop", "density", "summary"],
                         help="'summary' recomputes the budget summary from the existing --out JSON")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--heldout-seeds", nargs="+", type=int, default=list(range(3, 11)),
+                        help="fresh seeds of the 'heldout' part (budget vs the λ hand-tuned on --seeds)")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3], help="guarded layers (budget part)")
     parser.add_argument("--budget", type=float, default=0.1, help="max_drift for the budget part (σ)")
     parser.add_argument("--tolerance", type=float, default=0.25, help="relative tolerance on the final drift")
@@ -440,7 +518,8 @@ def main(argv=None) -> None:
     if args.out.exists():  # keep parts measured by an earlier invocation
         previous = json.loads(args.out.read_text())
         results = {**{k: v for k, v in previous.items() if k in ("audit", "budget", "budget_summary", "stop",
-                                                                  "density", "density_summary")}, **results}
+                                                                  "density", "density_summary", "heldout",
+                                                                  "heldout_summary")}, **results}
         results["commands"] = previous.get("commands", [previous.get("command")]) + results["commands"]
     if "audit" in args.parts:
         results["audit"] = part_audit(base, tok, directions)
@@ -451,6 +530,11 @@ def main(argv=None) -> None:
         results["budget"] = part_budget(directions, args.layers, args.seeds, args.budget, args.weights, probe)
         results["budget_summary"] = summarize_budget(results["budget"], args.tolerance)
         print(json.dumps(results["budget_summary"], indent=1))
+    if "heldout" in args.parts:
+        results["heldout"] = part_heldout(directions, args.layers, results["budget"], args.heldout_seeds,
+                                          args.tolerance)
+        results["heldout_summary"] = summarize_heldout(results["heldout"])
+        print(json.dumps({k: v for k, v in results["heldout_summary"].items() if k != "per_seed"}, indent=1))
     if "stop" in args.parts:
         plain = [r for r in results["budget"]["runs"] if r["kind"] == "plain"]
         results["stop"] = part_stop(directions, probe, args.seeds, args.thresholds, args.stop_threshold, plain)
