@@ -141,9 +141,9 @@ def prepare(args, config: P.BenchConfig, align: AlignConfig) -> dict[str, Any]:
     t3 = time.perf_counter()
     examples = P.task_training_examples(tokenizer, config)[: args.overlap_examples]
     report = overlap_score(model, directions, examples, tokenizer, guarded_layers=layers, batch_size=8,
-                           mask="labels", progress=False)
+                           mask=config.orthoreg_mask, progress=False)
     placebo = overlap_score(model, P.random_directions(guarded, 0), examples, tokenizer, guarded_layers=layers,
-                            batch_size=8, mask="labels", progress=False)
+                            batch_size=8, mask=config.orthoreg_mask, progress=False)
     t_overlap = time.perf_counter() - t3
     log(f"overlap score before training: {report.overall:.3f} ({report.verdict}, peak layer {report.peak_layer}; "
         f"chance {report.chance:.3f}; placebo directions {placebo.overall:.3f})")
@@ -395,7 +395,8 @@ def write_readme(path: Path, result: dict[str, Any]) -> None:
         "",
         f"Fine-tune: LoRA r={cfg['rank']} on all projections, {cfg['steps']} steps × batch {cfg['batch_size']}, "
         f"lr {cfg['lr']}, bf16 autocast; guarded layers {prep['guarded_layers']} (chosen by ablation effect); "
-        f"orthoreg λ = {cfg['orthoreg_weight']}, KL λ = {cfg['kl_weight']}, LDIFS λ = {cfg['ldifs_weight']}, "
+        f"orthoreg λ = {cfg['orthoreg_weight']} on mask `{cfg.get('orthoreg_mask', 'labels')}` (decision token "
+        f"labelled in the training data: {cfg.get('decision_token_labelled', True)}), KL λ = {cfg['kl_weight']}, LDIFS λ = {cfg['ldifs_weight']}, "
         f"interleaving {cfg['interleave_fraction']:.0%}. Held out: {cfg['eval_per_activity'] * 24} harmful + "
         f"{cfg['eval_per_activity'] * 24} matched harmless requests (8 categories, activities never trained on), "
         f"{cfg['n_task_eval']} task prompts; greedy answers ({cfg['safety_tokens']} / {cfg['task_tokens']} tokens).",
@@ -444,6 +445,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--orthoreg-weight", type=float, default=None)
+    p.add_argument("--orthoreg-mask", default=None, choices=("prompt_end", "labels"),
+                   help="tokens the orthoreg penalty sees, for every arm's data encoding (see BenchConfig)")
     p.add_argument("--kl-weight", type=float, default=None)
     p.add_argument("--ldifs-weight", type=float, default=None)
     p.add_argument("--interleave-fraction", type=float, default=None)
@@ -492,7 +495,8 @@ def main(argv=None) -> dict[str, Any]:
                                      candidate_layers=(8, 12))
         args.overlap_examples = 8
     updates = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                                 "orthoreg_weight": args.orthoreg_weight, "kl_weight": args.kl_weight,
+                                 "orthoreg_weight": args.orthoreg_weight, "orthoreg_mask": args.orthoreg_mask,
+                                 "kl_weight": args.kl_weight,
                                  "ldifs_weight": args.ldifs_weight,
                                  "interleave_fraction": args.interleave_fraction,
                                  "candidate_layers": tuple(args.candidate_layers) if args.candidate_layers else None,

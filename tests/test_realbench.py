@@ -258,3 +258,37 @@ def test_pipeline_smoke(tmp_path):
     assert set(prep["directions"]["ablation_refusal"]) == {"1", "2"}
     assert 0.0 <= prep["overlap"]["refusal"]["overall"] <= 1.0
     assert set(result["summary"]) == set(ARMS) and result["targets"]
+
+
+def test_prompt_end_mask_selects_the_decision_token():
+    """The benchmark's training examples under ``orthoreg_mask="prompt_end"``: the mask picks exactly the last prompt token of every
+    encoded example (the template's newline after ``assistant`` — the position ``extract_directions(pooling="last")``
+    reads), not the token before it, whatever the reply's length; and the labels start right after it."""
+    from orthoreg.capture import token_mask
+    from orthoreg.realbench.model import chat_prompt, collate, encode_example
+    from orthoreg.realbench.pipeline import BenchConfig, task_training_examples
+
+    tok = bpe_tokenizer()
+    # max_length 128: the tiny test tokenizer splits words finely
+    config = BenchConfig(n_task_train=12, max_length=128, orthoreg_mask="prompt_end")
+    assert not config.decision_token_labelled
+    examples = task_training_examples(tok, config)
+    tasks = D.task_examples("train", config.n_task_train, seed=config.data_seed)
+    batch = collate(examples, tok.pad_token_id)
+    mask = token_mask(batch, tuple(batch["input_ids"].shape), config.orthoreg_mask)
+    assert mask.sum(dim=1).tolist() == [1] * len(examples)
+    for row, task in enumerate(tasks):
+        prompt_ids = tok(chat_prompt(tok, task.prompt), add_special_tokens=False)["input_ids"]
+        pos = int(mask[row].nonzero())
+        assert pos == len(prompt_ids) - 1
+        assert batch["input_ids"][row, : pos + 1].tolist() == prompt_ids  # the whole prompt, ending at pos
+        assert batch["labels"][row, pos].item() == -100 and batch["labels"][row, pos + 1].item() != -100
+    # With the decision token labelled, prompt_end would select the token before it: the config refuses that.
+    with pytest.raises(ValueError, match="label_decision_token"):
+        BenchConfig(orthoreg_mask="prompt_end", label_decision_token=True)
+    assert BenchConfig(orthoreg_mask="labels").decision_token_labelled  # "labels" keeps the decision token in
+    shifted = collate([encode_example(tok, tasks[0].prompt, tasks[0].answer, 128, label_decision_token=True)],
+                      tok.pad_token_id)
+    wrong = token_mask(shifted, tuple(shifted["input_ids"].shape), "prompt_end")
+    assert int(wrong[0].nonzero()) == len(tok(chat_prompt(tok, tasks[0].prompt),
+                                              add_special_tokens=False)["input_ids"]) - 2

@@ -17,7 +17,8 @@ the same order, the same steps and learning rate; only the defence differs):
 
 - ``plain``: no defence;
 - ``orthoreg``: ``OrthoRegCallback`` projection penalty on the chosen layers' refusal directions, paired anchor
-  (‖U(h − h_ref)‖², h_ref = the same model with the adapter disabled);
+  (‖U(h − h_ref)‖², h_ref = the same model with the adapter disabled), ``mask="labels"``: the reply and the decision
+  token (``orthoreg_mask="prompt_end"``: the decision token only, as in the issue's prototype);
 - ``orthoreg_mean``: the same with the library's default ``base_mean`` anchor (‖Uh − r‖²);
 - ``placebo``: ``orthoreg``'s exact penalty on random unit directions at the same layers;
 - ``kl``: ``KLToBaseCallback`` (KL to the adapter-disabled model); ``ldifs``: ``LDIFSCallback`` (feature distance
@@ -34,7 +35,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +77,38 @@ class BenchConfig:
     probe_tokens: int = 6
     # defences
     orthoreg_weight: float = 0.02
-    orthoreg_mask: str = "labels"  # the reply + the decision token, never the attention sink (model.encode_example)
+    # Tokens the orthoreg penalty sees: "labels" = the reply + the decision token (the last prompt token, labelled,
+    # see label_decision_token); "prompt_end" = the decision token only (where refusal is decided and where the
+    # directions were read with pooling="last"), as in the issue's prototype. Neither sees the attention sink. The
+    # committed 3-seed run used "labels"; "prompt_end" was explored on single seeds and did no better than the
+    # placebo (README_smollm2.md), so the default stays "labels".
+    orthoreg_mask: str = "labels"
+    # Whether the training examples label the decision token too (model.encode_example); ``None``: exactly when
+    # orthoreg_mask is "labels" (where it puts the decision token under the penalty). It must be off with
+    # "prompt_end": that mask selects the token before the first label, which would then be the token *before* the
+    # decision token. The encoding is shared by every arm of a run (the near-zero loss of a labelled decision token
+    # dilutes the mean loss of 4.8-token replies by ~17%, so arms compared with each other must share it).
+    label_decision_token: bool | None = None
+    ldifs_mask: str = "labels"  # LDIFS feature distance on the labelled tokens (the reply; + the decision token
+    # when label_decision_token) — never the attention sink
     kl_weight: float = 0.3  # a first run at 0.1 (KL ≈ 0.7/token, λ·KL ≈ 0.07) barely changed anything
     ldifs_weight: float = 0.0002  # ‖h − h_ref‖² over the 576 dims (≈ 280 summed over 2 layers at λ = 0.001, which
     # held the task at 19% exact match against 56% plain)
     interleave_fraction: float = 0.1
 
+    def __post_init__(self):
+        if self.orthoreg_mask == "prompt_end" and self.label_decision_token:
+            raise ValueError("orthoreg_mask='prompt_end' needs label_decision_token=False: with the decision token "
+                             "labelled, the mask would select the token before it")
+
+    @property
+    def decision_token_labelled(self) -> bool:
+        if self.label_decision_token is None:
+            return self.orthoreg_mask == "labels"
+        return bool(self.label_decision_token)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "decision_token_labelled": self.decision_token_labelled}
 
 
 # ----------------------------------------------------------------------------------------------- directions
@@ -237,7 +262,8 @@ def random_directions(like: Any, seed: int) -> Any:
 
 
 def task_training_examples(tokenizer: Any, config: BenchConfig) -> list[dict[str, list[int]]]:
-    return [encode_example(tokenizer, t.prompt, t.answer, config.max_length)
+    return [encode_example(tokenizer, t.prompt, t.answer, config.max_length,
+                           label_decision_token=config.decision_token_labelled)
             for t in D.task_examples("train", config.n_task_train, seed=config.data_seed)]
 
 
@@ -251,10 +277,11 @@ def aligned_examples(tokenizer: Any, aligned_folder: str | os.PathLike, config: 
     info = aligned_info(aligned_folder)
     align = AlignConfig(**info["config"])
     harmful, _ = D.harm_requests("train", per_activity=align.harmful_per_activity, seed=align.seed)
-    out = [encode_example(tokenizer, r.prompt, D.refusal_for(r, align.seed), config.max_length + 32)
-           for r in harmful]
-    out += [encode_example(tokenizer, t["prompt"], t["answer"], config.max_length + 32, close=t["finished"])
-            for t in info["harmless_targets"]]
+    flag = config.decision_token_labelled
+    out = [encode_example(tokenizer, r.prompt, D.refusal_for(r, align.seed), config.max_length + 32,
+                          label_decision_token=flag) for r in harmful]
+    out += [encode_example(tokenizer, t["prompt"], t["answer"], config.max_length + 32, close=t["finished"],
+                           label_decision_token=flag) for t in info["harmless_targets"]]
     return out
 
 
@@ -277,7 +304,7 @@ def arm_callbacks(arm: str, config: BenchConfig, guarded: Any, seed: int) -> lis
     if arm == "kl":
         return [KLToBaseCallback(config.kl_weight)]
     if arm == "ldifs":
-        return [LDIFSCallback(config.ldifs_weight, layers=layers, mask=config.orthoreg_mask)]
+        return [LDIFSCallback(config.ldifs_weight, layers=layers, mask=config.ldifs_mask)]
     if arm == "caft":
         return [CAFTCallback(guarded)]
     raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
