@@ -142,10 +142,9 @@ def build_aligned(cache_dir: str | os.PathLike = DEFAULT_CACHE, config: AlignCon
 
 def load_aligned(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
     """(model, tokenizer) of a cached aligned base, fp32, eval mode."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    import torch
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
