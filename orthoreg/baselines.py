@@ -61,13 +61,12 @@ from .config import OrthoRegConfig
 from .directions import DirectionsError, HarmfulDirections, orthonormalize
 from .penalties import select_tokens
 from .regularizer import (
-    _STACK_INPUTS,
     NO_GRAD_CHECKPOINT_WARNING,
     NonFiniteHiddenStateError,
     OrthoRegularizer,
     _batch_shape,
     _find_peft_model,
-    _StopReferenceForward,
+    capture_reference_layers,
     reference_forward,
     reference_forward_active,
 )
@@ -479,30 +478,7 @@ class LDIFSRegularizer(OrthoRegularizer):
     @torch.no_grad()
     def _frozen_reference_hidden_states(self, lm: nn.Module, args: tuple, kwargs: dict) -> dict[int, torch.Tensor]:
         """The guarded layers' outputs of ``reference_model`` on the same inputs (its layers above are skipped)."""
-        captured: dict[int, torch.Tensor] = {}
-        deepest = max(self.layer_indices)
-        layers = self._ref_stack.layers
-
-        def make_hook(index: int):
-            def hook(module, a, output):
-                captured.setdefault(index, layer_hidden(output).detach())
-                if index == deepest:
-                    raise _StopReferenceForward
-
-            return hook
-
-        hooks = [layers[i].register_forward_hook(make_hook(i)) for i in self.layer_indices]
-        inputs = _call_kwargs(lm, args, kwargs)
-        stack_inputs = {k: v for k, v in inputs.items() if k in _STACK_INPUTS and v is not None}
-        try:
-            with reference_forward():
-                self._ref_stack.stack(**stack_inputs, use_cache=False)
-        except _StopReferenceForward:
-            pass
-        finally:
-            for h in hooks:
-                h.remove()
-        return captured
+        return capture_reference_layers(self._ref_stack, self.layer_indices, _call_kwargs(lm, args, kwargs))
 
     def _penalty(self, session) -> torch.Tensor | None:
         mask = session.mask

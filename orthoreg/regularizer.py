@@ -109,6 +109,42 @@ class _Session:
     token_share: float | None = None  # gather=True: W·n_r/N of this forward (see OrthoRegularizer._global_token_share)
 
 
+@torch.no_grad()
+def capture_reference_layers(
+    stack: DecoderStack, layer_indices: list[int], inputs: dict[str, Any], transform=None
+) -> dict[int, torch.Tensor]:
+    """A reference forward of ``stack``'s decoder on ``inputs`` (the LM's forward kwargs): no grad, marked with
+    ``reference_forward()`` so no regulariser or monitor observes it, stopped after the deepest of
+    ``layer_indices`` (the layers above and the LM head are not needed). Returns those layers' outputs, detached
+    (or ``transform(index, h)`` of each; a layer is left out when it returns ``None``)."""
+    captured: dict[int, torch.Tensor] = {}
+    deepest = max(layer_indices)
+
+    def make_hook(index: int):
+        def hook(module, args, output):
+            if index not in captured:
+                value = layer_hidden(output).detach()
+                value = value if transform is None else transform(index, value)
+                if value is not None:
+                    captured[index] = value
+            if index == deepest:
+                raise _StopReferenceForward
+
+        return hook
+
+    hooks = [stack.layers[i].register_forward_hook(make_hook(i)) for i in layer_indices]
+    stack_inputs = {k: v for k, v in inputs.items() if k in _STACK_INPUTS and v is not None}
+    try:
+        with reference_forward():
+            stack.stack(**stack_inputs, use_cache=False)
+    except _StopReferenceForward:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
 class OrthoRegularizer:
     """Attaches orthoreg's penalties to a causal LM through hooks.
 
@@ -414,30 +450,9 @@ class OrthoRegularizer:
         ``transform(index, h)``, when given, is applied to each captured output and its result stored instead (a
         layer is left out when it returns ``None``), so only what the penalty needs stays alive.
         """
-        captured: dict[int, torch.Tensor] = {}
-        deepest = max(self.layer_indices)
-        hooks = []
-        for index in self.layer_indices:
-            def hook(module, a, output, index=index):
-                if index not in captured:
-                    value = layer_hidden(output).detach()
-                    value = value if transform is None else transform(index, value)
-                    if value is not None:
-                        captured[index] = value
-                if index == deepest:
-                    raise _StopReferenceForward  # the layers above and the LM head are not needed
-            hooks.append(self.stack.layers[index].register_forward_hook(hook))
         inputs = bind_forward_inputs(lm, args, kwargs)
-        stack_inputs = {k: v for k, v in inputs.items() if k in _STACK_INPUTS and v is not None}
-        try:
-            with reference_forward(), self._peft_model.disable_adapter():
-                self.stack.stack(**stack_inputs, use_cache=False)
-        except _StopReferenceForward:
-            pass
-        finally:
-            for h in hooks:
-                h.remove()
-        return captured
+        with self._peft_model.disable_adapter():
+            return capture_reference_layers(self.stack, self.layer_indices, inputs, transform)
 
     def _reference_coordinates(self, index: int, h_ref: torch.Tensor) -> torch.Tensor | None:
         """U_ℓ x_ref for every token of the reference activations, (B·T, k) float32; ``None`` without directions."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from orthoreg import HarmfulDirections, OrthoRegCallback, OrthoRegConfig
 from orthoreg.capture import UnsupportedArchitectureError
@@ -16,7 +16,9 @@ from orthoreg.directions import DirectionsError
 from orthoreg.regularizer import NonFiniteHiddenStateError
 from tests.models import tiny_model, tiny_tokenizer, word_text
 from tests.trainer_harness import (
+    LogRecorder,
     assert_grads_close,
+    make_trainer,
     padded_dataset,
     reference_penalty_grads,
     train_one_step,
@@ -26,24 +28,6 @@ from tests.trainer_harness import (
 def dirs(layers=(1, 2), d=32, k=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     return HarmfulDirections({i: torch.randn(k, d, generator=g) for i in layers})
-
-
-def make_trainer(model, callbacks, tmp_path, steps=2, **overrides):
-    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps, logging_steps=1,
-                use_cpu=True, report_to=[], save_strategy="no", seed=0, learning_rate=1e-3)
-    args.update(overrides)
-    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=padded_dataset(n=16),
-                   callbacks=callbacks)
-
-
-class LogRecorder(TrainerCallback):
-    """Stands in for a reporting integration (TensorBoard/W&B) registered before user callbacks."""
-
-    def __init__(self):
-        self.seen = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.seen.append(dict(logs))
 
 
 def test_metrics_reach_reporters_registered_before_the_callback(tmp_path):

@@ -10,14 +10,15 @@ from unittest.mock import patch
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from orthoreg import HarmfulDirections, OrthoRegConfig
 from orthoreg.firewall import Firewall, FirewallCallback, FirewallConfig, budget_callbacks
 from orthoreg.monitor import DriftMonitor
 from orthoreg.regularizer import OrthoRegularizer
 from tests.models import tiny_model
-from tests.trainer_harness import padded_dataset
+from tests.trainer_harness import LogRecorder
+from tests.trainer_harness import make_trainer as harness_trainer
 
 
 def dirs(layers=(1, 2), d=32, k=2, seed=0):
@@ -184,19 +185,7 @@ def test_paired_reference_forward_is_not_counted():
 
 
 def make_trainer(model, callbacks, tmp_path, steps=4, **overrides):
-    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps, logging_steps=1,
-                use_cpu=True, report_to=[], save_strategy="no", seed=0, learning_rate=1e-3)
-    args.update(overrides)
-    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=padded_dataset(n=16),
-                   callbacks=callbacks)
-
-
-class LogRecorder(TrainerCallback):
-    def __init__(self):
-        self.seen = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.seen.append(dict(logs))
+    return harness_trainer(model, callbacks, tmp_path, steps=steps, **overrides)
 
 
 def test_metrics_are_logged_from_the_first_reading(tmp_path):

@@ -168,3 +168,22 @@ def assert_grads_close(got: dict, want: dict, rel: float = 1e-5):
         worst = max(worst, err / (scale + 1e-12))
         assert err <= rel * scale + 1e-9, f"{name}: |Δ|={err:.3e} vs |g|={scale:.3e}"
     return worst
+
+
+def make_trainer(model, callbacks, tmp_path, steps=2, **overrides):
+    """A Trainer over ``padded_dataset(16)``, batch 4, logging every step, no saving (override any argument)."""
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps, logging_steps=1,
+                use_cpu=True, report_to=[], save_strategy="no", seed=0, learning_rate=1e-3)
+    args.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=padded_dataset(n=16),
+                   callbacks=callbacks)
+
+
+class LogRecorder(TrainerCallback):
+    """Stands in for a reporting integration (TensorBoard/W&B): records every ``logs`` dict it is shown."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))

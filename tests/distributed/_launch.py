@@ -199,6 +199,18 @@ def write_rank_results(out: str | Path, rank: int, data: dict, tensors: dict | N
     (out / f"rank{rank}.done").write_text("ok")
 
 
+def run_rank(main) -> None:
+    """A rank script's entry point: ``main()``, then ``finish`` (1 after printing the traceback, 0 otherwise)."""
+    import traceback
+
+    try:
+        main()
+    except BaseException:
+        traceback.print_exc()
+        finish(1)
+    finish(0)
+
+
 def finish(code: int = 0) -> None:
     """Ends a rank without running interpreter teardown (avoids the gloo exit-time SIGABRT)."""
     sys.stdout.flush()

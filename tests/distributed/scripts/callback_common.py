@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/distributed, for _launch
 
-from _launch import finish, rank_out_dir, skip_deepspeed_shm_comm_build, write_rank_results  # noqa: E402,F401
+from _launch import finish, rank_out_dir, run_rank, skip_deepspeed_shm_comm_build, write_rank_results  # noqa: E402,F401
 
 SEQ_LEN = 12
 HIDDEN = 32

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-import traceback
 
 import torch
-from callback_common import ListDataset, build_model, finish, rank_out_dir, samples, write_rank_results
+from callback_common import ListDataset, build_model, rank_out_dir, run_rank, samples, write_rank_results
 
 
 def main() -> None:
@@ -44,9 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        finish(1)
-    finish(0)
+    run_rank(main)

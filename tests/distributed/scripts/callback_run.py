@@ -17,7 +17,6 @@ import argparse
 import os
 import tempfile
 import time
-import traceback
 
 import torch
 from callback_common import (
@@ -26,9 +25,9 @@ from callback_common import (
     LENGTHS,
     LR,
     build_model,
-    finish,
     local_and_global_cov,
     rank_out_dir,
+    run_rank,
     skip_deepspeed_shm_comm_build,
     train_once,
     write_rank_results,
@@ -123,9 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        finish(1)
-    finish(0)
+    run_rank(main)

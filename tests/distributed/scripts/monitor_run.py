@@ -8,7 +8,6 @@ readings to ``rank{r}.json``; the test compares them with one process that saw e
 from __future__ import annotations
 
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -16,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/distribute
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _launch import finish, rank_out_dir, write_rank_results  # noqa: E402
+from _launch import rank_out_dir, run_rank, write_rank_results  # noqa: E402
 
 
 def main() -> None:
@@ -47,9 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        finish(1)
-    finish(0)
+    run_rank(main)
