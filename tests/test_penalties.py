@@ -1,4 +1,4 @@
-"""The loss terms against float64 references written independently here, values and gradients."""
+"""The loss terms against float64 references (the covariance one shared with the Trainer tests), values and gradients."""
 
 import pytest
 import torch
@@ -6,18 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orthoreg.penalties import covariance_penalty, lora_weight_penalty, projection_penalty
-
-
-def ref_covariance(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """VICReg covariance term with an explicit d×d covariance, loops over i≠j, in float64."""
-    x = h.double()[mask]
-    n, d = x.shape
-    if n == 0:
-        return h.double().sum() * 0
-    xc = x - x.mean(0)
-    c = xc.T @ xc / max(n - 1, 1)
-    off = c - torch.diag(torch.diag(c))
-    return (off**2).sum() / d
+from tests.trainer_harness import ref_covariance
 
 
 def ref_projection(h, u, mask, reference=None, one_sided=False):

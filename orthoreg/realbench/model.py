@@ -51,7 +51,7 @@ def gguf_location() -> tuple[str, str]:
     return folder, files[0]
 
 
-def _drop_quantization_marker(model: nn.Module) -> None:
+def drop_quantization_marker(model: nn.Module) -> None:
     # The GGUF is dequantised at load, but transformers marks the model as GGUF-quantised and Trainer then refuses
     # to train it; the weights are plain fp32 tensors, so the marker is dropped.
     quantizer = getattr(model, "hf_quantizer", None)
@@ -103,7 +103,7 @@ def load_shipped() -> tuple[nn.Module, Any]:
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    _drop_quantization_marker(model)
+    drop_quantization_marker(model)
     model.config._name_or_path = name  # the GGUF file name: the aligned base's cache key uses it as the source
     return model.eval(), prepare_tokenizer(tokenizer)
 

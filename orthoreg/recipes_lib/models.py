@@ -251,13 +251,9 @@ def _load_gguf(model_cfg: Any):
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     # The GGUF tensors are dequantised at load, but transformers still marks the model as GGUF-quantised, which
     # Trainer refuses to train ("QuantizationMethod.GGUF ... do not support training"): drop the marker.
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if getattr(config, "_is_quantized", False):
-            config._is_quantized = False
+    from orthoreg.realbench.model import drop_quantization_marker
+
+    drop_quantization_marker(model)
     return model, tokenizer, {"weights": f"{model_cfg.get('package')}/{name} (GGUF, dequantised)"}
 
 
