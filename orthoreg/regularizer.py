@@ -378,15 +378,19 @@ class OrthoRegularizer:
         # every data-parallel rank: one all-reduce of (Σ U x, n) per layer and calibration micro-batch, so all ranks
         # hold the same r — the one a single process would record from the concatenated batch, and the one the
         # checkpoint (written by rank 0) restores on every rank. A rank with no selected token still takes part.
-        coords = select_tokens(h.detach(), mask).float() @ u.float().T
-        sums = torch.cat([coords.double().sum(dim=0), coords.new_tensor([coords.shape[0]], dtype=torch.float64)])
-        sums = all_reduce_sum(sums)
-        n = int(sums[-1].item())
+        coords = select_tokens(h.detach(), mask) @ u.float().T
+        if data_parallel_world() > 1:
+            sums = torch.cat([coords.double().sum(dim=0), coords.new_tensor([coords.shape[0]], dtype=torch.float64)])
+            sums = all_reduce_sum(sums)
+            n = int(sums[-1].item())
+            batch_mean = (sums[:-1] / max(n, 1)).float()
+        else:  # the float32 mean, exactly as recorded results (the toy-world studies, the demo) were computed
+            n = coords.shape[0]
+            batch_mean = coords.mean(dim=0) if n else None
         if n == 0:
             self.base_reference.setdefault(index, torch.zeros(u.shape[0], device=h.device))
             return
         seen = self.calibration_tokens.get(index, 0)
-        batch_mean = (sums[:-1] / n).float()
         if seen == 0:
             self.base_reference[index] = batch_mean
         else:
