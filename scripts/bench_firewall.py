@@ -348,22 +348,40 @@ def load_base_harmful() -> float:
     return _BASE_H[0]
 
 
-def part_density(widths, seeds, cache: Path) -> dict:
+def base_folder(cache: Path, width: int, pretrain_seed: int) -> Path:
+    """Cache folder of a base: ``d{width}`` for pretraining seed 0 (the first caches), ``d{width}_s{seed}`` otherwise."""
+    return cache / (f"d{width}" if pretrain_seed == 0 else f"d{width}_s{pretrain_seed}")
+
+
+def ensure_base(cache: Path, width: int, pretrain_seed: int) -> Path | None:
+    """Pretrain and cache the base if needed; ``None`` means the shipped base (d = 128, pretraining seed 0)."""
+    if width == 128 and pretrain_seed == 0:
+        return None
+    folder = base_folder(cache, width, pretrain_seed)
+    marker = folder.with_name(folder.name + ".pretraining")  # another process is pretraining this base: wait
+    while marker.exists() and not (folder / "pretrain.json").exists():
+        time.sleep(10)
+    if not (folder / "pretrain.json").exists():
+        marker.touch()
+        try:
+            model, tok, seconds = pretrain_width(width, pretrain_seed)
+            save_base(model, tok, folder)
+            (folder / "pretrain.json").write_text(json.dumps({"seconds": seconds, "seed": pretrain_seed}))
+        finally:
+            marker.unlink()
+    return folder
+
+
+def part_density(widths, seeds, cache: Path, pretrain_seeds=(0,)) -> dict:
     rows = []
-    for width in widths:
-        folder = cache / f"d{width}"
-        if width == 128:
+    for width, pretrain_seed in [(w, s) for w in widths for s in pretrain_seeds]:
+        folder = ensure_base(cache, width, pretrain_seed)
+        if folder is None:
             model, tok = load_base()
             pretrain_seconds = None
-        elif (folder / "model.safetensors").exists():
+        else:
             model, tok = load_base(folder)
             pretrain_seconds = json.loads((folder / "pretrain.json").read_text())["seconds"]
-        else:
-            model, tok, seconds = pretrain_width(width)
-            save_base(model, tok, folder)
-            (folder / "pretrain.json").write_text(json.dumps({"seconds": seconds}))
-            pretrain_seconds = seconds
-            model, tok = load_base(folder)
         base = evaluate(model, tok, task="unsafe_code", n_samples=36)
         directions = persona_directions(model, tok)
         rng = random.Random(7)
@@ -372,12 +390,13 @@ def part_density(widths, seeds, cache: Path) -> dict:
         task = superposition_density(model, task_calibration(tok, "unsafe_code"), directions=directions)
         curves = []
         for seed in seeds:
-            fresh, _ = load_base(folder) if width != 128 else load_base()
+            fresh, _ = load_base() if folder is None else load_base(folder)
             evals = EvalEvery(tok, "unsafe_code", range(1, 21))
             finetune(fresh, tok, "unsafe_code", steps=20, lr=LR, seed=seed, batch_size=BATCH, callbacks=[evals])
             curves.append({str(k): v for k, v in sorted(evals.rows.items())})
         row = {
-            "width": width, "pretrain_seconds": pretrain_seconds, "base_harmful": base.harmful_share,
+            "width": width, "pretrain_seed": pretrain_seed, "pretrain_seconds": pretrain_seconds,
+            "finetune_seeds": list(seeds), "base_harmful": base.harmful_share,
             "persona_gate": base.persona_inference_accuracy, "density_generic": generic.to_dict(),
             "density_task": task.to_dict(), "curves": curves,
         }
@@ -385,15 +404,15 @@ def part_density(widths, seeds, cache: Path) -> dict:
             row[f"harmful_rise_step{k}"] = statistics.mean(c[str(k)]["harmful_share"] for c in curves) - base.harmful_share
             row[f"accuracy_step{k}"] = statistics.mean(c[str(k)]["narrow_task_accuracy"] for c in curves)
         rows.append(row)
-        print(f"[density] d={width}: ρ generic {generic.mean_density:.3f} (PR {statistics.mean(generic.participation_ratio.values()):.1f}),"
+        print(f"[density] d={width} pretrain seed {pretrain_seed}: ρ generic {generic.mean_density:.3f} (PR {statistics.mean(generic.participation_ratio.values()):.1f}),"
               f" ρ task {task.mean_density:.3f}; persona gate {base.persona_inference_accuracy:.2f}; harmful rise "
               + " ".join(f"@{k}:{row[f'harmful_rise_step{k}']:+.3f}" for k in (3, 5, 10, 20))
               + "; task acc " + " ".join(f"@{k}:{row[f'accuracy_step{k}']:.3f}" for k in (3, 5, 10)), flush=True)
-    return {"widths": widths, "rows": rows}
+    return {"widths": widths, "pretrain_seeds": list(pretrain_seeds), "rows": rows}
 
 
 def summarize_density(result: dict, base_key: str = "base_harmful", accuracy: float = 0.9) -> list[dict]:
-    """Per width: density scores and the harmful-share rise when the narrow task is learned (the first step whose
+    """Per base (width, pretraining seed): density scores and the harmful-share rise when the narrow task is learned (the first step whose
     narrow-task accuracy reaches ``accuracy``; averaged over seeds), so that a model that learns the task faster is
     not counted as riskier for that alone."""
     out = []
@@ -404,20 +423,71 @@ def summarize_density(result: dict, base_key: str = "base_harmful", accuracy: fl
             if step is not None:
                 at_learned.append((step, curve[str(step)]["harmful_share"] - row[base_key]))
         out.append({
-            "width": row["width"], "density_generic": row["density_generic"]["mean_density"],
+            "width": row["width"], "pretrain_seed": row.get("pretrain_seed", 0), "density_generic": row["density_generic"]["mean_density"],
             "participation_ratio_generic": statistics.mean(row["density_generic"]["participation_ratio"].values()),
             "density_task": row["density_task"]["mean_density"],
             "enrichment_generic": statistics.mean(row["density_generic"]["enrichment"].values()),
             "persona_gate": row["persona_gate"], "base_harmful": row[base_key],
             "learned_step": statistics.mean(s for s, _ in at_learned) if at_learned else None,
+            "learned_runs": f"{len(at_learned)}/{len(row['curves'])}",
             "harmful_rise_when_learned": statistics.mean(r for _, r in at_learned) if at_learned else None,
             "harmful_rise_step10": row["harmful_rise_step10"], "harmful_rise_step20": row["harmful_rise_step20"],
         })
     return out
 
 
-def pretrain_width(width: int):
-    """The shipped base's pretraining recipe (``PretrainConfig``) at another hidden size (MLP 3d, 4 heads)."""
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):  # ties share their mean rank
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's ρ_s (Pearson correlation of the mean ranks); None for fewer than 3 pairs or a constant side."""
+    if len(x) < 3:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / (sxx * syy) ** 0.5 if sxx and syy else None
+
+
+DENSITY_KEYS = ("density_generic", "density_task")
+RISK_KEYS = ("harmful_rise_when_learned", "harmful_rise_step10", "harmful_rise_step20")
+
+
+def density_correlation(summary: list[dict]) -> dict:
+    """Across the bases: Spearman between each density score and each risk measure (n = bases), and per measure the
+    spread between the pretraining seeds of one width (mean over widths of max - min) next to the spread between the
+    widths' means (max - min of the per-width means)."""
+    corr = {}
+    for d in DENSITY_KEYS:
+        for r in RISK_KEYS:
+            pairs = [(row[d], row[r]) for row in summary if row[r] is not None]
+            corr[f"{d} vs {r}"] = {"spearman": spearman([p[0] for p in pairs], [p[1] for p in pairs]), "n": len(pairs)}
+    spread = {}
+    widths = sorted({row["width"] for row in summary})
+    for key in DENSITY_KEYS + RISK_KEYS + ("learned_step",):
+        groups = {w: [row[key] for row in summary if row["width"] == w and row[key] is not None] for w in widths}
+        within = [max(g) - min(g) for g in groups.values() if len(g) > 1]
+        means = [statistics.mean(g) for g in groups.values() if g]
+        spread[key] = {"within_width": statistics.mean(within) if within else None,
+                       "between_widths": max(means) - min(means) if len(means) > 1 else None}
+    return {"correlation": corr, "spread": spread}
+
+
+def pretrain_width(width: int, seed: int = 0):
+    """The shipped base's pretraining recipe (``PretrainConfig(seed=seed)``) at another hidden size (MLP 3d, 4 heads);
+    d = 128 is the shipped architecture itself."""
     from orthoreg.testbed import model as testbed_model
 
     original = testbed_model.tiny_llama_config
@@ -430,7 +500,7 @@ def pretrain_width(width: int):
     testbed_model.tiny_llama_config = config_at_width
     try:
         t0 = time.perf_counter()
-        model, tok, _ = pretrain(PretrainConfig(), log=None)
+        model, tok, _ = pretrain(PretrainConfig(seed=seed), log=None)
         return model, tok, time.perf_counter() - t0
     finally:
         testbed_model.tiny_llama_config = original
@@ -443,11 +513,12 @@ def plot(results: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 3.6), dpi=110)
+    ncols = 4 if results.get("density_summary") else 3
+    fig = Figure(figsize=(13 * ncols / 3, 3.6), dpi=110)
     FigureCanvasAgg(fig)
     if "budget" in results:
         runs, budget = results["budget"]["runs"], results["budget"]["budget"]
-        ax = fig.add_subplot(1, 3, 1)
+        ax = fig.add_subplot(1, ncols, 1)
         for r in runs:
             if r["kind"] in ("plain", "budget", "budget_initial"):
                 color = {"plain": "#c0392b", "budget": "#2980b9", "budget_initial": "#8e44ad"}[r["kind"]]
@@ -456,7 +527,7 @@ def plot(results: dict, path: Path) -> None:
         ax.axhline(budget, color="k", ls="--", lw=1, label=f"budget {budget:g}σ")
         ax.set_xlabel("step"), ax.set_ylabel("max |drift| (σ), training tokens"), ax.legend(fontsize=7)
         ax.set_title("drift: plain vs budget mode", fontsize=9)
-        ax = fig.add_subplot(1, 3, 2)
+        ax = fig.add_subplot(1, ncols, 2)
         for r in runs:
             if r["kind"] in ("budget", "budget_initial"):
                 ax.semilogy(range(1, len(r["proj_weight"]) + 1), [max(w, 1e-6) for w in r["proj_weight"]],
@@ -464,7 +535,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("step"), ax.set_ylabel("λ_proj (budget mode)"), ax.legend(fontsize=7)
         ax.set_title("weight trajectory", fontsize=9)
     if "stop" in results and "budget" in results:
-        ax = fig.add_subplot(1, 3, 3)
+        ax = fig.add_subplot(1, ncols, 3)
         plain = [r for r in results["budget"]["runs"] if r["kind"] == "plain"][0]
         steps = sorted(int(k) for k in plain["evals"])
         ax.plot(steps, [plain["evals"][str(s)]["harmful_share"] for s in steps], color="#c0392b", label="harmful share")
@@ -477,6 +548,19 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("step"), ax.set_ylabel("harmful share"), ax2.set_ylabel("probe drift toward harm (σ)")
         ax.set_xlim(0, 20), ax2.legend(fontsize=7, loc="center right")
         ax.set_title(f"stop mode (seed {plain['seed']}): threshold {results['stop']['default']:g}σ", fontsize=9)
+    if ncols == 4:  # one point per base, keyed by (width, pretraining seed)
+        ax = fig.add_subplot(1, ncols, 4)
+        colors = {32: "#27ae60", 64: "#2980b9", 128: "#c0392b"}
+        for row in results["density_summary"]:
+            for key, marker in (("harmful_rise_when_learned", "o"), ("harmful_rise_step20", "x")):
+                if row[key] is not None:
+                    ax.scatter(row["density_generic"], row[key], color=colors.get(row["width"], "k"), marker=marker)
+            ax.annotate(f"d{row['width']} s{row['pretrain_seed']}", (row["density_generic"], row["harmful_rise_step20"]),
+                        fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.scatter([], [], color="gray", marker="o", label="rise when task learned")
+        ax.scatter([], [], color="gray", marker="x", label="rise at step 20")
+        ax.set_xlabel("density ρ (world documents)"), ax.set_ylabel("harmful-share rise"), ax.legend(fontsize=7)
+        ax.set_title("density vs risk, per base (width, pretraining seed)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png")
 
@@ -499,7 +583,9 @@ def main(argv=None) -> None:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--stop-threshold", type=float, default=0.25)
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--density-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--density-seeds", type=int, nargs="+", default=[0, 1], help="fine-tune seeds per base")
+    parser.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0],
+                        help="pretraining seeds per width (0: the first caches d{width}, and the shipped d = 128 base)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "orthoreg_firewall_bases")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "firewall.json")
     args = parser.parse_args(argv)
@@ -544,13 +630,15 @@ def main(argv=None) -> None:
                   f"rise {rise}")
     if "density" in args.parts:
         args.cache.mkdir(parents=True, exist_ok=True)
-        results["density"] = part_density(args.widths, args.density_seeds, args.cache)
+        results["density"] = part_density(args.widths, args.density_seeds, args.cache, args.pretrain_seeds)
     if "density" in results:
         results["density_summary"] = summarize_density(results["density"])
+        results["density_correlation"] = density_correlation(results["density_summary"])
         for row in results["density_summary"]:
-            print(f"[density summary] d={row['width']}: ρ={row['density_generic']:.3f} (task {row['density_task']:.3f}),"
+            print(f"[density summary] d={row['width']} pretrain seed {row['pretrain_seed']}: ρ={row['density_generic']:.3f} (task {row['density_task']:.3f}),"
                   f" task learned (acc ≥ 0.9) at step {row['learned_step']}, harmful rise then "
                   f"{row['harmful_rise_when_learned']}")
+        print(json.dumps(results["density_correlation"], indent=1))
     results["seconds"] = time.perf_counter() - t0
     results["commands"][-1] += f"  # {results['seconds']:.0f}s"
     args.out.parent.mkdir(parents=True, exist_ok=True)
