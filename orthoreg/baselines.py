@@ -18,8 +18,9 @@ The reference policy / features (:math:`\pi_{ref}`, :math:`h^{ref}`) come from t
 adapter disabled (no extra weights), or from a frozen ``reference_model`` copy for full fine-tuning.
 
 Like orthoreg's own penalties, each micro-batch's term is divided by the micro-batches of its optimizer step
-(``gradient_accumulation_steps``, fewer in an epoch's uneven last step; scaled like the task loss), so the weight per optimizer step does not depend on the number of micro-batches. The gradients skip
-fp16 loss scaling, so fp16 with a GradScaler is refused (use bf16 or fp32).
+(``gradient_accumulation_steps``, fewer in an epoch's uneven last step; scaled like the task loss), so the weight
+per optimizer step does not depend on the number of micro-batches. The gradients skip fp16 loss scaling, so fp16
+with a GradScaler is refused (use bf16 or fp32).
 
 **Early stopping.** The benchmarks evaluate the early-stopping defence from the plain run's own trajectory (its
 checkpoints / evaluations at several steps, at matched narrow-task accuracy): that costs no extra training and
@@ -48,7 +49,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .callback import _length, _move_ahead_of_reporters, micro_batches_in_step, report_metrics
+from .callback import _length, _move_ahead_of_reporters, accumulation_scale, report_metrics
 from .capture import (
     bind_forward_inputs,
     find_decoder_stack,
@@ -702,8 +703,7 @@ class _EngineCallback(TrainerCallback):
 
     def _set_scale(self, args: TrainingArguments, state: TrainerState) -> None:
         if hasattr(self.engine, "grad_scale"):
-            self.engine.grad_scale = 1.0 / micro_batches_in_step(state.global_step, args.gradient_accumulation_steps,
-                                                                 self._steps_in_epoch)
+            self.engine.grad_scale = accumulation_scale(args, state, self._steps_in_epoch)
 
     def _metrics(self) -> dict[str, float]:
         return self.engine.pop_metrics()

@@ -79,8 +79,7 @@ class OrthoRegCallback(TrainerCallback):
         if not self.regularizer.attached:
             self.regularizer.attach(model)
         self._steps_in_epoch = _length(kwargs.get("train_dataloader"))
-        self.regularizer.grad_scale = 1.0 / micro_batches_in_step(state.global_step, args.gradient_accumulation_steps,
-                                                                  self._steps_in_epoch)
+        self.regularizer.grad_scale = accumulation_scale(args, state, self._steps_in_epoch)
         self.regularizer.step = state.global_step
         stored = state.stateful_callbacks.get(STATE_KEY) if state.stateful_callbacks else None
         if state.global_step > 0 and stored is not None:
@@ -96,8 +95,7 @@ class OrthoRegCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.regularizer.step = state.global_step
-        self.regularizer.grad_scale = 1.0 / micro_batches_in_step(state.global_step, args.gradient_accumulation_steps,
-                                                                  self._steps_in_epoch)
+        self.regularizer.grad_scale = accumulation_scale(args, state, self._steps_in_epoch)
 
     def on_step_end(self, args, state, control, **kwargs):
         # Written into TrainerState so every later checkpoint's trainer_state.json (JSON, no pickle) carries it.
@@ -125,6 +123,12 @@ def micro_batches_in_step(global_step: int, accumulation_steps: int, steps_in_ep
     per_epoch = -(-steps_in_epoch // accumulation_steps)
     remainder = steps_in_epoch % accumulation_steps or accumulation_steps
     return remainder if global_step % per_epoch == per_epoch - 1 else accumulation_steps
+
+
+def accumulation_scale(args: TrainingArguments, state: TrainerState, steps_in_epoch: int | None) -> float:
+    """1 / the micro-batches of optimizer step ``state.global_step``: the factor a Trainer callback's per-micro-batch
+    penalty takes so that it is scaled like the task loss."""
+    return 1.0 / micro_batches_in_step(state.global_step, args.gradient_accumulation_steps, steps_in_epoch)
 
 
 def _length(dataloader: Any) -> int | None:

@@ -43,12 +43,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .capture import MASK_POLICIES, bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
 from .directions import DirectionsError, HarmfulDirections
-from .penalties import covariance_penalty
+from .penalties import all_reduce_sum, covariance_penalty, data_parallel_world
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +376,7 @@ class DriftMonitor:
 
     def _reduce(self) -> dict[int, dict[str, Any]]:
         """The step's sums per layer as Python floats, summed over data-parallel ranks (one all-reduce)."""
-        syncing = self.sync and _world_size() > 1
+        syncing = self.sync and data_parallel_world() > 1
         if not self._step_acc and not syncing:
             return {}
         parts, device = [], None
@@ -392,10 +391,8 @@ class DriftMonitor:
                                     acc.cov_sum.reshape(1).double().cpu(),
                                     torch.tensor([float(acc.cov_count)], dtype=torch.float64)]))
         flat = torch.cat(parts)  # one device sync per step, at update time
-        if syncing:
-            flat = flat.to(_collective_device(device))
-            dist.all_reduce(flat)
-            flat = flat.cpu()
+        if syncing:  # on this rank's own CUDA device under NCCL when the sums live there
+            flat = all_reduce_sum(flat if device is None else flat.to(device)).cpu()
         values, out, at = flat.tolist(), {}, 0
         for layer in self.layers:
             k = self.directions[layer].shape[0]
@@ -496,16 +493,3 @@ def _batch_shape(inputs: Mapping[str, Any]) -> tuple[int, int] | None:
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
             return int(value.shape[0]), int(value.shape[1])
     return None
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _collective_device(device: torch.device | None) -> torch.device:
-    backend = dist.get_backend()
-    if backend == "nccl":
-        return device if device is not None and device.type == "cuda" else torch.device("cuda",
-                                                                                           torch.cuda.current_device())
-    return torch.device("cpu")
-

@@ -66,6 +66,11 @@ class _AllGatherRows(torch.autograd.Function):
         return grad[rank], None
 
 
+def data_parallel_world() -> int:
+    """The number of ranks of the default process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def gather_rows(x: torch.Tensor, identical_loss: bool = False) -> torch.Tensor:
     """Concatenates every data-parallel rank's (N_r, d) rows into (Σ N_r, d), differentiably.
 
@@ -74,9 +79,9 @@ def gather_rows(x: torch.Tensor, identical_loss: bool = False) -> torch.Tensor:
     rank) this is the identity. See ``_AllGatherRows`` for how gradients are scaled; ``identical_loss=True`` (every
     rank computes the same loss from the result) makes backward communication-free.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = data_parallel_world()
+    if world == 1:
         return x
-    world = dist.get_world_size()
     count = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count)
@@ -85,11 +90,6 @@ def gather_rows(x: torch.Tensor, identical_loss: bool = False) -> torch.Tensor:
     padded = torch.cat([x, padded[x.shape[0]:]]) if x.shape[0] < max(counts) else x
     gathered = _AllGatherRows.apply(padded, identical_loss)  # (W, max N, d)
     return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
-
-
-def data_parallel_world() -> int:
-    """The number of ranks of the default process group (1 without one)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -133,15 +133,11 @@ def _rows(h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return flat.float()
 
 
-def _centred_rows(h: torch.Tensor, index: torch.Tensor | None, mu: torch.Tensor) -> torch.Tensor:
-    """``_rows(h, index) - mu``, centred in place when the rows are already a fresh copy (one pass, no allocation)."""
-    rows = _rows(h, index)
-    return rows.sub_(mu) if _is_copy(h, index) else rows - mu
-
-
-def _is_copy(h: torch.Tensor, index: torch.Tensor | None) -> bool:
-    """``_rows(h, index)`` is a fresh tensor (not a view of ``h``), so it may be modified in place."""
-    return index is not None or h.dtype != torch.float32
+def _centre(rows: torch.Tensor, mu: torch.Tensor, h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """``rows - mu`` for ``rows = _rows(h, index)``: in place when those rows are a fresh copy (a token gather or a
+    dtype cast; one pass, no allocation), out of place when they are a view of ``h``, which must stay untouched."""
+    is_copy = index is not None or h.dtype != torch.float32
+    return rows.sub_(mu) if is_copy else rows - mu
 
 
 def _rows_grad(grad_rows: torch.Tensor, h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -218,7 +214,7 @@ class _OffDiagonalCovariance(torch.autograd.Function):
         if ctx.empty:
             return x.new_zeros(())
         mu = x.mean(dim=0, keepdim=True)
-        xc = x.sub_(mu) if _is_copy(h, index) else x - mu
+        xc = _centre(x, mu, h, index)
         del x
         scale = 1.0 / (float(n - 1) ** 2 * d)
         if n >= d:
@@ -248,7 +244,7 @@ class _OffDiagonalCovariance(torch.autograd.Function):
             return torch.zeros(shape, dtype=dtype, device=device), None
         h, index, mu, *stats = ctx.saved_tensors
         n, d = ctx.n, ctx.d
-        xc = _centred_rows(h, index, mu)
+        xc = _centre(_rows(h, index), mu, h, index)
         coef = grad * (4.0 / (float(n - 1) ** 2 * d))
         # The coefficient scales the small factor (d×d or N×N), not the (N, d) result. The centring's Jacobian
         # (subtracting the column mean of the result) is omitted because it is exactly zero: 1ᵀ X_c = 0, so
@@ -293,7 +289,7 @@ def covariance_penalty(h: torch.Tensor, mask: torch.Tensor | None = None, gather
 
 def covariance_from_index(h: torch.Tensor, index: torch.Tensor | None, gather: bool = False) -> torch.Tensor:
     """``covariance_penalty`` on the rows of ``h`` at flat ``index`` (``None``: all rows; see ``selected_index``)."""
-    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if gather and data_parallel_world() > 1:
         # Rows travel in the model's dtype (half the bytes of float32 for bf16 models; the cast is exact either
         # way), and every rank computes the same covariance from them, so backward needs no communication.
         rows = h.reshape(-1, h.shape[-1])

@@ -136,8 +136,8 @@ def encode_example(tokenizer: Any, prompt: str, completion: str | None, max_leng
     fully determined by the template (loss ≈ 0, no new training signal, but it dilutes the mean loss of short
     replies); it is there so that a penalty with ``mask="labels"`` covers that position as well as the reply. With
     ``mask="prompt_end"`` it must be ``False``: that mask selects the token just before the first label, which is
-    the decision token only when the decision token itself is *not* labelled (``BenchConfig`` enforces this). ``mask="labels"`` is what keeps the attention-sink
-    first token out of the penalties: in SmolLM2 its residual norm is ~25 000 against ~300 for other tokens (and its
+    the decision token only when the decision token itself is *not* labelled (``BenchConfig`` enforces this).
+    ``mask="labels"`` is what keeps the attention-sink first token out of the penalties: in SmolLM2 its residual norm is ~25 000 against ~300 for other tokens (and its
     projection on the layer-12 refusal direction −2600 against |·| < 20), so with ``mask="attention"`` the penalty
     is dominated by a token that carries no information about the request."""
     p_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
