@@ -136,7 +136,7 @@ def reference_penalty_grads(model, batches, config, directions, ga, mask_policy=
         if mask_policy == "labels":
             mask = mask & (batch["labels"] != -100)
         elif mask_policy == "prompt_end":
-            # make_batches labels every row from position 2 on: its last prompt token is position 1.
+            # padded_dataset labels every row from position 2 on: its last prompt token is position 1.
             mask = torch.zeros_like(mask)
             mask[:, 1] = True
         hs = capture_layers(model, layers, batch)
