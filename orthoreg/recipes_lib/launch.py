@@ -6,7 +6,7 @@ environment variables (``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``ACCELERATE_USE_DE
 GPU launcher on a machine without GPUs, or more processes than devices, fails in about a second with a message
 naming the fix.
 
-Hydra under several ranks (``shared/notes/hf-integration.md`` §5): every rank resolves ``${now:}`` itself and may get
+Hydra under several ranks (facebookresearch/hydra#2070): every rank resolves ``${now:}`` itself and may get
 another run directory, and all ranks would write ``.hydra/``. :func:`agree_on_run_stamp` lets rank 0 pick the
 timestamp and broadcasts it (``ORTHOREG_RUN_STAMP``, read by ``hydra.run.dir`` in ``recipes/train.yaml``), and
 :func:`hydra_rank_overrides` stops non-zero ranks from writing Hydra's files. Multirun inside a launch is refused
@@ -202,7 +202,7 @@ def rank_zero_write_text(path: str | os.PathLike, text: str, info: LaunchInfo) -
 def finish(info: LaunchInfo, code: int = 0) -> None:
     """Ends a distributed rank: barrier, destroy the process group, then ``os._exit`` without interpreter teardown.
 
-    gloo ranks sometimes abort at interpreter exit after their work is done (``shared/notes/cpu-testing.md``); this
+    gloo ranks sometimes abort at interpreter exit after their work is done (SIGABRT, about 1 run in 5); this
     exit path avoids it. A single process just returns.
     """
     if not info.distributed:
