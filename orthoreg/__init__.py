@@ -1,6 +1,6 @@
 """orthoreg: training-time geometric regularisers against safety drift and emergent misalignment.
 
-Public API (see ``shared/design.md``): the loss terms ``covariance_penalty``/``projection_penalty``/
+Public API (the README documents each piece and its math): the loss terms ``covariance_penalty``/``projection_penalty``/
 ``lora_weight_penalty``, ``HarmfulDirections``, ``extract_directions``, ``OrthoRegConfig``, ``OrthoRegCallback``
 (a ``transformers.TrainerCallback``), ``OrthoLoRA`` (a PEFT/accelerate wrapper) and ``overlap_score``.
 Heavier modules are imported on first use, so ``import orthoreg`` stays light.
