@@ -1,16 +1,77 @@
-"""``OrthoRegConfig``: which layers are guarded, how strongly, and against what anchor."""
+"""``OrthoRegConfig``: which layers are guarded, how strongly, and against what anchor.
+
+The dataclass is the one schema of orthoreg's settings: Python code builds it directly, ``HfArgumentParser`` /
+``TrlParser`` read it from a command line (``orthoreg sft``), and the Hydra recipes validate their ``reg.orthoreg``
+node against it. Fields are grouped under comment headings (what is guarded, the weights, the projection's anchor,
+tokens and schedule, distributed, diagnostics); a new option is one more ``field(..., metadata={"help": ...})`` in
+its group, with its check in ``__post_init__``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from .capture import MASK_POLICIES
+from .capture import MASK_POLICIES, resolve_layers
 
 Anchor = Literal["absolute", "base_mean", "paired"]
-ANCHORS = ("absolute", "base_mean", "paired")
-NONFINITE_POLICIES = ("raise", "skip")
+Mask = Literal["attention", "labels", "prompt_end"]
+NonfinitePolicy = Literal["raise", "skip"]
+ANCHORS: tuple[str, ...] = get_args(Anchor)
+NONFINITE_POLICIES: tuple[str, ...] = get_args(NonfinitePolicy)
+assert set(get_args(Mask)) == set(MASK_POLICIES), "OrthoRegConfig.mask and capture.MASK_POLICIES disagree"
+
+# A layer selection as Python code gives it (an index, a list, a named range, a fraction slice) or as a command line
+# gives it (the same written as text: "1", "1,3", "-1", "middle_third", "2/3:"). ``None`` is in the union only so
+# that ``HfArgumentParser`` reads the flag as text (it keeps the ``str`` member of an Optional union); it is refused.
+LayerSelection = int | str | list[int | str] | None
+
+_INTEGER = re.compile(r"[+-]?\d+")
+_SELECTION_PROBE_DEPTH = 12  # any depth works to check the syntax of a named range / fraction slice
+
+
+def parse_layer_selection(value: Any) -> int | str | list[int | str]:
+    """Normalises a layer selection: text from a command line becomes the Python form ``resolve_layers`` takes.
+
+    ``"1"`` → ``1``, ``"-1"`` → ``-1``, ``"1,3"`` (or ``"[1, 3]"``) → ``[1, 3]``, ``"middle_third"`` and
+    ``"2/3:"`` stay as they are, ``"0,last_third"`` → ``[0, "last_third"]``. Ints, lists and tuples pass through
+    (list items are normalised the same way). The syntax of named ranges and fraction slices is checked here; the
+    indices are checked against the model when the regulariser attaches.
+
+    Raises:
+        ValueError: empty text, a bool, an unknown name or an unparseable slice (the message lists the forms).
+    """
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"`layers` must be an index, a list of indices or a named range; got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("`layers` is an empty list; give at least one layer (or a named range such as 'all')")
+        items = [parse_layer_selection(item) for item in value]
+        return [x for item in items for x in (item if isinstance(item, list) else [item])]
+    if not isinstance(value, str):
+        raise ValueError(f"`layers` must be an int, a str or a list of those; got {type(value).__name__} {value!r}")
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    parts = [part.strip().strip("'\"") for part in text.split(",")]
+    if not text.strip() or any(not part for part in parts):
+        raise ValueError(f"`layers` {value!r} has an empty entry; write e.g. '1', '1,3', '-1', 'middle_third' or "
+                         "'2/3:'")
+    items: list[int | str] = []
+    for part in parts:
+        if _INTEGER.fullmatch(part):
+            items.append(int(part))
+            continue
+        try:
+            resolve_layers(part, _SELECTION_PROBE_DEPTH)
+        except ValueError as err:
+            raise ValueError(f"`layers` {value!r}: {err}") from err
+        items.append(part)
+    return items[0] if len(items) == 1 else items
 
 
 @dataclass
@@ -20,10 +81,15 @@ class OrthoRegConfig:
     The total loss is ``task_loss + w(t) · (cov_weight · Σ_ℓ cov(h_ℓ) + proj_weight · Σ_ℓ proj(h_ℓ)
     [+ lora_weight · Σ lora_proj])`` where ℓ ranges over ``layers`` and w(t) is the warm-up factor.
 
+    Every field carries a help text, so ``HfArgumentParser(OrthoRegConfig)`` makes a command line of it
+    (``--layers 1,3 --proj_weight 0.5 --anchor paired``); ``orthoreg sft`` offers the same fields as
+    ``--orthoreg_<field>``.
+
     Args:
         layers (`int | str | list`, *optional*, defaults to `"middle_third"`):
             Decoder layers to guard: an index, a negative index, a list, a named range (``"last_third"``,
-            ``"all"``, …) or a fraction slice ``"a:b"``. See ``orthoreg.capture.resolve_layers``.
+            ``"all"``, …) or a fraction slice ``"a:b"``; on a command line the same written as text (``"1"``,
+            ``"1,3"``, ``"-1"``, ``"2/3:"``). See ``orthoreg.capture.resolve_layers``.
         cov_weight (`float`, *optional*, defaults to `0.0`): λ_cov, weight of the off-diagonal covariance penalty.
         proj_weight (`float`, *optional*, defaults to `1.0`): λ_proj, weight of the projection penalty; needs
             harmful directions.
@@ -56,24 +122,55 @@ class OrthoRegConfig:
             the weights.
     """
 
-    layers: Any = "middle_third"
-    cov_weight: float = field(default=0.0, metadata={"help": "λ_cov, weight of the covariance penalty"})
-    proj_weight: float = field(default=1.0, metadata={"help": "λ_proj, weight of the projection penalty"})
-    lora_weight: float = field(default=0.0, metadata={"help": "λ_lora, weight of the LoRA weight-space penalty"})
-    anchor: Anchor = field(default="base_mean", metadata={"help": "origin of the projection", "choices": ANCHORS})
-    one_sided: bool = False
-    mask: Literal["attention", "labels", "prompt_end"] = "attention"
-    warmup_steps: int = 0
-    gather: bool = False
-    calibration_batches: int = 1
-    per_layer_metrics: bool = False
-    layers_path: str | None = None
-    on_nonfinite: Literal["raise", "skip"] = "raise"
+    # ---- what is guarded
+    layers: LayerSelection = field(default="middle_third", metadata={
+        "help": "Decoder layers to guard: an index ('1'), a negative index ('-1'), a comma list ('1,3'), a named "
+                "range (all, first_half, last_half, first_third, middle_third, last_third) or a fraction slice "
+                "('2/3:')."})
+    # ---- weights (λ) of the terms
+    cov_weight: float = field(default=0.0, metadata={
+        "help": "λ_cov, weight of the off-diagonal covariance penalty (0 turns the term off)."})
+    proj_weight: float = field(default=1.0, metadata={
+        "help": "λ_proj, weight of the projection penalty onto the harmful directions (needs directions)."})
+    lora_weight: float = field(default=0.0, metadata={
+        "help": "λ_lora, weight of the LoRA weight-space penalty (OrthoLoRA in a custom loop only)."})
+    # ---- origin of the projection term
+    anchor: Anchor = field(default="base_mean", metadata={
+        "help": "Origin of the projection: absolute (‖Uh‖²), base_mean (‖Uh − r‖², r = the base model's mean "
+                "projection, recorded before any update) or paired (‖U(h − h_base)‖², h_base with the PEFT adapter "
+                "off; one extra no-grad forward per step).", "choices": ANCHORS})
+    one_sided: bool = field(default=False, metadata={
+        "help": "Penalise only movement toward the harmful side of the directions."})
+    # ---- tokens and schedule
+    mask: Mask = field(default="attention", metadata={
+        "help": "Tokens that count: attention (every non-padding token), labels (tokens whose label is not -100) "
+                "or prompt_end (each row's last prompt token; needs completion-only labels).",
+        "choices": get_args(Mask)})
+    warmup_steps: int = field(default=0, metadata={
+        "help": "Optimizer steps over which the penalty's weight ramps linearly up to 1 (0: full weight at once)."})
+    calibration_batches: int = field(default=1, metadata={
+        "help": "Micro-batches of the first optimizer step that record r for anchor=base_mean (at most the "
+                "gradient-accumulation steps)."})
+    # ---- data parallel
+    gather: bool = field(default=False, metadata={
+        "help": "Compute both terms over the global batch of every data-parallel rank (covariance all-gather, "
+                "projection all-reduce) instead of each rank's own tokens."})
+    # ---- diagnostics and escape hatches
+    per_layer_metrics: bool = field(default=False, metadata={
+        "help": "Also log orthoreg/cov/layer_i and orthoreg/proj/layer_i."})
+    layers_path: str | None = field(default=None, metadata={
+        "help": "Dotted path of the decoder-layer ModuleList, for architectures the structural search does not "
+                "find (e.g. model.transformer.h)."})
+    on_nonfinite: NonfinitePolicy = field(default="raise", metadata={
+        "help": "A NaN/Inf penalty raises an error naming the layer (raise) or is dropped for that micro-batch "
+                "with a warning (skip).", "choices": NONFINITE_POLICIES})
 
     def __post_init__(self) -> None:
+        self.layers = parse_layer_selection(self.layers)
         for name in ("cov_weight", "proj_weight", "lora_weight"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value != value or value < 0 or value == float("inf"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0 \
+                    or value == float("inf"):
                 raise ValueError(f"`{name}` must be a finite number >= 0; got {value!r}")
             setattr(self, name, float(value))
         if self.cov_weight == 0 and self.proj_weight == 0 and self.lora_weight == 0:
@@ -87,12 +184,11 @@ class OrthoRegConfig:
             raise ValueError(f"`mask` must be one of {MASK_POLICIES}; got {self.mask!r}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_POLICIES}; got {self.on_nonfinite!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be an int >= 0; got {self.warmup_steps!r}")
-        if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) \
+                or self.calibration_batches < 1:
             raise ValueError(f"`calibration_batches` must be an int >= 1; got {self.calibration_batches!r}")
-        if isinstance(self.layers, tuple):
-            self.layers = list(self.layers)
 
     @property
     def needs_directions(self) -> bool:
