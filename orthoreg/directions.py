@@ -4,6 +4,11 @@ File format (``format_version`` 1): one safetensors file; tensor ``layer.<i>`` i
 the safetensors metadata key ``"orthoreg"`` holds a JSON object with ``format_version``, ``hidden_size``,
 ``num_layers``, ``model_type``, ``source_model``, ``source_revision``, ``k``, ``method``, ``pooling``,
 ``prompt_hash`` and ``separation`` (per layer). No pickle is ever read.
+
+Folder format (``save_pretrained``/``from_pretrained``/``push_to_hub``, like a model's): a folder (or Hub repo)
+holding that file as ``directions.safetensors`` and ``directions_config.json``, the same metadata as indented JSON
+for people and Hub pages. The safetensors file is authoritative; the card must agree with it (layers, k, hidden
+size, format version), so a hand-edited or mixed-up folder is refused rather than half-read.
 """
 
 from __future__ import annotations
@@ -56,6 +61,25 @@ def orthonormalize(u: torch.Tensor, name: str = "directions") -> torch.Tensor:
     return q.T.contiguous().to(torch.float32)
 
 
+def check_output_file(path: str | os.PathLike) -> None:
+    """Refuses, before anything is computed, an output file that cannot be written: its folder is missing or not
+    writable, or the path is a folder. Used by :meth:`HarmfulDirections.save` and by the CLI before extraction.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, PermissionError: naming the path and the fix.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder; give a file name (…/harmful.safetensors), or save the folder "
+                                "form with `save_pretrained`")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"cannot write {path!r}: the folder {parent!r} does not exist; create it first "
+                                f"(mkdir -p {parent}) or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write {path!r}: the folder {parent!r} is not writable")
+
+
 @dataclass
 class HarmfulDirections:
     """Harmful subspaces per decoder layer, orthonormalised on construction.
@@ -67,7 +91,10 @@ class HarmfulDirections:
 
     Example:
         >>> dirs = HarmfulDirections({10: torch.randn(1, 576)}, metadata={"source_model": "my-model"})
-        >>> dirs.save("harmful.safetensors")
+        >>> dirs.save_pretrained("harmful-directions")          # a folder, like model.save_pretrained
+        >>> dirs = HarmfulDirections.from_pretrained("harmful-directions", model=model)
+        >>> dirs.push_to_hub("my-org/my-model-harmful-directions")  # then from_pretrained("my-org/…") anywhere
+        >>> dirs.save("harmful.safetensors")                       # or one file
         >>> dirs = HarmfulDirections.load("harmful.safetensors", model=model)
     """
 
@@ -140,17 +167,100 @@ class HarmfulDirections:
                 "Extract directions from this model."
             )
 
+    def _file_metadata(self) -> dict[str, Any]:
+        return {**self.metadata, "format_version": FORMAT_VERSION, "hidden_size": self.hidden_size,
+                "layers": self.layers, "k": self.k}
+
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the safetensors file (atomically: a partial write never replaces a good file)."""
+        """Writes the safetensors file (atomically: a partial write never replaces a good file).
+
+        Raises:
+            FileNotFoundError: the folder the file goes into does not exist.
+            IsADirectoryError: ``path`` is a folder (use :meth:`save_pretrained` for the folder form).
+        """
         from safetensors.torch import save_file
 
-        meta = {**self.metadata, "format_version": FORMAT_VERSION, "hidden_size": self.hidden_size,
-                "layers": self.layers, "k": self.k}
-        tensors = {f"layer.{layer}": u.contiguous() for layer, u in self.directions.items()}
         path = os.fspath(path)
+        check_output_file(path)
+        tensors = {f"layer.{layer}": u.contiguous() for layer, u in self.directions.items()}
         tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata={"orthoreg": json.dumps(meta, sort_keys=True)})
+        save_file(tensors, tmp, metadata={"orthoreg": json.dumps(self._file_metadata(), sort_keys=True)})
         os.replace(tmp, path)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Writes the folder form (``directions.safetensors`` + ``directions_config.json``), creating the folder
+        like ``PreTrainedModel.save_pretrained``; reload it with :meth:`from_pretrained`.
+
+        Raises:
+            NotADirectoryError: ``save_directory`` exists and is a file.
+        """
+        from .directions_hub import write_folder
+
+        write_folder(self, save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_directions: str | os.PathLike,
+        *,
+        model: torch.nn.Module | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        subfolder: str | None = None,
+        force_download: bool = False,
+    ) -> HarmfulDirections:
+        """Loads directions from a folder written by :meth:`save_pretrained`, a Hub repo id, or one ``.safetensors``
+        file, with every check of :meth:`load` (no pickle; shapes, finiteness and orthonormality validated).
+
+        Args:
+            pretrained_directions (`str`): a local folder, a local ``.safetensors`` file, or a Hub model repo id
+                (``"org/name"``) holding the folder form.
+            model (`nn.Module`, *optional*): when given, the directions are checked against its width, depth and
+                family.
+            revision (`str`, *optional*): branch, tag or commit of the Hub repo.
+            cache_dir (`str`, *optional*): Hub cache folder (default: huggingface_hub's).
+            token (`str | bool`, *optional*): Hub token, for private or gated repos.
+            local_files_only (`bool`, *optional*, defaults to `False`): use only the Hub cache. Implied when
+                ``HF_HUB_OFFLINE=1``.
+            subfolder (`str`, *optional*): the folder inside the repo (or local folder) that holds the files.
+            force_download (`bool`, *optional*, defaults to `False`): fetch again even when cached.
+
+        Raises:
+            FileNotFoundError: no such folder, file or repo, a folder without ``directions.safetensors``, or (offline)
+                a repo that is not in the cache — each naming the path and the fix.
+            DirectionsError: the files are corrupt, disagree with each other, or come from another model.
+        """
+        from .directions_hub import resolve_files
+
+        weights, card = resolve_files(
+            os.fspath(pretrained_directions), revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only, subfolder=subfolder, force_download=force_download,
+        )
+        result = cls.load(weights, model=model)
+        if card is not None:
+            from .directions_hub import check_card
+
+            check_card(result, card)
+        return result
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Uploads the folder form to a Hub model repo (created if missing), like ``PreTrainedModel.push_to_hub``;
+        adds a short README model card when the repo has none. Returns huggingface_hub's ``CommitInfo``."""
+        from .directions_hub import push_folder
+
+        return push_folder(self, repo_id, commit_message=commit_message, private=private, token=token,
+                           revision=revision, create_pr=create_pr)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> HarmfulDirections:
@@ -163,6 +273,10 @@ class HarmfulDirections:
         from safetensors import SafetensorError, safe_open
 
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(
+                f"{path!r} is a folder; load the folder form with `HarmfulDirections.from_pretrained({path!r})`"
+            )
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"no directions file at {path!r}; create one with `orthoreg directions extract` or "
