@@ -1,4 +1,8 @@
-"""The ``orthoreg`` command: ``demo``, ``directions``, ``audit``; each subcommand lives in ``orthoreg.commands``."""
+"""The ``orthoreg`` command: ``demo``, ``directions``, ``audit``, ``sft``; each subcommand lives in ``orthoreg.commands``.
+
+``sft`` takes TRL's command line (``TrlParser``), so everything after ``orthoreg sft`` goes to ``orthoreg.sft``
+unparsed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("demo", "directions", "audit")
+SUBCOMMANDS = ("demo", "directions", "audit", "sft")
+PASSTHROUGH = ("sft",)  # subcommands that parse their own command line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return int(importlib.import_module(f"orthoreg.commands.{argv[0]}").run_argv(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     module = importlib.import_module(f"orthoreg.commands.{args.command}")
