@@ -32,9 +32,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .activations import StopForward, input_device
 from .capture import find_decoder_stack, layer_hidden, resolve_layers, token_mask
 from .directions import HarmfulDirections
-from .extraction import _input_device, _pad_id, _StopForward, model_context_length
+from .prompt_encoding import model_context_length, pad_token_id
 from .prompts import _read_records
 
 DEFAULT_THRESHOLDS = (0.1, 0.3)
@@ -359,13 +360,13 @@ def _masked_sums(model, stack, layers, batch, mask_policy) -> dict[int, torch.Te
         h = layer_hidden(output)
         sums[layer] = h[mask.to(h.device)].to(torch.float64).sum(dim=0).cpu()
         if layer == deepest:
-            raise _StopForward
+            raise StopForward
 
     handles = [stack.layers[i].register_forward_hook(lambda m, a, o, i=i: hook(i, m, a, o)) for i in layers]
     try:
         with torch.inference_mode():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         for handle in handles:
@@ -399,9 +400,9 @@ def task_features(
         max_length = model_context_length(model)
     encoded = encode_task_examples(tokenizer, data, max_length=max_length)
     layers = sorted(layers)
-    device = _input_device(model)
+    device = input_device(model)
     # A generator: one padded batch exists at a time.
-    batches = _task_batches(encoded, batch_size, _pad_id(tokenizer) if tokenizer is not None else 0, device)
+    batches = _task_batches(encoded, batch_size, pad_token_id(tokenizer) if tokenizer is not None else 0, device)
     n_batches = math.ceil(len(encoded) / batch_size)
     models = [model] + ([finetuned] if finetuned is not None else [])
     modes = [m.training for m in models]
@@ -417,7 +418,7 @@ def task_features(
                 f"the fine-tuned model ({tuned_stack.num_layers} layers × {tuned_stack.hidden_size}) does not match "
                 f"the base model ({stack.num_layers} × {stack.hidden_size}); compare a model with its own fine-tune"
             )
-        tuned_device = _input_device(finetuned)
+        tuned_device = input_device(finetuned)
         shift = {i: torch.zeros(stack.hidden_size, dtype=torch.float64) for i in layers}
         n_tokens = 0
         for batch in tqdm(batches, total=n_batches, desc="activation shift", disable=not progress, unit="batch"):
@@ -470,7 +471,9 @@ def overlap_score(
 
     Args:
         model (`nn.Module`): the base model (before fine-tuning); runs in eval mode on its own device.
-        directions (`HarmfulDirections` or path): harmful directions of this model; checked for compatibility.
+        directions (`HarmfulDirections` or path): harmful directions of this model — an object, a ``.safetensors``
+            file, a ``save_pretrained`` folder or a Hub repo id (see ``HarmfulDirections.from_pretrained``);
+            checked for compatibility.
         data (iterable): task examples (see :func:`encode_task_examples`) or pre-tokenized ``input_ids`` dicts.
         tokenizer (*optional*): needed for text examples.
         finetuned (`nn.Module`, *optional*): the fine-tuned model; given, the score uses the activation shift
@@ -493,7 +496,7 @@ def overlap_score(
         TaskDataError: the data cannot be tokenised or carries no labelled token.
     """
     if not isinstance(directions, HarmfulDirections):
-        directions = HarmfulDirections.load(directions)
+        directions = HarmfulDirections.from_pretrained(directions)
     stack = find_decoder_stack(model)
     directions.check_compatible(stack.hidden_size, stack.num_layers, stack.model_type)
     if finetuned is not None:

@@ -24,319 +24,36 @@ the position refusal-direction work reads); ``"mean"`` averages over all tokens 
 
 from __future__ import annotations
 
-import math
 import random
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .capture import find_decoder_stack, layer_hidden, resolve_layers, unwrap_model
-from .directions import DirectionsError, HarmfulDirections
+from .activations import PromptItem, StopForward, input_device, stream_pooled
+from .capture import find_decoder_stack, resolve_layers
+from .directions import HarmfulDirections
+from .prompt_encoding import (
+    ExtractionError,
+    UnknownTokenWarning,
+    encode_prompts,
+    model_context_length,
+    pad_token_id,
+    unknown_token_share,
+    warn_if_unknown_tokens,
+)
 from .prompts import ContrastSet, prompt_hash, validate_contrast
+from .subspaces import LayerStats, SeparationStats, subspace_directions
+
+__all__ = ["METHODS", "POOLINGS", "ExtractionError", "UnknownTokenWarning", "encode_prompts", "extract_directions",
+           "model_context_length", "unknown_token_share"]
 
 METHODS = ("diff_means", "pca_diff", "class_means")
 POOLINGS = ("last", "mean")
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
-# An eigen/singular value below this fraction of the largest means the statistic spans fewer than k dimensions.
-_RANK_RTOL = 1e-9
-# A mean difference below this fraction of the mean activation norm is numerical noise, not a direction.
-_GAP_RTOL = 1e-6
 
-
-class ExtractionError(ValueError):
-    """Extraction cannot run with these inputs (prompt too long, bad option, missing chat template, …)."""
-
-
-class _StopForward(Exception):
-    """Raised by the hook on the deepest needed layer: later layers and the LM head are never computed."""
-
-
-@dataclass
-class _Item:
-    ids: list[int]
-    side: int  # 0 = harmful, 1 = harmless
-    index: int  # position in its own list (the pair index for paired sets)
-    category: int  # harm category index, -1 for harmless prompts or unknown
-
-
-# ----------------------------------------------------------------------------------------------- tokenisation
-
-
-def model_context_length(model: nn.Module) -> int | None:
-    """The model's maximum sequence length from its config, or ``None`` when the config does not say."""
-    config = getattr(unwrap_model(model), "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    for key in _CONTEXT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def encode_prompts(
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    chat_template: bool,
-    max_length: int | None,
-    truncate: bool,
-    what: str = "prompt",
-) -> list[list[int]]:
-    """Token ids of each prompt, as a user turn with the generation prompt when ``chat_template``.
-
-    Over-long prompts (more than ``max_length`` tokens) raise, or with ``truncate=True`` keep their *last*
-    ``max_length`` tokens: the end of a prompt (and the generation prompt) is what ``pooling="last"`` reads.
-
-    Raises:
-        ExtractionError: a prompt tokenises to nothing, or is too long and ``truncate`` is off.
-    """
-    if chat_template:
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-        # The template already holds the special tokens (BOS etc.); adding them again would double them.
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    else:
-        encoded = tokenizer(list(prompts))["input_ids"]
-    out, too_long = [], []
-    for i, ids in enumerate(encoded):
-        ids = list(ids)
-        if not ids:
-            raise ExtractionError(f"{what} #{i} ({prompts[i]!r}) tokenises to no tokens")
-        if max_length is not None and len(ids) > max_length:
-            too_long.append((i, len(ids)))
-            ids = ids[-max_length:]
-        out.append(ids)
-    if too_long:
-        i, n = max(too_long, key=lambda t: t[1])
-        message = (f"{len(too_long)} {what}(s) exceed max_length={max_length} tokens (longest: #{i}, {n} tokens: "
-                   f"{prompts[i][:60]!r}…)")
-        if not truncate:
-            raise ExtractionError(
-                f"{message}; shorten them, or pass truncate=True (CLI: --truncate) to keep each prompt's last "
-                f"{max_length} tokens"
-            )
-        warnings.warn(f"{message}; kept the last {max_length} tokens of each", stacklevel=3)
-    return out
-
-
-def _pad_id(tokenizer: Any) -> int:
-    # Fallback for tokenizers without a pad token: batches are padded on the right and every padded position is
-    # masked out of pooling and comes after all real tokens, so (causal attention) the pad id never changes a
-    # result. Use the pad token, else EOS, else id 0 — and never modify the caller's tokenizer.
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _collate(items: Sequence[_Item], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(item.ids) for item in items)
-    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, item in enumerate(items):
-        input_ids[row, : len(item.ids)] = torch.tensor(item.ids, dtype=torch.long)
-        attention_mask[row, : len(item.ids)] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-# ----------------------------------------------------------------------------------------------- streaming
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
-
-
-def _stream_pooled(
-    model: nn.Module,
-    layer_modules: dict[int, nn.Module],
-    batches: Sequence[Sequence[_Item]],
-    *,
-    pooling: str,
-    pad_id: int,
-    on_batch: Callable[[Sequence[_Item], dict[int, torch.Tensor]], None],
-    progress: bool,
-    desc: str,
-) -> None:
-    """Runs ``model`` over ``batches`` and hands each batch's pooled activations (B, d) per layer to
-    ``on_batch`` (float32). Hooks are removed and the train/eval mode restored however this exits."""
-    from tqdm.auto import tqdm
-
-    device = _input_device(model)
-    deepest = max(layer_modules)
-    state: dict[str, torch.Tensor] = {}
-    pooled: dict[int, torch.Tensor] = {}
-
-    def hook(layer: int, module: nn.Module, args: Any, output: Any) -> None:
-        h = layer_hidden(output)  # (B, T, d)
-        mask = state["mask"].to(h.device)
-        if pooling == "last":
-            last = mask.sum(dim=1) - 1  # right padding: the last real token of each row
-            vec = h[torch.arange(h.shape[0], device=h.device), last].float()
-        else:
-            weights = mask.to(torch.float32).unsqueeze(-1)
-            vec = (h.float() * weights).sum(dim=1) / weights.sum(dim=1)
-        pooled[layer] = vec  # float32; the accumulators promote to float64 on their own device
-        if layer == deepest:
-            raise _StopForward
-
-    handles = [module.register_forward_hook(lambda m, a, o, i=i: hook(i, m, a, o)) for i, module in layer_modules.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-                input_ids, attention_mask = _collate(batch, pad_id, device)
-                state["mask"] = attention_mask.bool()
-                pooled.clear()
-                try:
-                    model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                except _StopForward:
-                    pass
-                missing = set(layer_modules) - set(pooled)
-                if missing:
-                    raise ExtractionError(f"decoder layers {sorted(missing)} did not run during the forward pass")
-                on_batch(batch, pooled)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-
-
-class _LayerStats:
-    """Running float64 sums for one layer. Holds O(d) numbers, plus d² for ``pca_diff`` and C·d for
-    ``class_means``; never the activations themselves."""
-
-    def __init__(self, d: int, device: torch.device, pca: bool, n_categories: int) -> None:
-        kw = {"dtype": torch.float64, "device": device}
-        self.sums = torch.zeros(2, d, **kw)  # row 0: Σ a over harmful prompts; row 1: over harmless prompts
-        self.counts = torch.zeros(2, **kw)
-        self.norm_sum = torch.zeros((), **kw)  # Σ ‖a‖ over all prompts, to judge when a mean gap is noise
-        self.diff_m2 = torch.zeros(d, d, **kw) if pca else None  # Σ_i δ_i δ_iᵀ over pairs
-        self.n_pairs = 0
-        # Per-category sums: [0, c] over harmful prompts of category c, [1, c] over their harmless partners.
-        self.cat_sums = torch.zeros(2, n_categories, d, **kw) if n_categories else None
-        self.cat_counts = torch.zeros(2, n_categories, **kw) if n_categories else None
-
-    def update(self, items: Sequence[_Item], a: torch.Tensor, paired_batch: bool) -> None:
-        a = a.to(device=self.sums.device, dtype=torch.float64)
-        side = torch.tensor([item.side for item in items], device=a.device)
-        self.sums.index_add_(0, side, a)
-        self.counts.index_add_(0, side, torch.ones_like(side, dtype=torch.float64))
-        self.norm_sum += a.norm(dim=1).sum()
-        if self.diff_m2 is not None and paired_batch:
-            m = len(items) // 2  # paired batches hold harmful[i:i+m] then harmless[i:i+m]
-            delta = a[:m] - a[m:]
-            self.diff_m2 += delta.T @ delta
-            self.n_pairs += m
-        if self.cat_sums is not None:
-            for s in (0, 1):
-                rows = [r for r, item in enumerate(items) if item.side == s and item.category >= 0]
-                if rows:
-                    cats = torch.tensor([items[r].category for r in rows], device=a.device)
-                    self.cat_sums[s].index_add_(0, cats, a[rows])
-                    self.cat_counts[s].index_add_(0, cats, torch.ones_like(cats, dtype=torch.float64))
-
-    @property
-    def means(self) -> torch.Tensor:
-        return self.sums / self.counts.clamp_min(1).unsqueeze(1)
-
-
-def _subspace(stats: _LayerStats, layer: int, method: str, k: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """The (k, d) float64 directions of one layer and method-specific diagnostics."""
-    mu_h, mu_b = stats.means
-    gap = mu_h - mu_b
-    gap_norm = gap.norm()
-    scale = stats.norm_sum / stats.counts.sum()
-    if gap_norm <= _GAP_RTOL * scale:
-        raise DirectionsError(
-            f"layer {layer}: harmful and harmless activations have the same mean (gap {gap_norm:.3g} vs activation "
-            f"norm {scale:.3g}), so there is no direction to extract; the two prompt sets are identical or the "
-            "model ignores their difference. Use distinct harmful and harmless prompts"
-        )
-    info = {"gap_norm": float(gap_norm)}
-    if method == "diff_means":
-        return (gap / gap_norm).unsqueeze(0), info
-    if method == "pca_diff":
-        m2 = stats.diff_m2 / max(stats.n_pairs, 1)
-        values, vectors = torch.linalg.eigh(m2)  # ascending
-        values, vectors = values.flip(0), vectors.flip(1)
-        rank_ok = values[k - 1] > _RANK_RTOL * values[0]
-        rows, spectrum, what = vectors[:, :k].T, values, "paired differences"
-        info["explained"] = float(values[:k].sum() / values.clamp_min(0).sum())
-    else:  # class_means
-        present = stats.cat_counts[0] > 0
-        harmful_means = stats.cat_sums[0][present] / stats.cat_counts[0][present].unsqueeze(1)
-        if bool((stats.cat_counts[1][present] > 0).all()):  # paired: each category's own harmless partners
-            harmless_means = stats.cat_sums[1][present] / stats.cat_counts[1][present].unsqueeze(1)
-        else:
-            harmless_means = mu_b.expand_as(harmful_means)
-        deltas = harmful_means - harmless_means
-        _, singular, vh = torch.linalg.svd(deltas, full_matrices=False)
-        rank_ok = singular.numel() >= k and singular[k - 1] > _RANK_RTOL * singular[0]
-        rows, spectrum, what = vh[:k], singular, f"{int(present.sum())} category mean differences"
-        info["explained"] = float((singular[:k] ** 2).sum() / (singular**2).sum())
-    if not rank_ok:
-        rank = int((spectrum > _RANK_RTOL * spectrum[0]).sum())
-        raise DirectionsError(
-            f"layer {layer}: the {what} span only {rank} dimension(s), fewer than k={k} (rank-deficient subspace); "
-            f"use k <= {rank} or more varied contrast prompts"
-        )
-    signs = torch.sign(rows @ gap)
-    rows = rows * torch.where(signs == 0, torch.ones_like(signs), signs).unsqueeze(1)  # point toward harmful
-    return rows, info
-
-
-class _SeparationStats:
-    """Held-out separation per layer.
-
-    With z = U a (the k coordinates of a prompt's activation in the subspace), c_H = U μ_H and c_B = U μ_B (training
-    class means) and w = (c_H − c_B) / ‖c_H − c_B‖, the projection p = w·z is the in-subspace mean-difference axis
-    (for k = 1, the direction itself). Reported: d' = (m_H − m_B) / sqrt((s²_H + s²_B) / 2), the standardised mean
-    difference of p between held-out harmful and harmless prompts (unbiased variances), and ``accuracy``, the
-    held-out accuracy of the nearest-class-mean classifier argmin_c ‖z − c_c‖."""
-
-    def __init__(self, u: torch.Tensor, mu_h: torch.Tensor, mu_b: torch.Tensor) -> None:
-        self.u = u  # (k, d) float64
-        self.centres = torch.stack([u @ mu_h, u @ mu_b])  # (2, k)
-        axis = self.centres[0] - self.centres[1]
-        self.axis = axis / axis.norm().clamp_min(torch.finfo(torch.float64).tiny)
-        self.s1 = torch.zeros(2, dtype=torch.float64)
-        self.s2 = torch.zeros(2, dtype=torch.float64)
-        self.n = torch.zeros(2, dtype=torch.float64)
-        self.correct = 0
-
-    def update(self, items: Sequence[_Item], a: torch.Tensor) -> None:
-        z = a.to(device=self.u.device, dtype=torch.float64) @ self.u.T  # (B, k)
-        side = torch.tensor([item.side for item in items], device=z.device)
-        p = z @ self.axis
-        for s in (0, 1):
-            ps = p[side == s].cpu()
-            self.s1[s] += ps.sum()
-            self.s2[s] += (ps**2).sum()
-            self.n[s] += ps.numel()
-        nearest = torch.cdist(z, self.centres.to(z.device)).argmin(dim=1)
-        self.correct += int((nearest == side).sum())
-
-    def summary(self) -> dict[str, float | None]:
-        mean = self.s1 / self.n
-        var = (self.s2 / self.n - mean**2).clamp_min(0) * self.n / (self.n - 1).clamp_min(1)  # unbiased
-        pooled_sd = math.sqrt(float(var.sum()) / 2)
-        d_prime = float(mean[0] - mean[1]) / pooled_sd if pooled_sd > 0 else None
-        return {"d_prime": d_prime, "accuracy": self.correct / float(self.n.sum())}
-
+# Former private names, kept for code that imported them from here before the split.
+_pad_id, _input_device, _StopForward = pad_token_id, input_device, StopForward
 
 # ----------------------------------------------------------------------------------------------- public API
 
@@ -350,7 +67,7 @@ def _split_heldout(n: int, fraction: float, rng: random.Random) -> tuple[list[in
     return sorted(order[n_test:]), sorted(order[:n_test])
 
 
-def _batches(items: list[_Item], batch_size: int, paired: bool) -> list[list[_Item]]:
+def _batches(items: list[PromptItem], batch_size: int, paired: bool) -> list[list[PromptItem]]:
     if paired:
         # Pair i's two prompts go in the same batch, harmful block first, so differences are formed per batch.
         harmful = [it for it in items if it.side == 0]
@@ -437,16 +154,22 @@ def extract_directions(
         ``model_type``, ``num_layers``, ``method``, ``pooling``, ``prompt_hash``, ``chat_template``, counts and
         ``separation`` = {layer: {"d_prime", "accuracy", "gap_norm"[, "explained"]}} (layer keys are strings).
 
+    Warns:
+        UnknownTokenWarning: more than 20 % of the prompt tokens are unknown to the tokenizer (prompts in another
+            language or vocabulary; see ``orthoreg.prompt_encoding.unknown_token_share``).
+
     Raises:
         PromptSetError: empty or unbalanced prompt sets.
         ExtractionError: a bad option, no chat template when one is required, or over-long prompts.
         DirectionsError: a layer's statistic spans fewer than k dimensions (rank-deficient subspace).
     """
+    source = "the prompts"
     # ---- options
     if isinstance(harmful, ContrastSet):
         if harmless is not None:
             raise ExtractionError("pass either a ContrastSet or two prompt lists, not both")
         contrast = harmful
+        source = contrast.source
         harmful, harmless = contrast.harmful, contrast.harmless
         categories = categories if categories is not None else contrast.categories
         paired = contrast.paired if paired is None else paired
@@ -502,11 +225,12 @@ def extract_directions(
     # ---- prompts → items, held-out split
     cat_names = sorted(set(categories)) if (categories and method == "class_means") else []
     cat_index = {c: i for i, c in enumerate(cat_names)}
+    warn_if_unknown_tokens(tokenizer, harmful + harmless, source=source)
     encode = dict(chat_template=chat_template, max_length=max_length, truncate=truncate)
     ids_h = encode_prompts(tokenizer, harmful, what="harmful prompt", **encode)
     ids_b = encode_prompts(tokenizer, harmless, what="harmless prompt", **encode)
-    items_h = [_Item(ids, 0, i, cat_index.get(categories[i], -1) if cat_names else -1) for i, ids in enumerate(ids_h)]
-    items_b = [_Item(ids, 1, i, items_h[i].category if paired else -1) for i, ids in enumerate(ids_b)]
+    items_h = [PromptItem(ids, 0, i, cat_index.get(categories[i], -1) if cat_names else -1) for i, ids in enumerate(ids_h)]
+    items_b = [PromptItem(ids, 1, i, items_h[i].category if paired else -1) for i, ids in enumerate(ids_b)]
 
     rng = random.Random(seed)
     if isinstance(heldout, (int, float)) and not isinstance(heldout, bool):
@@ -525,40 +249,40 @@ def extract_directions(
         held = heldout if isinstance(heldout, ContrastSet) else ContrastSet(*heldout)
         held_h, held_b = validate_contrast(held.harmful, held.harmless, balance=balance, source="the held-out set")
         train_items = items_h + items_b
-        eval_items = [_Item(ids, 0, i, -1) for i, ids in
+        eval_items = [PromptItem(ids, 0, i, -1) for i, ids in
                       enumerate(encode_prompts(tokenizer, held_h, what="held-out harmful prompt", **encode))]
-        eval_items += [_Item(ids, 1, i, -1) for i, ids in
+        eval_items += [PromptItem(ids, 1, i, -1) for i, ids in
                        enumerate(encode_prompts(tokenizer, held_b, what="held-out harmless prompt", **encode))]
     separation_split = "heldout" if eval_items else "train"
     eval_items = eval_items or train_items
 
     # ---- pass 1: statistics on the training prompts
-    acc_device = _input_device(model)
+    acc_device = input_device(model)
     if acc_device.type != "cuda":
         acc_device = torch.device("cpu")  # float64 is unsupported on MPS; CPU sums are cheap next to the forward
     modules = {i: stack.layers[i] for i in layer_ids}
-    stats = {i: _LayerStats(stack.hidden_size, acc_device, pair_batches, len(cat_names)) for i in layer_ids}
+    stats = {i: LayerStats(stack.hidden_size, acc_device, pair_batches, len(cat_names)) for i in layer_ids}
 
-    def accumulate(batch: Sequence[_Item], pooled: dict[int, torch.Tensor]) -> None:
+    def accumulate(batch: Sequence[PromptItem], pooled: dict[int, torch.Tensor]) -> None:
         for i in layer_ids:
             stats[i].update(batch, pooled[i], paired_batch=pair_batches)
 
-    pad_id = _pad_id(tokenizer)
-    _stream_pooled(model, modules, _batches(train_items, batch_size, pair_batches), pooling=pooling, pad_id=pad_id,
+    pad_id = pad_token_id(tokenizer)
+    stream_pooled(model, modules, _batches(train_items, batch_size, pair_batches), pooling=pooling, pad_id=pad_id,
                    on_batch=accumulate, progress=progress, desc="harmful directions")
     directions, infos = {}, {}
     for i in layer_ids:
-        rows, infos[i] = _subspace(stats[i], i, method, k)
+        rows, infos[i] = subspace_directions(stats[i], i, method, k)
         directions[i] = rows
 
     # ---- pass 2: separation on held-out prompts
-    separation = {i: _SeparationStats(directions[i], *stats[i].means) for i in layer_ids}
+    separation = {i: SeparationStats(directions[i], *stats[i].means) for i in layer_ids}
 
-    def measure(batch: Sequence[_Item], pooled: dict[int, torch.Tensor]) -> None:
+    def measure(batch: Sequence[PromptItem], pooled: dict[int, torch.Tensor]) -> None:
         for i in layer_ids:
             separation[i].update(batch, pooled[i])
 
-    _stream_pooled(model, modules, _batches(eval_items, batch_size, False), pooling=pooling, pad_id=pad_id,
+    stream_pooled(model, modules, _batches(eval_items, batch_size, False), pooling=pooling, pad_id=pad_id,
                    on_batch=measure, progress=progress, desc="separation")
 
     config = getattr(stack.lm, "config", None)
@@ -582,3 +306,4 @@ def extract_directions(
     }
     # Directions live on the CPU like a loaded file's; the consumers move them to the model's device.
     return HarmfulDirections({i: directions[i].to("cpu", torch.float32) for i in layer_ids}, metadata=metadata)
+

@@ -6,11 +6,19 @@ differ by exactly ALPHA·v; the tiny blocks add only small updates, so the true 
 |cos| > 0.9996 and angles < 0.3°.
 """
 
+import warnings
+
 import pytest
 import torch
 
 from orthoreg.directions import DirectionsError
-from orthoreg.extraction import ExtractionError, encode_prompts, extract_directions
+from orthoreg.extraction import (
+    ExtractionError,
+    UnknownTokenWarning,
+    encode_prompts,
+    extract_directions,
+    unknown_token_share,
+)
 from orthoreg.prompts import ContrastSet, PromptSetError
 from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
     SIMPLE_TEMPLATE,
@@ -199,6 +207,47 @@ def test_overlong_prompts_raise_or_truncate_from_the_left(tok, prompts):
     long_prompt = " ".join(["please"] * 70)
     with pytest.raises(ExtractionError, match="exceed max_length=64"):  # the model's context is the default limit
         extract_directions(model, tok, [long_prompt], ["please explain"], progress=False)
+
+
+def test_unknown_token_share_counts_prompt_tokens_only(tok):
+    # "please" and "explain" are in the vocabulary, "zzz" and "qqq" are not; BOS and the template are not counted.
+    coverage = unknown_token_share(tok, ["please explain zzz qqq", "please zzz"])
+    assert (coverage.n_tokens, coverage.n_unknown, coverage.unk_token) == (6, 3, "[UNK]")
+    assert coverage.unknown_share == 0.5
+    assert unknown_token_share(tok, ["please explain how to"]).unknown_share == 0.0
+
+
+def test_tokenizer_without_an_unknown_token_covers_everything():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["a tiny corpus"], vocab_size=300, min_frequency=1)
+    byte_level = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    coverage = unknown_token_share(byte_level, ["words it never saw: ünïcödé"])
+    assert coverage.n_tokens > 0 and coverage.n_unknown == 0
+
+
+def test_extraction_warns_when_prompts_are_mostly_unknown_tokens(tok, prompts):
+    model, _ = planted_model(k=1)
+    harmful, harmless, _ = prompts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownTokenWarning)  # known prompts: no warning
+        extract_directions(model, tok, harmful[:12], harmless[:12], progress=False)
+    # Each prompt gets three words the vocabulary lacks: 3 of 7-9 tokens unknown (> 20 %).
+    foreign = [f"{p} zzz yyy xxx" for p in harmful[:12]], [f"{p} zzz yyy xxx" for p in harmless[:12]]
+    with pytest.warns(UnknownTokenWarning, match=r"\d+ % of the tokens of the prompts \(72 of \d+\) are unknown"):
+        extract_directions(model, tok, *foreign, progress=False)
+
+
+def test_the_builtin_prompts_are_mostly_unknown_to_the_toy_vocabulary():
+    from orthoreg.prompts import load_builtin
+    from orthoreg.testbed.tokenizer import build_tokenizer
+
+    builtin = load_builtin("train")
+    coverage = unknown_token_share(build_tokenizer(), builtin.harmful + builtin.harmless)
+    assert 0.70 < coverage.unknown_share < 0.72  # the 71 % of issue 16
+    assert "--prompts FILE" in coverage.message()
 
 
 # ----------------------------------------------------------------------------------------------- refusals
