@@ -6,7 +6,8 @@
   separation statistics.
 - ``toy``: pairs from the toy world: the same advice question after one unsafe-code episode (the misaligned persona's
   context) vs after one safe-code episode; pooled at the ``<assistant>`` token, where the model reads the persona.
-- ``file``: ``directions.file`` (a ``HarmfulDirections`` safetensors file), checked against the model.
+- ``file``: ``directions.file``: a ``HarmfulDirections`` safetensors file, a ``save_pretrained`` folder or a Hub repo
+  id (``HarmfulDirections.from_pretrained``), checked against the model.
 - ``auto``: ``toy`` for toy-world tasks, ``builtin`` otherwise.
 
 Rank 0 extracts and writes ``<run_dir>/directions.safetensors``; the other ranks wait, then load that file, so every
@@ -64,10 +65,11 @@ def obtain_directions(cfg: Any, model, tokenizer, info: LaunchInfo, run_dir: str
     if source == "file":
         path = resolve_recipe_path(dcfg.get("file"))
         if not path:
-            raise RecipeError("directions.source=file needs `directions.file=/path/to/harmful.safetensors`")
+            raise RecipeError("directions.source=file needs `directions.file=/path/to/harmful.safetensors` (or a "
+                              "save_pretrained folder, or a Hub repo id)")
         try:
-            directions = HarmfulDirections.load(path, model=model)
-        except (FileNotFoundError, DirectionsError) as err:
+            directions = HarmfulDirections.from_pretrained(path, model=model)
+        except (OSError, DirectionsError) as err:
             raise RecipeError(f"directions.file: {err}") from err
         return directions, {"source": "file", "file": path, "layers": directions.layers, "k": directions.k}
 
