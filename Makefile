@@ -1,10 +1,11 @@
-# make demo   — set up .venv (CPU torch pinned) and run the built-in CPU demo
+# make demo   — set up .venv (CPU torch pinned, matplotlib) and run the built-in CPU demo: outputs/demo/demo.{json,png}
 # make test   — set up .venv with dev extras and run the whole suite, then the pre-5.23 transformers suite
 .PHONY: demo test test-current test-legacy lint
 
 demo:
 	bash scripts/setup.sh
-	.venv/bin/orthoreg demo
+	.venv/bin/orthoreg demo --out outputs/demo
+	@echo "demo results: outputs/demo/demo.json and outputs/demo/demo.png"
 
 test: test-current test-legacy
 

