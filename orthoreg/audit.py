@@ -36,7 +36,6 @@ from .activations import StopForward, input_device
 from .capture import find_decoder_stack, layer_hidden, resolve_layers, token_mask
 from .directions import HarmfulDirections
 from .prompt_encoding import model_context_length, pad_token_id
-from .prompts import _read_records
 
 DEFAULT_THRESHOLDS = (0.1, 0.3)
 VERDICTS = ("low", "elevated", "high")
@@ -172,19 +171,29 @@ def score_features(
 # ----------------------------------------------------------------------------------------------- task data
 
 
-def load_task_examples(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
-    """Reads task examples from ``.jsonl``/``.json``/``.csv``/``.txt`` (see :func:`encode_task_examples`)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no task data file at {path!r}")
-    try:
-        records = _read_records(path)
-    except ValueError as err:
-        raise TaskDataError(str(err)) from err
-    if os.path.splitext(path)[1].lower() == ".txt":
-        records = [{"text": r["prompt"]} for r in records]
+def load_task_examples(
+    source: str | os.PathLike, limit: int | None = None, *, split: str = "train", config: str | None = None
+) -> list[dict[str, Any]]:
+    """Reads task examples (see :func:`encode_task_examples` for the layouts) with ``datasets``: a
+    ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a ``.txt`` file (one ``{"text": line}`` per line), or a Hub
+    dataset name (``split``/``config`` of ``datasets.load_dataset``).
+
+    Raises:
+        FileNotFoundError: a local file that does not exist.
+        TaskDataError: the file or dataset cannot be read, or holds no examples.
+    """
+    from .datafiles import is_local_source, read_records
+
+    source = os.fspath(source)
+    if is_local_source(source) and not os.path.isfile(source):
+        raise FileNotFoundError(f"no task data file at {source!r}")
+    records = read_records(
+        source, split=split, config=config, error=TaskDataError,
+        fix="Export it to a local JSONL/CSV/Parquet file with `text`, `prompt`+`completion` or `messages` columns "
+            "and pass that file",
+    )
     if not records:
-        raise TaskDataError(f"{path} holds no examples")
+        raise TaskDataError(f"{source} holds no examples")
     return records[:limit] if limit else records
 
 

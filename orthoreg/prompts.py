@@ -1,21 +1,21 @@
-"""Contrast prompt sets: the built-in set, JSONL/CSV/text files, ``datasets`` names, and their validation.
+"""Contrast prompt sets: the built-in set, JSONL/JSON/CSV/Parquet/text files, ``datasets`` names, and validation.
 
 A contrast set is two lists of prompts, ``harmful`` and ``harmless``, ideally paired (the i-th harmless prompt has
 the form of the i-th harmful one, so their difference isolates harmfulness rather than wording). Every loader returns
 a :class:`ContrastSet`; :func:`validate_contrast` is the single place that refuses empty or unbalanced sets.
 
-Accepted file layouts (``.jsonl``, ``.json`` — a list of objects —, and ``.csv``):
+Files and Hub datasets are read with ``datasets.load_dataset`` (``orthoreg.datafiles``). Accepted layouts
+(``.jsonl``, ``.json`` — a list of objects —, ``.csv``, ``.parquet``, or a Hub dataset's columns):
 
 - **paired**: columns ``harmful`` and ``harmless`` (either may be empty in a row); optional ``category``, ``split``.
 - **labelled**: a text column (``prompt``, ``text``, ``instruction``, ``goal`` or ``question``) and a ``label``
   column whose values are ``harmful``/``harmless`` (also ``1``/``0``, ``true``/``false``, ``unsafe``/``safe``).
 - **one list per file** (:func:`load_prompt_list`, for ``--harmful-file``/``--harmless-file``): ``.txt`` with one
-  prompt per line, or a JSONL/JSON/CSV with one of the text columns above.
+  prompt per line, or a JSONL/JSON/CSV/Parquet file with one of the text columns above.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -175,41 +175,6 @@ def builtin_categories() -> list[str]:
 # ----------------------------------------------------------------------------------------------- files
 
 
-def _read_records(path: str) -> list[dict[str, Any]]:
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        if ext == ".jsonl":
-            records = []
-            with open(path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise PromptSetError(f"{path}:{lineno} is not valid JSON ({err.msg})") from err
-        elif ext == ".json":
-            with open(path, encoding="utf-8") as fh:
-                records = json.load(fh)
-            if isinstance(records, Mapping) and isinstance(records.get("data"), list):
-                records = records["data"]
-        elif ext == ".csv":
-            with open(path, encoding="utf-8", newline="") as fh:
-                records = list(csv.DictReader(fh))
-        elif ext == ".txt":
-            with open(path, encoding="utf-8") as fh:
-                records = [{"prompt": line.rstrip("\n")} for line in fh if line.strip()]
-        else:
-            raise PromptSetError(f"{path}: unsupported file type {ext!r}; use .jsonl, .json, .csv or .txt")
-    except json.JSONDecodeError as err:
-        raise PromptSetError(f"{path} is not valid JSON ({err.msg})") from err
-    except UnicodeDecodeError as err:
-        raise PromptSetError(f"{path} is not UTF-8 text") from err
-    if not isinstance(records, list) or not all(isinstance(r, Mapping) for r in records):
-        raise PromptSetError(f"{path}: expected a list of objects (one per prompt or prompt pair)")
-    return [dict(r) for r in records]
-
-
 def _text_column(columns: Iterable[str], source: str) -> str:
     columns = list(columns)
     for name in TEXT_COLUMNS:
@@ -287,25 +252,35 @@ def contrast_from_records(
     return ContrastSet(harmful, harmless, categories if has_categories else None, paired=paired, source=source)
 
 
+def _read_prompt_file(path: str) -> list[dict[str, Any]]:
+    from .datafiles import read_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no prompt file at {path!r}")
+    return read_file(path, error=PromptSetError)
+
+
 def load_contrast_file(path: str | os.PathLike, split: str | None = None, **columns: str) -> ContrastSet:
-    """Loads a paired or labelled contrast set from a ``.jsonl``, ``.json`` or ``.csv`` file.
+    """Loads a paired or labelled contrast set from a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file.
 
     Raises:
         FileNotFoundError: the file does not exist.
         PromptSetError: the file is malformed or has neither layout (see the module docstring).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no prompt file at {path!r}")
-    return contrast_from_records(_read_records(path), source=path, split=split, **columns)
+    return contrast_from_records(_read_prompt_file(path), source=path, split=split, **columns)
 
 
 def load_prompt_list(path: str | os.PathLike, column: str | None = None) -> list[str]:
-    """Loads one list of prompts: a ``.txt`` file (one prompt per line) or a JSONL/JSON/CSV with a text column."""
+    """Loads one list of prompts: a ``.txt`` file (one prompt per line) or a JSONL/JSON/CSV/Parquet file with a
+    text column (``column``, else the first of ``TEXT_COLUMNS`` present).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        PromptSetError: the file is malformed, empty, or has no text column.
+    """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no prompt file at {path!r}")
-    records = _read_records(path)
+    records = _read_prompt_file(path)
     if not records:
         raise PromptSetError(f"{path} holds no prompts")
     name = column or _text_column(set().union(*(r.keys() for r in records)), path)
@@ -326,22 +301,15 @@ def load_hub_contrast(name: str, split: str = "train", config: str | None = None
         PromptSetError: the dataset cannot be fetched (offline, unknown name, no access) — the message points to
             the local-file options — or has neither layout.
     """
-    try:
-        import datasets
-    except ImportError as err:  # pragma: no cover - datasets is a dependency
-        raise PromptSetError("loading a hub dataset needs `pip install datasets`") from err
-    try:
-        dataset = datasets.load_dataset(name, config, split=split)
-    except Exception as err:  # noqa: BLE001 - datasets raises many unrelated types for "not reachable"
-        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-        reason = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline else type(err).__name__
-        raise PromptSetError(
-            f"could not load the dataset {name!r} (split={split!r}): {reason}: {err}. Download it where the network "
-            "allows and export it to a local file, then pass it as a file: a JSONL/CSV with `harmful`/`harmless` "
-            "columns (CLI: --prompts FILE) or one file per side (--harmful-file/--harmless-file); or use the "
-            "built-in set (--prompts builtin)"
-        ) from err
-    return contrast_from_records(list(dataset), source=f"{name}[{split}]", **columns)
+    from .datafiles import read_hub
+
+    records = read_hub(
+        name, split=split, config=config, error=PromptSetError,
+        fix="Download it where the network allows and export it to a local file, then pass it as a file: a "
+            "JSONL/CSV/Parquet with `harmful`/`harmless` columns (CLI: --prompts FILE) or one file per side "
+            "(--harmful-file/--harmless-file); or use the built-in set (--prompts builtin)",
+    )
+    return contrast_from_records(records, source=f"{name}[{split}]", **columns)
 
 
 def load_contrast(source: str | os.PathLike | None = None, split: str = "train", **columns: str) -> ContrastSet:
@@ -351,6 +319,8 @@ def load_contrast(source: str | os.PathLike | None = None, split: str = "train",
     text = os.fspath(source)
     if os.path.exists(text):
         return load_contrast_file(text, split=split, **columns)
-    if os.path.splitext(text)[1].lower() in (".jsonl", ".json", ".csv", ".txt"):
+    from .datafiles import FILE_BUILDERS
+
+    if os.path.splitext(text)[1].lower() in FILE_BUILDERS:
         raise FileNotFoundError(f"no prompt file at {text!r}")
     return load_hub_contrast(text, split=split, **columns)

@@ -257,8 +257,43 @@ def test_load_task_examples(tmp_path):
     with pytest.raises(FileNotFoundError, match="no task data file"):
         load_task_examples(tmp_path / "missing.jsonl")
     (tmp_path / "bad.jsonl").write_text("{oops\n")
-    with pytest.raises(TaskDataError, match="not valid JSON"):
+    with pytest.raises(TaskDataError, match="bad.jsonl:1 is not valid JSON"):
         load_task_examples(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(TaskDataError, match="holds no examples"):
+        load_task_examples(tmp_path / "empty.jsonl")
+
+
+def test_task_examples_from_csv_parquet_and_a_hub_dataset(tmp_path, monkeypatch):
+    import datasets
+
+    rows = [{"prompt": "w5 w6", "completion": "w7"}, {"prompt": "w8", "completion": "w9 w10"}]
+    (tmp_path / "t.csv").write_text("prompt,completion\nw5 w6,w7\nw8,w9 w10\n")
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "t.parquet"))
+    assert load_task_examples(tmp_path / "t.csv") == rows
+    assert load_task_examples(tmp_path / "t.parquet") == rows
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_task_examples("org/task", split="validation", limit=1) == rows[:1]
+    assert calls == [("org/task", None, "validation")]
+
+
+def test_unreachable_hub_task_data_names_the_fix(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(TaskDataError, match=r"could not load the dataset 'org/task'.*offline mode is on.*local "
+                                            r"JSONL/CSV/Parquet file"):
+        load_task_examples("org/task")
 
 
 # ----------------------------------------------------------------------------------------------- report and plot

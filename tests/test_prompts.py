@@ -155,7 +155,9 @@ def test_json_list_and_prompt_lists(tmp_path):
         ("bad.jsonl", '{"harmful": "a", "harmless": "b"}\n{not json\n', r"bad.jsonl:2 is not valid JSON"),
         ("layout.jsonl", '{"question": "a"}\n', "expected columns `harmful`/`harmless`"),
         ("label.jsonl", '{"prompt": "a", "label": "maybe"}\n', "has label 'maybe'"),
-        ("table.parquet", "x", "unsupported file type"),
+        ("table.xlsx", "x", r"unsupported file type '.xlsx'; use .jsonl, .json, .csv, .parquet or .txt"),
+        ("broken.parquet", "x", "broken.parquet cannot be read as PARQUET"),
+        ("empty.csv", "", "holds no rows"),
         ("scalar.json", "3", "expected a list of objects"),
         ("empty.jsonl", "\n", "holds no rows"),
     ],
@@ -167,11 +169,75 @@ def test_file_refusals(tmp_path, name, content, match):
         load_contrast_file(path)
 
 
+PAIRS = [{"harmful": f"bad {i}", "harmless": f"good {i}", "category": "c" if i % 2 else "d"} for i in range(4)]
+
+
+def _write_all_formats(tmp_path, rows):
+    """The same rows as JSONL, JSON (a list, and {"data": [...]}), CSV and Parquet."""
+    import datasets
+
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": rows}))
+    with open(tmp_path / "t.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "t.parquet"))
+    return [tmp_path / n for n in ("t.jsonl", "t.json", "wrapped.json", "t.csv", "t.parquet")]
+
+
+def test_every_format_gives_the_same_contrast_set(tmp_path):
+    sets = [load_contrast(str(path)) for path in _write_all_formats(tmp_path, PAIRS)]
+    for contrast in sets:
+        assert contrast.harmful == [r["harmful"] for r in PAIRS] and contrast.harmless == [r["harmless"] for r in PAIRS]
+        assert contrast.paired and contrast.categories == ["d", "c", "d", "c"]
+
+
+def test_files_are_read_through_datasets(tmp_path, monkeypatch):
+    import datasets
+
+    real, builders = datasets.load_dataset, []
+
+    def spy(path, *args, **kwargs):
+        builders.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    for path in _write_all_formats(tmp_path, PAIRS):
+        load_contrast_file(path)
+    (tmp_path / "h.txt").write_text("one\n")
+    load_prompt_list(tmp_path / "h.txt")
+    assert builders == ["json", "json", "json", "csv", "parquet", "text"]
+
+
+def test_csv_cells_stay_text(tmp_path):
+    # As csv.DictReader read them: a number-like prompt is not turned into a number (and dropped as "not text").
+    (tmp_path / "l.csv").write_text("prompt,label\n007,1\n12,0\n,1\nhow to x,0\n")
+    contrast = load_contrast_file(tmp_path / "l.csv")
+    assert contrast.harmful == ["007"] and contrast.harmless == ["12", "how to x"]
+
+
+def test_prompt_lists_from_parquet_and_csv(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"goal": ["a", "b"], "other": [1, 2]}).to_parquet(str(tmp_path / "h.parquet"))
+    assert load_prompt_list(tmp_path / "h.parquet") == ["a", "b"]
+    (tmp_path / "h.csv").write_text("id,text\n1,first\n2,second\n")
+    assert load_prompt_list(tmp_path / "h.csv") == ["first", "second"]
+    assert load_prompt_list(tmp_path / "h.csv", column="id") == ["1", "2"]
+    with pytest.raises(PromptSetError, match=r"no prompt column; expected one of .*found \['id', 'value'\]"):
+        (tmp_path / "n.csv").write_text("id,value\n1,2\n")
+        load_prompt_list(tmp_path / "n.csv")
+
+
 def test_missing_files():
     with pytest.raises(FileNotFoundError, match="no prompt file"):
         load_contrast("/nonexistent/pairs.jsonl")
     with pytest.raises(FileNotFoundError, match="no prompt file"):
         load_prompt_list("/nonexistent/h.txt")
+    with pytest.raises(FileNotFoundError, match="no prompt file at '/nonexistent/p.parquet'"):
+        load_contrast("/nonexistent/p.parquet")
 
 
 # ----------------------------------------------------------------------------------------------- datasets hub

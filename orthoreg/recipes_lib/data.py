@@ -15,17 +15,19 @@ given as a list joins its non-empty parts with a blank line (Alpaca's optional `
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orthoreg.datafiles import hub_offline
+
 from .config import resolve_recipe_path, to_container
 from .errors import RecipeError
 
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+# Task files a recipe reads (orthoreg.datafiles reads them with datasets; .txt lines are no task layout).
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -81,20 +83,14 @@ def _expected_columns(task_cfg: Any) -> str:
     return f"{listed} (or `prompt`/`completion`, or `messages`)"
 
 
-def _offline() -> bool:
-    return any(str(os.environ.get(v, "")).lower() in ("1", "true", "yes")
-               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-
-
 def _read_local(path: str) -> list[dict[str, Any]]:
-    from datasets import load_dataset
+    from orthoreg.datafiles import read_file
 
     suffix = Path(path).suffix.lower()
     if suffix not in _FILE_BUILDERS:
         raise RecipeError(f"`task.local_file` {path}: unsupported file type {suffix!r}; use one of "
                           f"{sorted(_FILE_BUILDERS)}")
-    dataset = load_dataset(_FILE_BUILDERS[suffix], data_files=path, split="train")
-    return [dict(row) for row in dataset]
+    return read_file(path, error=RecipeError)
 
 
 def _read_hub(task_cfg: Any) -> list[dict[str, Any]]:
@@ -110,7 +106,7 @@ def _read_hub(task_cfg: Any) -> list[dict[str, Any]]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = f"{path}" + (f" (config {spec.get('name')!r})" if spec.get("name") else "")
         offline = ("This machine is offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) and the dataset is not in the "
-                   "local cache. " if _offline() else "")
+                   "local cache. " if hub_offline() else "")
         raise RecipeError(
             f"task {task_cfg.get('name')!r} needs the Hub dataset {where}, split {spec.get('split', 'train')!r}, "
             f"which could not be loaded ({type(err).__name__}: {first}). {offline}Provide a local copy: "
