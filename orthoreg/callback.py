@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
+import warnings
 from typing import Any
 
 import torch.distributed as dist
@@ -57,13 +59,15 @@ class OrthoRegCallback(TrainerCallback):
             raise TypeError(f"OrthoRegCallback needs an OrthoRegConfig; got {type(config).__name__}")
         self.config = config
         self.directions = directions
-        self.regularizer = OrthoRegularizer(config, directions, mode="inject")
+        # Health is checked once per optimizer step, in on_pre_optimizer_step (one host sync), not per micro-batch.
+        self.regularizer = OrthoRegularizer(config, directions, mode="inject", check="step")
         self._saved_calibration = False
         self._steps_in_epoch: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         _move_ahead_of_reporters(self)
+        _detach_when_train_exits(self)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                        **kwargs):
@@ -77,7 +81,18 @@ class OrthoRegCallback(TrainerCallback):
             raise ValueError("OrthoRegCallback received no model in on_train_begin")
         _move_ahead_of_reporters(self)
         if not self.regularizer.attached:
+            for stale in self.regularizer.others_attached(model):
+                if stale.owner is not state:  # another train() run's, left behind when it raised
+                    warnings.warn(
+                        "removing the hooks of an earlier OrthoRegCallback on this model whose train() did not "
+                        "finish (it raised); they would otherwise inject their penalty a second time",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+                    stale.detach()
             self.regularizer.attach(model)
+        self.regularizer.owner = state
+        self.regularizer.health.reset()
         self._steps_in_epoch = _length(kwargs.get("train_dataloader"))
         self.regularizer.grad_scale = accumulation_scale(args, state, self._steps_in_epoch)
         self.regularizer.step = state.global_step
@@ -96,6 +111,10 @@ class OrthoRegCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.regularizer.step = state.global_step
         self.regularizer.grad_scale = accumulation_scale(args, state, self._steps_in_epoch)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # The step's one host sync: a NaN/Inf or ill-conditioned penalty raises here, before the update.
+        self.regularizer.check_step()
 
     def on_step_end(self, args, state, control, **kwargs):
         # Written into TrainerState so every later checkpoint's trainer_state.json (JSON, no pickle) carries it.
@@ -166,6 +185,47 @@ def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
         values = [m[key] for m in gathered if key in m]
         reduced[key] = sum(values) if key == "skipped" else sum(values) / len(values)
     return reduced
+
+
+def _find_trainer(callback: TrainerCallback) -> Any:
+    """The Trainer whose callback handler holds ``callback`` (through the garbage collector's referrers; a
+    callback has no reference to its Trainer), or ``None``."""
+    for handler_list in gc.get_referrers(callback):
+        if not isinstance(handler_list, list):
+            continue
+        for handler in gc.get_referrers(handler_list):
+            if type(handler).__name__ != "CallbackHandler":
+                continue
+            for owner in gc.get_referrers(handler):
+                # Python < 3.12 keeps instance attributes in a dict that refers to the handler; later versions
+                # may refer to the handler from the Trainer object itself.
+                candidates = gc.get_referrers(owner) if isinstance(owner, dict) else [owner]
+                for trainer in candidates:
+                    if getattr(trainer, "callback_handler", None) is handler and callable(getattr(trainer, "train", None)):
+                        return trainer
+    return None
+
+
+def _detach_when_train_exits(callback: OrthoRegCallback) -> None:
+    """Wraps the Trainer's ``train`` so that orthoreg's hooks are removed however it exits: ``on_train_end`` runs
+    only when training finishes, and hooks left behind by an exception would regularise whatever trains the model
+    next (a plain Trainer, or a second OrthoRegCallback, which would then inject twice)."""
+    trainer = _find_trainer(callback)
+    if trainer is None or getattr(trainer.train, "_orthoreg_detaching", False):
+        return
+    train = trainer.train
+
+    @functools.wraps(train)
+    def train_then_detach(*args, **kwargs):
+        try:
+            return train(*args, **kwargs)
+        finally:
+            for item in trainer.callback_handler.callbacks:
+                if isinstance(item, OrthoRegCallback):
+                    item.regularizer.detach()
+
+    train_then_detach._orthoreg_detaching = True
+    trainer.train = train_then_detach
 
 
 def _move_ahead_of_reporters(callback: TrainerCallback) -> None:

@@ -1,4 +1,4 @@
-"""The loss terms of orthoreg as pure tensor functions (the math contract of ``shared/design.md``).
+"""The loss terms of orthoreg as pure tensor functions (their exact formulas are in each docstring and the README).
 
 Every function selects the rows of ``h`` where ``mask`` is true, casts them to float32 (whatever the training
 dtype), and returns a 0-dim float32 tensor that is exactly 0 — with zero, finite gradients — when nothing is
@@ -15,6 +15,8 @@ import torch.distributed as dist
 __all__ = [
     "covariance_penalty",
     "covariance_from_index",
+    "covariance_and_condition",
+    "no_autocast",
     "projection_from_index",
     "selected_index",
     "projection_penalty",
@@ -125,18 +127,19 @@ def selected_index(mask: torch.Tensor | None, num_rows: int | None = None) -> to
     return index
 
 
-def _rows(h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """The (N, d) float32 rows of ``h`` at ``index`` (all rows when ``None``: a view when ``h`` is float32)."""
+def _rows(h: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (N, d) float32 (or ``dtype``) rows of ``h`` at ``index`` (all rows when ``None``: a view when ``h`` is
+    already of that dtype)."""
     flat = h.reshape(-1, h.shape[-1])
     if index is not None:
         flat = flat.index_select(0, index)
-    return flat.float()
+    return flat.to(dtype)
 
 
 def _centre(rows: torch.Tensor, mu: torch.Tensor, h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     """``rows - mu`` for ``rows = _rows(h, index)``: in place when those rows are a fresh copy (a token gather or a
     dtype cast; one pass, no allocation), out of place when they are a view of ``h``, which must stay untouched."""
-    is_copy = index is not None or h.dtype != torch.float32
+    is_copy = index is not None or h.dtype != rows.dtype
     return rows.sub_(mu) if is_copy else rows - mu
 
 
@@ -148,9 +151,10 @@ def _rows_grad(grad_rows: torch.Tensor, h: torch.Tensor, index: torch.Tensor | N
     return out.index_copy_(0, index, grad_rows.to(h.dtype)).view(h.shape)
 
 
-def _no_autocast(device: torch.device):
+def no_autocast(device: torch.device):
     """Float32 math inside an autocast region (mixed-precision training computes the penalties inside the model's
-    forward): without this, autocast would run the products in bf16/fp16."""
+    forward): without this, autocast would run the products in bf16/fp16. Shared by every module that multiplies
+    hidden states or weights for a penalty or a reference statistic."""
     try:
         return torch.autocast(device_type=device.type, enabled=False)
     except RuntimeError:  # a device type autocast does not know
@@ -181,81 +185,127 @@ def _symmetric_product(a: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# How many of the largest feature columns the Gram path (N < d) splits out and treats exactly (see
+# ``_OffDiagonalCovariance``). Real LLMs carry a handful of massive-activation dimensions (hundreds to thousands of
+# times the others' scale); their own squared norms would otherwise swamp the float32 difference ‖G‖² − Σ c_j².
+DOMINANT_COLUMNS = 8
+# Beyond this ratio ‖c_s‖² / off_s (the diagonal mass left in the Gram path against the off-diagonal result) the
+# float32 difference can lose more than ~1e-5 of its value; the penalty then reports itself ill-conditioned
+# (``covariance_condition``) instead of returning a number that may be far off.
+GRAM_CONDITION_LIMIT = 1e2
+
 # Cost of the covariance penalty in units of one (N, d)·(d, min(N, d)) product, forward and backward (the forward's
 # symmetric product does (b+1)/(2b) of one with b = 4 blocks at the sizes that matter; the backward is one full
-# product where autograd's generic backward of ``Xcᵀ Xc`` would take two). Read by ``scripts/bench_overhead.py``
-# for its analytic FLOP count.
+# product where autograd's generic backward of ``Xcᵀ Xc`` would take two). The Gram path's dominant-column split
+# adds 3·m/N of one product (m = ``DOMINANT_COLUMNS``), not counted. Read by ``scripts/bench_overhead.py`` for its
+# analytic FLOP count.
 COV_FORWARD_MATMULS = 0.625
 COV_BACKWARD_MATMULS = 1
+
+
+def _scaled(factor: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``factor · coef``, and exactly 0 when ``coef`` is 0 even where ``factor`` is Inf/NaN: a penalty gated off
+    (``orthoreg.health``: a non-finite micro-batch under ``on_nonfinite="skip"``) must send no gradient at all.
+    Applied to the small factor (d×d, N×N, N×k), never to the (N, d) result, so it costs nothing measurable."""
+    return torch.where(coef != 0, factor * coef, torch.zeros((), dtype=factor.dtype, device=factor.device))
 
 
 class _OffDiagonalCovariance(torch.autograd.Function):
     r"""Σ_{i≠j} C_ij² / d of the rows of ``h`` at ``index``, with a closed-form backward.
 
-    Forward: N ≥ d: S = X_cᵀX_c with its diagonal zeroed, off = ‖S‖_F²; N < d: G = X_cX_cᵀ and c_j = Σ_i X_c,ij²,
-    off = ‖G‖_F² − ‖c‖² — each O(N·d·min(N, d)), the symmetric product computed block-triangularly. Backward: ∂off/∂X_c = 4 X_c S (N ≥ d) or 4 (G X_c − X_c diag(c))
-    (N < d), one more product of the same size, then the row-mean is removed (the centring's Jacobian). Saved for
-    backward: ``h`` itself (which the model keeps alive anyway), the indices, μ, and S (d×d) or G (N×N) — never the
-    (N, d) float32 copy of the rows, which backward re-reads from ``h``.
+    Returns ``(value, condition)``; ``condition`` (not differentiable) is 0 on the N ≥ d path and the Gram path's
+    ‖c_s‖² / off_s otherwise — above ``GRAM_CONDITION_LIMIT`` the value is not trustworthy in float32.
+
+    Forward, N ≥ d: S = X_cᵀX_c with its diagonal zeroed, off = ‖S‖_F². N < d (Gram form): the m =
+    ``DOMINANT_COLUMNS`` columns with the largest c_j = Σ_i X_c,ij² form X_b (N × m), the rest X_s (their columns
+    zeroed in place), and
+
+        off = (‖X_s X_sᵀ‖_F² − Σ_{j∈s} c_j²) + 2 ‖X_sᵀ X_b‖_F² + Σ_{j≠l ∈ b} (X_bᵀ X_b)_jl²
+
+    — an exact regrouping of Σ_{j≠l} S_jl² (the first term: pairs inside s; the second: pairs across; the third:
+    pairs inside b) in which no massive column's c_j² is ever subtracted, so one dimension ×10⁴ larger than the rest
+    costs no precision (the plain ‖G‖² − Σ c_j² loses it all). Each term is O(N·d·min(N, d)) at most.
+
+    Backward: ∂off/∂X_c = 4 X_c S_off (S_off = S with a zero diagonal): N ≥ d one product; N < d, per block,
+    4 (G_s X_s − X_s diag(c_s) + X_b Pᵀ) on s and 4 (X_s P + X_b S_bb,off) on b (P = X_sᵀX_b). The centring's
+    Jacobian is exactly zero (1ᵀX_c = 0). Saved: ``h`` itself (kept alive by the model anyway), the indices, μ and
+    the small factors (S d×d, or G_s N×N, c_s, P d×m, S_bb m×m) — never the (N, d) float32 copy of the rows,
+    which backward re-reads from ``h``.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        with _no_autocast(h.device):
-            return _OffDiagonalCovariance._forward(ctx, h, index)
+    def forward(ctx, h: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype = torch.float32):
+        ctx.dtype = dtype
+        with no_autocast(h.device):
+            value, condition = _OffDiagonalCovariance._forward(ctx, h, index)
+        ctx.mark_non_differentiable(condition)
+        return value, condition
 
     @staticmethod
     def _forward(ctx, h: torch.Tensor, index: torch.Tensor | None):
-        x = _rows(h, index)
+        x = _rows(h, index, ctx.dtype)
         n, d = x.shape
         ctx.n, ctx.d = n, d
         ctx.h_meta = (h.shape, h.dtype, h.device)
         ctx.empty = n < 2  # no off-diagonal covariance (and no rows to read when n == 0): exactly 0, zero gradient
+        ctx.gram = n < d
         if ctx.empty:
-            return x.new_zeros(())
+            return x.new_zeros(()), x.new_zeros(())
         mu = x.mean(dim=0, keepdim=True)
         xc = _centre(x, mu, h, index)
         del x
         scale = 1.0 / (float(n - 1) ** 2 * d)
-        if n >= d:
+        if not ctx.gram:
             # Zero the diagonal explicitly: subtracting Σ S_ii² from ‖S‖² would cancel catastrophically in float32
             # exactly when the features are nearly decorrelated (diagonal ≫ off-diagonal), the regime we push toward.
             s = _symmetric_product(xc)  # (d, d) = Xcᵀ Xc
             s.diagonal().zero_()
             off_sq = torch.linalg.vector_norm(s).square()
             ctx.save_for_backward(h, index, mu, s)
-        else:
-            # Gram form. Here the subtraction is benign: for N < d the off-diagonal mass is ~d/N times the diagonal's.
-            g = _symmetric_product(xc.T)  # (N, N) = Xc Xcᵀ: ‖Xc Xcᵀ‖_F = ‖Xcᵀ Xc‖_F
-            col_sq = xc.square().sum(dim=0)  # (d,) the diagonal of Xcᵀ Xc
-            off_sq = torch.linalg.vector_norm(g).square() - col_sq.square().sum()
-            ctx.save_for_backward(h, index, mu, g, col_sq)
-        return off_sq * scale
+            return off_sq * scale, off_sq.new_zeros(())
+        col_sq = xc.square().sum(dim=0)  # (d,) the diagonal of Xcᵀ Xc
+        big = torch.topk(col_sq, min(DOMINANT_COLUMNS, d)).indices  # (m,) no host sync: a fixed count
+        xb = xc.index_select(1, big)  # (N, m)
+        xs = xc.index_fill_(1, big, 0.0)  # xc is this function's own copy (see _centre / _rows)
+        cs = col_sq.index_fill(0, big, 0.0)
+        g = _symmetric_product(xs.T)  # (N, N) = X_s X_sᵀ
+        inside_s = torch.linalg.vector_norm(g).square() - cs.square().sum()
+        p = xs.T @ xb  # (d, m), rows of the dominant columns are 0
+        sbb = xb.T @ xb  # (m, m)
+        sbb.diagonal().zero_()
+        off_sq = inside_s + 2.0 * torch.linalg.vector_norm(p).square() + torch.linalg.vector_norm(sbb).square()
+        condition = cs.square().sum() / inside_s.clamp_min(torch.finfo(xc.dtype).tiny)
+        if ctx.dtype == torch.float64:
+            condition = condition.new_zeros(())  # float64 has ~9 more digits than any realistic condition needs
+        ctx.save_for_backward(h, index, mu, g, cs, big, p, sbb)
+        return off_sq * scale, condition
 
     @staticmethod
-    def backward(ctx, grad):
-        with _no_autocast(grad.device):
-            return _OffDiagonalCovariance._backward(ctx, grad.float())
+    def backward(ctx, grad, _grad_condition):
+        with no_autocast(grad.device):
+            return _OffDiagonalCovariance._backward(ctx, grad.to(ctx.dtype))
 
     @staticmethod
     def _backward(ctx, grad):
         if ctx.empty:
             shape, dtype, device = ctx.h_meta
-            return torch.zeros(shape, dtype=dtype, device=device), None
+            return torch.zeros(shape, dtype=dtype, device=device), None, None
         h, index, mu, *stats = ctx.saved_tensors
         n, d = ctx.n, ctx.d
-        xc = _centre(_rows(h, index), mu, h, index)
+        xc = _centre(_rows(h, index, ctx.dtype), mu, h, index)
         coef = grad * (4.0 / (float(n - 1) ** 2 * d))
-        # The coefficient scales the small factor (d×d or N×N), not the (N, d) result. The centring's Jacobian
-        # (subtracting the column mean of the result) is omitted because it is exactly zero: 1ᵀ X_c = 0, so
-        # 1ᵀ X_c S = 0 and 1ᵀ (G X_c − X_c diag(c)) = 1ᵀ X_c X_cᵀ X_c − 0 = 0 (float rounding of μ aside).
-        if n >= d:
+        # The coefficient scales the small factors, not the (N, d) result.
+        if not ctx.gram:
             (s,) = stats
-            gx = xc @ (s * coef)
-        else:
-            g, col_sq = stats
-            gx = torch.addcmul((g * coef) @ xc, xc, col_sq * coef, value=-1.0)
-        return _rows_grad(gx, h, index), None
+            return _rows_grad(xc @ _scaled(s, coef), h, index), None, None
+        g, cs, big, p, sbb = stats
+        xb = xc.index_select(1, big)
+        xs = xc.index_fill_(1, big, 0.0)
+        g, cs, p, sbb = (_scaled(t, coef) for t in (g, cs, p, sbb))
+        gx = torch.addcmul(g @ xs, xs, cs, value=-1.0)  # dominant columns are 0 here
+        gx.addmm_(xb, p.T)  # + X_b Pᵀ: pairs (s, b) seen from s
+        gx.index_copy_(1, big, xs @ p + xb @ sbb)  # the dominant columns' own gradient
+        return _rows_grad(gx, h, index), None, None
 
 
 def covariance_penalty(h: torch.Tensor, mask: torch.Tensor | None = None, gather: bool = False) -> torch.Tensor:
@@ -288,15 +338,35 @@ def covariance_penalty(h: torch.Tensor, mask: torch.Tensor | None = None, gather
 
 
 def covariance_from_index(h: torch.Tensor, index: torch.Tensor | None, gather: bool = False) -> torch.Tensor:
-    """``covariance_penalty`` on the rows of ``h`` at flat ``index`` (``None``: all rows; see ``selected_index``)."""
+    """``covariance_penalty`` on the rows of ``h`` at flat ``index`` (``None``: all rows; see ``selected_index``).
+
+    Exact in every case: when the float32 Gram form is ill-conditioned (more than ``DOMINANT_COLUMNS`` massive
+    feature columns with N < d; see ``covariance_and_condition``) it is recomputed in float64, which costs one host
+    sync per call. Training loops that must not sync use ``covariance_and_condition`` and check the condition once
+    per optimizer step, as ``OrthoRegularizer`` does.
+    """
+    value, condition = covariance_and_condition(h, index, gather=gather)
+    if bool(condition > GRAM_CONDITION_LIMIT):
+        value, _ = covariance_and_condition(h, index, gather=gather, dtype=torch.float64)
+        value = value.float()
+    return value
+
+
+def covariance_and_condition(
+    h: torch.Tensor, index: torch.Tensor | None, gather: bool = False, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The covariance penalty of the rows of ``h`` at ``index`` and its float32 condition number, without a host
+    sync: ``condition > GRAM_CONDITION_LIMIT`` means the value may be off by more than ~1e-5 relative (only possible
+    on the Gram path, N < d, when more than ``DOMINANT_COLUMNS`` columns dominate). ``dtype=torch.float64``
+    computes exactly whatever the data, at float64 cost."""
     if gather and data_parallel_world() > 1:
         # Rows travel in the model's dtype (half the bytes of float32 for bf16 models; the cast is exact either
         # way), and every rank computes the same covariance from them, so backward needs no communication.
         rows = h.reshape(-1, h.shape[-1])
         if index is not None:
             rows = rows.index_select(0, index)
-        return _OffDiagonalCovariance.apply(gather_rows(rows, identical_loss=True).float(), None)
-    return _OffDiagonalCovariance.apply(h, index)
+        return _OffDiagonalCovariance.apply(gather_rows(rows, identical_loss=True).to(dtype), None, dtype)
+    return _OffDiagonalCovariance.apply(h, index, dtype)
 
 
 class _Projection(torch.autograd.Function):
@@ -307,7 +377,7 @@ class _Projection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, index, u, anchor, one_sided):
-        with _no_autocast(h.device):
+        with no_autocast(h.device):
             return _Projection._forward(ctx, h, index, u, anchor, one_sided)
 
     @staticmethod
@@ -329,7 +399,7 @@ class _Projection(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        with _no_autocast(grad.device):
+        with no_autocast(grad.device):
             return _Projection._backward(ctx, grad.float())
 
     @staticmethod
@@ -338,7 +408,7 @@ class _Projection(torch.autograd.Function):
             shape, dtype, device = ctx.h_meta
             return torch.zeros(shape, dtype=dtype, device=device), None, None, None, None
         h, index, u, e = ctx.saved_tensors
-        gx = (e * (grad * (2.0 / ctx.n))) @ u  # d/de of max(e, 0)² is 2 max(e, 0): the same formula
+        gx = _scaled(e, grad * (2.0 / ctx.n)) @ u  # d/de of max(e, 0)² is 2 max(e, 0): the same formula
         return _rows_grad(gx, h, index), None, None, None, None
 
 
@@ -390,7 +460,7 @@ def projection_penalty(
                 raise ValueError(f"reference r has {reference.shape[0]} entries but there are {u.shape[0]} directions")
             reference = reference.to(device=h.device, dtype=torch.float32)
         elif tuple(reference.shape) == tuple(h.shape):
-            with _no_autocast(h.device):
+            with no_autocast(h.device):
                 reference = _rows(reference.to(h.device), index) @ u.T  # U x_ref of the selected rows, (N, k)
         else:
             raise ValueError(
@@ -436,7 +506,8 @@ def lora_weight_penalty(
             f"directions have width {u.shape[1]} but this LoRA module writes {lora_b.shape[0]} features; "
             "only modules that write into the residual stream can carry the weight-space penalty"
         )
-    m = u @ lora_b.float()  # (k, r)
-    a = lora_a.float()
-    g = a @ a.T  # (r, r)
-    return float(scaling) ** 2 * ((m @ g) * m).sum()
+    with no_autocast(lora_b.device):  # it runs inside the model's forward, where autocast would pick bf16
+        m = u @ lora_b.float()  # (k, r)
+        a = lora_a.float()
+        g = a @ a.T  # (r, r)
+        return float(scaling) ** 2 * ((m @ g) * m).sum()

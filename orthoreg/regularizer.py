@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,47 +34,45 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base_mean import BaseMeanReference
 from .capture import DecoderStack, bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
 from .config import OrthoRegConfig
 from .directions import DirectionsError, HarmfulDirections
+from .health import IllConditionedPenaltyError, NonFiniteHiddenStateError, StepHealth
 from .penalties import (
-    _no_autocast,
     all_reduce_sum,
-    covariance_from_index,
+    covariance_and_condition,
     data_parallel_world,
+    no_autocast,
     projection_from_index,
-    select_tokens,
     selected_index,
+)
+from .reference import (
+    NO_GRAD_CHECKPOINT_WARNING,
+    capture_reference_layers,
+    find_peft_model,
+    lora_dropout_modules,
+    reference_forward,
+    reference_forward_active,
 )
 
 logger = logging.getLogger(__name__)
 
-# torch warns on every no-grad forward through a checkpointed layer (transformers < 5.23); reference passes are that.
-NO_GRAD_CHECKPOINT_WARNING = "None of the inputs have requires_grad=True"
-_reference_state = threading.local()
+__all__ = [
+    "IllConditionedPenaltyError",
+    "NO_GRAD_CHECKPOINT_WARNING",
+    "NonFiniteHiddenStateError",
+    "OrthoRegularizer",
+    "attached",
+    "batch_shape",
+    "capture_reference_layers",
+    "find_peft_model",
+    "reference_forward",
+    "reference_forward_active",
+]
 
-
-def reference_forward_active() -> bool:
-    """Whether a reference forward (base activations or logits, no grad) is running in this thread."""
-    return getattr(_reference_state, "depth", 0) > 0
-
-
-@contextlib.contextmanager
-def reference_forward():
-    """Marks a reference forward in progress. The flag is shared by every regulariser on every model, so two
-    regularisers on one model (e.g. orthoreg's paired anchor and LDIFS) never capture each other's reference
-    passes as training activations, nor close each other's sessions."""
-    _reference_state.depth = getattr(_reference_state, "depth", 0) + 1
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=NO_GRAD_CHECKPOINT_WARNING)
-            yield
-    finally:
-        _reference_state.depth -= 1
-
-
-class NonFiniteHiddenStateError(FloatingPointError):
-    """A guarded layer produced NaN/Inf hidden states or penalties."""
+# The regularisers attached to each LM (by id), to find the hooks of a training run that ended by an exception.
+_ATTACHED: dict[int, list[weakref.ref]] = {}
 
 
 class _InjectPenalty(torch.autograd.Function):
@@ -106,43 +104,7 @@ class _Session:
     reference: dict[int, torch.Tensor] | None = None
     index: torch.Tensor | None = None  # flat indices of the selected tokens (None: all), computed once per forward
     index_ready: bool = False
-    token_share: float | None = None  # gather=True: W·n_r/N of this forward (see OrthoRegularizer._global_token_share)
-
-
-@torch.no_grad()
-def capture_reference_layers(
-    stack: DecoderStack, layer_indices: list[int], inputs: dict[str, Any], transform=None
-) -> dict[int, torch.Tensor]:
-    """A reference forward of ``stack``'s decoder on ``inputs`` (the LM's forward kwargs): no grad, marked with
-    ``reference_forward()`` so no regulariser or monitor observes it, stopped after the deepest of
-    ``layer_indices`` (the layers above and the LM head are not needed). Returns those layers' outputs, detached
-    (or ``transform(index, h)`` of each; a layer is left out when it returns ``None``)."""
-    captured: dict[int, torch.Tensor] = {}
-    deepest = max(layer_indices)
-
-    def make_hook(index: int):
-        def hook(module, args, output):
-            if index not in captured:
-                value = layer_hidden(output).detach()
-                value = value if transform is None else transform(index, value)
-                if value is not None:
-                    captured[index] = value
-            if index == deepest:
-                raise _StopReferenceForward
-
-        return hook
-
-    hooks = [stack.layers[i].register_forward_hook(make_hook(i)) for i in layer_indices]
-    stack_inputs = {k: v for k, v in inputs.items() if k in _STACK_INPUTS and v is not None}
-    try:
-        with reference_forward():
-            stack.stack(**stack_inputs, use_cache=False)
-    except _StopReferenceForward:
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
+    token_share: float | torch.Tensor | None = None  # gather=True: W·n_r/N (see OrthoRegularizer._global_token_share)
 
 
 class OrthoRegularizer:
@@ -151,21 +113,30 @@ class OrthoRegularizer:
     Args:
         config (`OrthoRegConfig`): what to penalise and how strongly.
         directions (`HarmfulDirections`, *optional*): harmful subspaces; required when ``config.proj_weight > 0``.
-            Only guarded layers that have directions get a projection term.
+            Only guarded layers that have directions get a projection term (a warning lists the others).
         mode (`str`, *optional*, defaults to `"inject"`): ``"inject"`` adds the penalty's gradient inside the
             backward of the task loss; ``"return"`` leaves the weighted penalty in ``pending_penalty`` for the
             caller to add to its loss.
+        check (`str`, *optional*, defaults to `"forward"`): when the numerical health of the penalty (see
+            ``orthoreg.health``) is checked: after every forward (``"forward"``: one host sync each; for direct
+            use), or only when the owner calls ``check_step()`` once per optimizer step (``"step"``: what
+            ``OrthoRegCallback`` and ``OrthoLoRA`` do). Either way a NaN/Inf or ill-conditioned penalty never
+            reaches the weights unannounced.
 
     Attributes:
         grad_scale (`float`): multiplier on the penalty for the current micro-batch (the caller sets 1/GA here,
             so the regulariser is scaled like the task loss).
         step (`int`): optimizer step, for the warm-up schedule.
-        base_reference (`dict[int, Tensor]`): recorded base mean projections r per layer (``anchor="base_mean"``).
+        base_reference (`dict[int, Tensor]`): recorded base mean projections r per layer (``anchor="base_mean"``),
+            float32, always finite.
     """
 
-    def __init__(self, config: OrthoRegConfig, directions: HarmfulDirections | None = None, mode: str = "inject"):
+    def __init__(self, config: OrthoRegConfig, directions: HarmfulDirections | None = None, mode: str = "inject",
+                 check: str = "forward"):
         if mode not in ("inject", "return"):
             raise ValueError(f"mode must be 'inject' or 'return'; got {mode!r}")
+        if check not in ("forward", "step"):
+            raise ValueError(f"check must be 'forward' or 'step'; got {check!r}")
         if config.proj_weight > 0 and directions is None:
             raise ValueError(
                 "OrthoRegConfig(proj_weight > 0) needs harmful directions: pass `directions=` "
@@ -174,15 +145,17 @@ class OrthoRegularizer:
         self.config = config
         self.directions = directions
         self.mode = mode
+        self.check = check
         self.grad_scale = 1.0
         self.step = 0
-        self.base_reference: dict[int, torch.Tensor] = {}
-        self.calibration_tokens: dict[int, int] = {}
-        self.calibration_batches_seen = 0
+        self.base_mean = BaseMeanReference(config.calibration_batches, config.on_nonfinite)
         self.pending_penalty: torch.Tensor | None = None
         self.stack: DecoderStack | None = None
         self.layer_indices: list[int] = []
+        self.owner: Any = None  # who attached it (a TrainerState for OrthoRegCallback), to recognise stale hooks
+        self.health = StepHealth(config.on_nonfinite)
         self._peft_model: nn.Module | None = None
+        self._replay_dropout: list[nn.Module] = []
         self._handles: list[Any] = []
         self._session: _Session | None = None
         self._reset_metrics()
@@ -200,22 +173,36 @@ class OrthoRegularizer:
         indices = resolve_layers(self.config.layers, stack.num_layers)
         if self.directions is not None:
             self.directions.check_compatible(stack.hidden_size, stack.num_layers, stack.model_type)
-            if self.config.proj_weight > 0 and not any(i in self.directions for i in indices):
-                raise DirectionsError(
-                    f"none of the guarded layers {indices} has harmful directions (directions cover layers "
-                    f"{self.directions.layers}); set OrthoRegConfig(layers=...) to those layers"
-                )
-        peft_model = _find_peft_model(model)
+            if self.config.proj_weight > 0:
+                uncovered = [i for i in indices if i not in self.directions]
+                if len(uncovered) == len(indices):
+                    raise DirectionsError(
+                        f"none of the guarded layers {indices} has harmful directions (directions cover layers "
+                        f"{self.directions.layers}); set OrthoRegConfig(layers=...) to those layers"
+                    )
+                if uncovered:
+                    warnings.warn(
+                        f"guarded layers {uncovered} have no harmful directions (directions cover "
+                        f"{self.directions.layers}), so they get no projection term"
+                        f"{' (only the covariance)' if self.config.cov_weight > 0 else ''}; guard "
+                        "OrthoRegConfig(layers=directions.layers) or extract directions for them",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+        peft_model = find_peft_model(model)
         if self.config.anchor == "paired" and self.config.proj_weight > 0 and peft_model is None:
             raise ValueError(
                 "anchor='paired' needs the base model's activations from the same model with its adapter disabled, "
                 "so it works only with PEFT models; use anchor='base_mean' for full fine-tuning"
             )
         self.stack, self.layer_indices, self._peft_model = stack, indices, peft_model
+        if peft_model is not None and self.config.anchor == "paired":
+            self._replay_dropout = lora_dropout_modules(stack.stack)
         self._handles.append(stack.lm.register_forward_pre_hook(self._open_session, with_kwargs=True))
         for index in indices:
             self._handles.append(stack.layers[index].register_forward_hook(self._make_capture_hook(index)))
         self._handles.append(stack.stack.register_forward_hook(self._close_session))
+        _ATTACHED.setdefault(id(stack.lm), []).append(weakref.ref(self))
         return self
 
     def detach(self) -> None:
@@ -223,10 +210,22 @@ class OrthoRegularizer:
             handle.remove()
         self._handles.clear()
         self._session = None
+        if self.stack is not None:
+            refs = _ATTACHED.get(id(self.stack.lm), [])
+            refs[:] = [r for r in refs if r() is not None and r() is not self]
+            if not refs:
+                _ATTACHED.pop(id(self.stack.lm), None)
 
     @property
     def attached(self) -> bool:
         return bool(self._handles)
+
+    def others_attached(self, model: nn.Module) -> list[OrthoRegularizer]:
+        """The other regularisers of this class whose hooks are on ``model``'s LM (e.g. those of a training run that
+        ended by an exception before it could remove them)."""
+        lm = find_decoder_stack(model, layers_path=self.config.layers_path).lm
+        return [r() for r in _ATTACHED.get(id(lm), []) if r() is not None and r() is not self
+                and type(r()) is type(self) and r().attached]
 
     # ------------------------------------------------------------------ hooks
     def _open_session(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -237,7 +236,7 @@ class OrthoRegularizer:
         if not active:
             return None
         inputs = bind_forward_inputs(module, args, kwargs)
-        shape = _batch_shape(inputs)
+        shape = batch_shape(inputs)
         if shape is not None:
             self._session.mask = token_mask(inputs, shape, self.config.mask)
         if self.config.anchor == "paired" and self.config.proj_weight > 0:
@@ -269,12 +268,22 @@ class OrthoRegularizer:
                 "or skipped them (layer dropping, early exit). Guard other layers."
             )
         penalty = self._penalty(session)
+        if self.check == "forward" and self.health.pending:
+            self.check_step()
         if penalty is None:
             return None
         if self.mode == "return":
             self.pending_penalty = penalty if self.pending_penalty is None else self.pending_penalty + penalty
             return None
         return _replace_first_tensor(output, lambda x: _InjectPenalty.apply(x, penalty * self.grad_scale))
+
+    def check_step(self) -> int:
+        """Checks the numerical health of every micro-batch since the last check (one host sync); see
+        ``orthoreg.health``. Raises ``NonFiniteHiddenStateError``/``IllConditionedPenaltyError``, or returns the
+        number of micro-batches whose penalty was dropped (``on_nonfinite="skip"``)."""
+        dropped = self.health.check(self.step)
+        self._skipped += dropped
+        return dropped
 
     # ------------------------------------------------------------------ the math
     def _selected_index(self, session: _Session, h: torch.Tensor) -> torch.Tensor | None:
@@ -294,7 +303,8 @@ class OrthoRegularizer:
     def _penalty(self, session: _Session) -> torch.Tensor | None:
         cfg = self.config
         mask = session.mask
-        calibrating = cfg.anchor == "base_mean" and self._calibrating()
+        calibrating = cfg.anchor == "base_mean" and cfg.proj_weight > 0 and self._calibrating()
+        calibrated = True
         total = None
         values: dict[str, torch.Tensor] = {}
         for index in self.layer_indices:
@@ -304,18 +314,21 @@ class OrthoRegularizer:
             rows = self._selected_index(session, h)
             terms = []
             if cfg.cov_weight > 0:
-                cov = covariance_from_index(h, rows, gather=cfg.gather)
+                cov, condition = covariance_and_condition(h, rows, gather=cfg.gather)
+                self.health.record_condition(f"cov/layer_{index}", condition)
                 values[f"cov/layer_{index}"] = cov.detach()
                 terms.append(cfg.cov_weight * cov)
             if cfg.proj_weight > 0 and self.directions is not None and index in self.directions:
                 u = self.directions[index]
-                if u.device != h.device:
-                    u = self.directions.directions[index] = u.to(h.device)
+                if u.device != h.device or u.dtype != torch.float32:
+                    u = self.directions.directions[index] = u.to(device=h.device, dtype=torch.float32)
                 if calibrating:
-                    self._record_base_mean(index, h, mask, u)
+                    calibrated = self.base_mean.record(index, h, mask, u, self.step) and calibrated
                 reference = None
                 if cfg.anchor == "base_mean":
                     if index not in self.base_reference:
+                        if calibrating:  # this micro-batch was not finite: no r yet, so no projection term
+                            continue
                         raise RuntimeError(
                             f"no recorded base projection for layer {index}: calibration ran before this layer was "
                             "guarded, or a resumed run lost its orthoreg state. Call calibrate() before training, "
@@ -328,75 +341,62 @@ class OrthoRegularizer:
                     reference = session.reference[index].to(h.device)
                     if rows is not None:
                         reference = reference.index_select(0, rows)
-                proj = projection_from_index(h, _float32(u), rows, reference, one_sided=cfg.one_sided)
+                proj = projection_from_index(h, u, rows, reference, one_sided=cfg.one_sided)
                 if cfg.gather:
                     proj = proj * self._global_token_share(session, h, rows)
                 values[f"proj/layer_{index}"] = proj.detach()
                 terms.append(cfg.proj_weight * proj)
             for term in terms:
                 total = term if total is None else total + term
-        if calibrating:
-            self.calibration_batches_seen += 1
+        if calibrating and calibrated:
+            self.base_mean.batches_seen += 1
         if total is None:
             return None
-        if not torch.isfinite(total):
-            bad = [name for name, v in values.items() if not torch.isfinite(v)]
-            message = (
-                f"orthoreg penalty is not finite at step {self.step} ({', '.join(bad) or 'total'}): the guarded "
-                "hidden states contain NaN/Inf (diverging training, fp16 overflow). Lower the learning rate, use bf16 "
-                "or fp32, or set OrthoRegConfig(on_nonfinite='skip') to drop such micro-batches."
-            )
-            if self.config.on_nonfinite == "raise":
-                raise NonFiniteHiddenStateError(message)
-            logger.warning(message + " Skipping the penalty for this micro-batch.")
-            self._skipped += 1
-            return None
+        total, keep = self.health.gate(total, values)
         weighted = total * cfg.warmup_factor(self.step)
-        self._accumulate_metrics(values, weighted.detach())
+        self._accumulate_metrics({k: v * keep for k, v in values.items()}, weighted.detach(), keep)
         return weighted
 
     def _calibrating(self) -> bool:
-        return self.calibration_batches_seen < self.config.calibration_batches and self.step == 0
+        # Normally the first micro-batch(es) of step 0; later only when those held NaN/Inf under "skip".
+        return self.base_mean.calibrating(self.step)
+
+    @property
+    def base_reference(self) -> dict[int, torch.Tensor]:
+        return self.base_mean.values
+
+    @base_reference.setter
+    def base_reference(self, values: dict[int, torch.Tensor]) -> None:
+        self.base_mean.values = values
+
+    @property
+    def calibration_tokens(self) -> dict[int, int]:
+        return self.base_mean.tokens
+
+    @property
+    def calibration_batches_seen(self) -> int:
+        return self.base_mean.batches_seen
+
+    @calibration_batches_seen.setter
+    def calibration_batches_seen(self, value: int) -> None:
+        self.base_mean.batches_seen = value
 
     @torch.no_grad()
-    def _global_token_share(self, session: _Session, h: torch.Tensor, rows: torch.Tensor | None) -> float:
+    def _global_token_share(self, session: _Session, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """W·n_r/N for ``gather=True``: turns this rank's token mean into its share of the global-batch token mean
         (Σ_ranks Σ_tokens / N, N the selected tokens of all ranks), so that DDP's gradient averaging (÷W) yields the
-        gradient of the global mean, and the ranks' logged values average to it. One all-reduce per forward."""
+        gradient of the global mean, and the ranks' logged values average to it. One all-reduce per forward, kept
+        on the device (no host sync)."""
         if session.token_share is None:
             world = data_parallel_world()
             n_local = h.shape[0] * h.shape[1] if rows is None else rows.numel()
             if world == 1:
                 session.token_share = 1.0
             else:
-                n_all = int(all_reduce_sum(torch.tensor([n_local], dtype=torch.float64, device=h.device)).item())
-                session.token_share = world * n_local / n_all if n_all else 0.0
+                n_all = all_reduce_sum(torch.tensor([float(n_local)], dtype=torch.float32, device=h.device))[0]
+                session.token_share = torch.where(n_all > 0, world * n_local / n_all.clamp_min(1.0),
+                                                  torch.zeros((), device=h.device))
         return session.token_share
-
-    def _record_base_mean(self, index: int, h: torch.Tensor, mask: torch.Tensor | None, u: torch.Tensor) -> None:
-        # Token-weighted running mean of U x over the calibration micro-batches (before any optimizer update) of
-        # every data-parallel rank: one all-reduce of (Σ U x, n) per layer and calibration micro-batch, so all ranks
-        # hold the same r — the one a single process would record from the concatenated batch, and the one the
-        # checkpoint (written by rank 0) restores on every rank. A rank with no selected token still takes part.
-        coords = select_tokens(h.detach(), mask) @ u.float().T
-        if data_parallel_world() > 1:
-            sums = torch.cat([coords.double().sum(dim=0), coords.new_tensor([coords.shape[0]], dtype=torch.float64)])
-            sums = all_reduce_sum(sums)
-            n = int(sums[-1].item())
-            batch_mean = (sums[:-1] / max(n, 1)).float()
-        else:  # the float32 mean, exactly as recorded results (the toy-world studies, the demo) were computed
-            n = coords.shape[0]
-            batch_mean = coords.mean(dim=0) if n else None
-        if n == 0:
-            self.base_reference.setdefault(index, torch.zeros(u.shape[0], device=h.device))
-            return
-        seen = self.calibration_tokens.get(index, 0)
-        if seen == 0:
-            self.base_reference[index] = batch_mean
-        else:
-            prev = self.base_reference[index].to(h.device)
-            self.base_reference[index] = prev + (batch_mean - prev) * (n / (seen + n))
-        self.calibration_tokens[index] = seen + n
 
     def calibrate(self, model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> None:
         """Records the base model's mean projection r on a calibration set (``anchor="base_mean"``).
@@ -404,28 +404,26 @@ class OrthoRegularizer:
         Call before training; replaces recording from the first training batches. ``batches`` yields model
         kwargs (``input_ids``, ``attention_mask``, …) already on the model's device. Under data parallelism every
         rank must call it with the same number of batches: r is the token mean over all ranks' batches (one
-        all-reduce per layer and batch).
+        all-reduce per layer and batch). A batch with NaN/Inf hidden states raises (``on_nonfinite="raise"``) or
+        is left out with a warning (``"skip"``).
         """
         if not self.attached:
             self.attach(model)
-        self.base_reference.clear()
-        self.calibration_tokens.clear()
+        self.base_mean.clear()
         stack = self.stack
-        captured: dict[int, list] = {}
         hooks = []
         current_mask: list[torch.Tensor | None] = [None]
 
         def pre(module, args, kwargs):
             inputs = bind_forward_inputs(module, args, kwargs)
-            shape = _batch_shape(inputs)
+            shape = batch_shape(inputs)
             current_mask[0] = token_mask(inputs, shape, self.config.mask) if shape else None
 
         def make(index):
             def hook(module, args, output):
                 if self.directions is not None and index in self.directions:
-                    u = self.directions[index].to(layer_hidden(output).device)
-                    self._record_base_mean(index, layer_hidden(output), current_mask[0], u)
-                captured.setdefault(index, [])
+                    u = self.directions[index].to(device=layer_hidden(output).device, dtype=torch.float32)
+                    self.base_mean.record(index, layer_hidden(output), current_mask[0], u, self.step)
 
             return hook
 
@@ -442,38 +440,41 @@ class OrthoRegularizer:
                 h.remove()
             stack.lm.train(was_training)
         if not self.base_reference:
-            raise ValueError("calibration saw no tokens: the calibration batches are empty or all padding")
-        self.calibration_batches_seen = self.config.calibration_batches  # calibration done
+            raise ValueError("calibration saw no tokens: the calibration batches are empty, all padding, or NaN/Inf")
+        self.base_mean.finish()
 
-    @torch.no_grad()
     def _reference_hidden_states(
         self, lm: nn.Module, args: tuple, kwargs: dict, transform=None
     ) -> dict[int, torch.Tensor]:
-        """The guarded layers' outputs of the same model with its PEFT adapter disabled, on the same inputs.
+        """The guarded layers' outputs of the same model with its PEFT adapter disabled, on the same inputs and with
+        the same dropout masks as the training forward (see ``orthoreg.reference``).
 
         ``transform(index, h)``, when given, is applied to each captured output and its result stored instead (a
         layer is left out when it returns ``None``), so only what the penalty needs stays alive.
         """
         inputs = bind_forward_inputs(lm, args, kwargs)
         with self._peft_model.disable_adapter():
-            return capture_reference_layers(self.stack, self.layer_indices, inputs, transform)
+            return capture_reference_layers(self.stack, self.layer_indices, inputs, transform,
+                                            replay_lora_dropout=self._replay_dropout)
 
     def _reference_coordinates(self, index: int, h_ref: torch.Tensor) -> torch.Tensor | None:
         """U_ℓ x_ref for every token of the reference activations, (B·T, k) float32; ``None`` without directions."""
         if self.directions is None or index not in self.directions:
             return None
-        u = _float32(self.directions[index]).to(h_ref.device)
-        with _no_autocast(h_ref.device):
+        u = self.directions[index].to(device=h_ref.device, dtype=torch.float32)
+        with no_autocast(h_ref.device):
             return h_ref.reshape(-1, h_ref.shape[-1]).float() @ u.T
 
     # ------------------------------------------------------------------ metrics and state
     def _reset_metrics(self) -> None:
         self._metric_sums: dict[str, torch.Tensor] = {}
-        self._metric_count = 0
+        self._metric_count: torch.Tensor | int = 0
         self._skipped = 0
 
-    def _accumulate_metrics(self, values: dict[str, torch.Tensor], weighted_total: torch.Tensor) -> None:
-        # Kept as tensors so no device sync happens on the training path; read only at logging steps.
+    def _accumulate_metrics(self, values: dict[str, torch.Tensor], weighted_total: torch.Tensor,
+                            keep: torch.Tensor | float = 1.0) -> None:
+        # Kept as tensors so no device sync happens on the training path; read only at logging steps. ``keep`` is 0
+        # for a micro-batch whose penalty was dropped as non-finite: it does not count toward the means.
         totals: dict[str, torch.Tensor] = {"total": weighted_total}
         for name, value in values.items():
             kind = name.split("/")[0]
@@ -481,7 +482,7 @@ class OrthoRegularizer:
         totals.update(values)
         for name, value in totals.items():
             self._metric_sums[name] = self._metric_sums[name] + value if name in self._metric_sums else value
-        self._metric_count += 1
+        self._metric_count = self._metric_count + keep
 
     def pop_metrics(self, per_layer: bool | None = None) -> dict[str, float]:
         """Mean of each penalty over the micro-batches since the last call, then resets the running sums.
@@ -490,11 +491,12 @@ class OrthoRegularizer:
         ``cov/layer_i``/``proj/layer_i`` when ``per_layer``, ``skipped`` when non-finite batches were dropped.
         """
         per_layer = self.config.per_layer_metrics if per_layer is None else per_layer
-        out = {
-            name: float(value) / self._metric_count
-            for name, value in self._metric_sums.items()
-            if per_layer or "/layer_" not in name
-        }
+        names = [n for n in self._metric_sums if per_layer or "/layer_" not in n]
+        out: dict[str, float] = {}
+        count = float(self._metric_count)
+        if names and count > 0:
+            sums = torch.stack([self._metric_sums[n].float().reshape(()) for n in names]).tolist()  # one transfer
+            out = {name: value / count for name, value in zip(names, sums, strict=True)}
         if self._skipped:
             out["skipped"] = float(self._skipped)
         self._reset_metrics()
@@ -502,65 +504,16 @@ class OrthoRegularizer:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: recorded references and calibration progress (floats are exact in JSON)."""
-        return {
-            "format_version": 1,
-            "anchor": self.config.anchor,
-            "layers": self.layer_indices,
-            "base_reference": {str(k): v.detach().cpu().double().tolist() for k, v in self.base_reference.items()},
-            "calibration_tokens": {str(k): v for k, v in self.calibration_tokens.items()},
-            "calibration_batches_seen": self.calibration_batches_seen,
-        }
+        return self.base_mean.state_dict(self.config.anchor, self.layer_indices)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format_version") != 1:
-            raise ValueError(f"unknown orthoreg state format {state.get('format_version')!r}")
-        if state.get("anchor") != self.config.anchor:
-            raise ValueError(
-                f"the checkpoint's orthoreg state was recorded with anchor={state.get('anchor')!r}, but this run uses "
-                f"anchor={self.config.anchor!r}; resume with the same OrthoRegConfig"
-            )
-        if self.attached and state.get("layers") != self.layer_indices:
-            raise ValueError(
-                f"the checkpoint guarded layers {state.get('layers')}, this run guards {self.layer_indices}; "
-                "resume with the same OrthoRegConfig(layers=...)"
-            )
-        self.base_reference = {
-            int(k): torch.tensor(v, dtype=torch.float64).float() for k, v in state["base_reference"].items()
-        }
-        self.calibration_tokens = {int(k): int(v) for k, v in state["calibration_tokens"].items()}
-        self.calibration_batches_seen = int(state["calibration_batches_seen"])
-
-
-class _StopReferenceForward(Exception):
-    """Raised inside the reference forward once the deepest guarded layer has run."""
-
-
-_STACK_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "cache_position")
-
-
-def _float32(u: torch.Tensor) -> torch.Tensor:
-    return u if u.dtype == torch.float32 else u.float()
-
-
-def _find_peft_model(model: nn.Module) -> nn.Module | None:
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "disable_adapter") and hasattr(model, "get_base_model"):
-            return model
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return None
-        model = inner
-    return None
-
-
-def _batch_shape(inputs: dict[str, Any]) -> tuple[int, int] | None:
-    for key in ("input_ids", "inputs_embeds", "attention_mask", "labels"):
-        value = inputs.get(key)
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
-            return int(value.shape[0]), int(value.shape[1])
-    return None
+        """Restores ``state_dict()``'s output, validating it against this run (anchor, layers, one finite r of k
+        entries per layer with directions); a corrupt or mismatched state raises, naming the field and the fix."""
+        widths = None
+        if self.directions is not None:
+            widths = {i: int(self.directions[i].shape[0]) for i in self.directions.layers}
+        self.base_mean.load_state_dict(state, self.config.anchor, self.layer_indices if self.attached else None,
+                                       widths)
 
 
 def _replace_first_tensor(output: Any, fn) -> Any:
@@ -573,6 +526,20 @@ def _replace_first_tensor(output: Any, fn) -> Any:
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
         return (fn(output[0]),) + tuple(output[1:])
     raise TypeError(f"cannot find the hidden states in a decoder stack output of type {type(output).__name__}")
+
+
+def batch_shape(inputs: dict[str, Any]) -> tuple[int, int] | None:
+    """(B, T) of a forward call's batch, from its ``input_ids``/``inputs_embeds``/``attention_mask``/``labels``."""
+    for key in ("input_ids", "inputs_embeds", "attention_mask", "labels"):
+        value = inputs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[0]), int(value.shape[1])
+    return None
+
+
+# Names the baselines imported before these helpers became public in their owning modules.
+_batch_shape = batch_shape
+_find_peft_model = find_peft_model
 
 
 @contextlib.contextmanager

@@ -1,0 +1,196 @@
+"""The ``anchor="base_mean"`` reference: r_ℓ, the base model's mean projection U_ℓ x, recorded before any update.
+
+r is recorded on the first ``calibration_batches`` micro-batches of step 0 (or by ``calibrate()``), as the token mean
+over every data-parallel rank's selected tokens, so all ranks — and a resumed run, which restores rank 0's saved r —
+share one r. It is saved in the checkpoint as JSON (floats are exact there) and validated when loaded.
+
+r is never NaN/Inf: a calibration micro-batch whose hidden states are not finite is refused
+(``on_nonfinite="raise"``) or left out, calibration then moving to the next finite micro-batch, with a warning
+(``"skip"``). Recording syncs with the host once per layer and calibration micro-batch; it runs in the first step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from .health import NonFiniteHiddenStateError
+from .penalties import all_reduce_sum, data_parallel_world, no_autocast, select_tokens
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BaseMeanReference", "STATE_FORMAT_VERSION"]
+
+STATE_FORMAT_VERSION = 1
+
+
+class BaseMeanReference:
+    """Recorded r per guarded layer, and the progress of its calibration.
+
+    Attributes:
+        values (`dict[int, Tensor]`): r_ℓ, float32 (k,), always finite.
+        tokens (`dict[int, int]`): tokens (over all ranks) that r_ℓ averages.
+        batches_seen (`int`): calibration micro-batches recorded so far.
+        deferred (`bool`): an earlier calibration micro-batch was not finite and was left out (``"skip"``), so
+            calibration continues past step 0.
+    """
+
+    def __init__(self, calibration_batches: int, on_nonfinite: str):
+        self.calibration_batches = calibration_batches
+        self.on_nonfinite = on_nonfinite
+        self.values: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, int] = {}
+        self.batches_seen = 0
+        self.deferred = False
+
+    def calibrating(self, step: int) -> bool:
+        return self.batches_seen < self.calibration_batches and (step == 0 or self.deferred)
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.tokens.clear()
+        self.batches_seen = 0
+
+    def finish(self) -> None:
+        """Marks calibration done (``calibrate()`` recorded r on its own batches)."""
+        self.deferred = False
+        self.batches_seen = self.calibration_batches
+
+    @torch.no_grad()
+    def record(self, index: int, h: torch.Tensor, mask: torch.Tensor | None, u: torch.Tensor, step: int) -> bool:
+        """Adds one calibration micro-batch's U x to r_ℓ (a token-weighted running mean over micro-batches and
+        ranks). Returns False, recording nothing, when its coordinates are not finite on some rank."""
+        with no_autocast(h.device):  # inside an autocast forward U x would otherwise be a bf16 product
+            coords = select_tokens(h.detach(), mask) @ u.float().T
+        world = data_parallel_world()
+        finite = torch.isfinite(coords).all()
+        if world > 1:  # every rank must agree whether this micro-batch counts
+            finite = all_reduce_sum((~finite).to(torch.float32).reshape(1))[0] == 0
+        if not bool(finite):
+            self._refuse(index, step)
+            return False
+        if world > 1:
+            # One all-reduce of (Σ U x, n) per layer and calibration micro-batch; a rank with no token takes part.
+            sums = torch.cat([coords.double().sum(dim=0), coords.new_tensor([coords.shape[0]], dtype=torch.float64)])
+            sums = all_reduce_sum(sums)
+            n = int(sums[-1].item())
+            batch_mean = (sums[:-1] / max(n, 1)).float()
+        else:  # the float32 mean, exactly as recorded results (the toy-world studies, the demo) were computed
+            n = coords.shape[0]
+            batch_mean = coords.mean(dim=0) if n else None
+        if n == 0:
+            self.values.setdefault(index, torch.zeros(u.shape[0], device=h.device))
+            return True
+        seen = self.tokens.get(index, 0)
+        if seen == 0:
+            self.values[index] = batch_mean
+        else:
+            prev = self.values[index].to(h.device)
+            self.values[index] = prev + (batch_mean - prev) * (n / (seen + n))
+        self.tokens[index] = seen + n
+        if self.deferred and step > 0:
+            logger.warning(
+                "orthoreg recorded the base reference r of layer %d at step %d, after %d optimizer update(s): the "
+                "earlier calibration micro-batches held NaN/Inf hidden states", index, step, step,
+            )
+        return True
+
+    def _refuse(self, index: int, step: int) -> None:
+        message = (
+            f"orthoreg cannot record the base reference r (anchor='base_mean') of layer {index} at step {step}: "
+            "this calibration micro-batch's hidden states contain NaN/Inf, and r would stay NaN for the whole run."
+        )
+        if self.on_nonfinite == "raise":
+            raise NonFiniteHiddenStateError(
+                message + " Check the data and the model (inputs_embeds, a diverged checkpoint), call "
+                "calibrate(model, batches) on clean batches before training, or set OrthoRegConfig("
+                "on_nonfinite='skip') to calibrate on the next finite micro-batch."
+            )
+        self.values.pop(index, None)
+        self.tokens.pop(index, None)
+        self.deferred = True
+        logger.warning(message + " Calibrating on the next finite micro-batch instead (on_nonfinite='skip').")
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self, anchor: str, layers: list[int]) -> dict[str, Any]:
+        for index, r in self.values.items():
+            if not bool(torch.isfinite(r).all()):  # unreachable by construction; never write a bare NaN to JSON
+                raise NonFiniteHiddenStateError(f"orthoreg's recorded r of layer {index} is not finite: {r.tolist()}")
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "anchor": anchor,
+            "layers": layers,
+            "base_reference": {str(k): v.detach().cpu().double().tolist() for k, v in self.values.items()},
+            "calibration_tokens": {str(k): v for k, v in self.tokens.items()},
+            "calibration_batches_seen": self.batches_seen,
+        }
+
+    def load_state_dict(self, state: Any, anchor: str, layers: list[int] | None,
+                        widths: dict[int, int] | None) -> None:
+        """Validates a saved state against this run, then restores it. ``layers``: the guarded layers (``None``
+        before attaching); ``widths``: k of each layer's directions (``None`` when unknown).
+
+        Raises:
+            ValueError: naming the field that is missing, malformed, non-finite or mismatched, and the fix.
+        """
+        where = "the checkpoint's orthoreg state (trainer_state.json → stateful_callbacks.orthoreg)"
+        if not isinstance(state, dict):
+            raise ValueError(f"{where} is a {type(state).__name__}, not a JSON object: the checkpoint is corrupt")
+        if state.get("format_version") != STATE_FORMAT_VERSION:
+            raise ValueError(f"{where} has unknown format_version {state.get('format_version')!r}")
+        if state.get("anchor") != anchor:
+            raise ValueError(
+                f"{where} was recorded with anchor={state.get('anchor')!r}, but this run uses anchor={anchor!r}; "
+                "resume with the same OrthoRegConfig"
+            )
+        if layers is not None and state.get("layers") != layers:
+            raise ValueError(
+                f"{where} guarded layers {state.get('layers')}, this run guards {layers}; resume with the same "
+                "OrthoRegConfig(layers=...)"
+            )
+        raw_r, raw_n, seen = state.get("base_reference"), state.get("calibration_tokens"), \
+            state.get("calibration_batches_seen")
+        if not isinstance(raw_r, dict) or not isinstance(raw_n, dict) or not _is_count(seen):
+            raise ValueError(
+                f"{where} lacks base_reference/calibration_tokens (objects) or calibration_batches_seen (an int "
+                ">= 0): the checkpoint is corrupt; resume from another checkpoint or recalibrate"
+            )
+        values: dict[int, torch.Tensor] = {}
+        for key, r in raw_r.items():
+            index = _layer_key(key, where)
+            if layers is not None and index not in layers:
+                raise ValueError(f"{where} holds r for layer {index}, which this run does not guard ({layers})")
+            if not isinstance(r, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r):
+                raise ValueError(f"{where}: r of layer {index} must be a list of numbers; got {r!r:.80}")
+            if not all(math.isfinite(v) for v in r):
+                raise ValueError(
+                    f"{where}: r of layer {index} is not finite ({r!r:.80}); it was written by a run whose "
+                    "calibration saw NaN/Inf. Recalibrate (start from step 0, or call calibrate() before train())"
+                )
+            if widths is not None and index in widths and len(r) != widths[index]:
+                raise ValueError(
+                    f"{where}: r of layer {index} has {len(r)} entries but the directions of that layer have "
+                    f"k = {widths[index]}; resume with the directions the checkpoint was trained with"
+                )
+            values[index] = torch.tensor(r, dtype=torch.float64).float()
+        tokens = {}
+        for key, n in raw_n.items():
+            if not _is_count(n):
+                raise ValueError(f"{where}: calibration_tokens[{key!r}] must be an int >= 0; got {n!r}")
+            tokens[_layer_key(key, where)] = int(n)
+        self.values, self.tokens, self.batches_seen = values, tokens, int(seen)
+        self.deferred = False
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _layer_key(key: Any, where: str) -> int:
+    try:
+        return int(key)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {key!r} is not a layer index") from err
