@@ -1,4 +1,5 @@
-"""Shared pieces of the ``orthoreg`` subcommands: model loading, device/dtype flags, layer parsing, error exits."""
+"""Shared pieces of the ``orthoreg`` subcommands: model loading, device/dtype/revision flags, output-path checks,
+layer parsing, error exits."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="where the model runs: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', …")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="weights dtype; 'auto' = bfloat16 on a GPU that supports it, float32 otherwise")
+                        help="weights dtype; 'auto' = the checkpoint's own dtype, as transformers' "
+                             "from_pretrained(dtype='auto')")
+    parser.add_argument("--revision", default=None,
+                        help="branch, tag or commit of a Hub model (passed to from_pretrained of model and tokenizer)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model repo's own Python code (off by default: only do this for repos you trust)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--max-length", type=int, default=None,
                         help="longest sequence in tokens (default: the model's context length)")
@@ -39,11 +45,40 @@ def resolve_device(name: str) -> Any:
     return torch.device(name)
 
 
+def check_output_dir(path: str, what: str = "output folder") -> None:
+    """Refuses, before any model is loaded, an output folder that cannot be created or written: the path is a file,
+    or its nearest existing ancestor is not a writable folder. Nothing is created here.
+
+    Raises:
+        NotADirectoryError, PermissionError: naming the path and the fix.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"the {what} {path!r} is a file; give a folder path")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"cannot create the {what} {path!r}: {existing!r} is a file")
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(f"cannot write the {what} {path!r}: {existing!r} is not writable; choose another path")
+
+
 def load_model(
-    path: str, *, device: str = "auto", dtype: str = "auto", tokenizer: bool = True, quiet: bool = False
+    path: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    tokenizer: bool = True,
+    quiet: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
-    """``AutoModelForCausalLM`` (safetensors only, no remote code) in eval mode on ``device``, and its tokenizer.
-    ``quiet`` turns off transformers' progress bars for the rest of the process (a CLI run is one process).
+    """``AutoModelForCausalLM`` (safetensors only) in eval mode on ``device``, and its tokenizer.
+
+    ``dtype="auto"`` keeps the checkpoint's dtype (transformers' ``dtype="auto"``); ``revision`` and
+    ``trust_remote_code`` (off by default) go to both ``from_pretrained`` calls. ``quiet`` turns off transformers'
+    progress bars for the rest of the process (a CLI run is one process).
 
     Raises:
         CommandError: the model or tokenizer cannot be loaded, with the reason.
@@ -55,15 +90,15 @@ def load_model(
     if quiet:
         hf_logging.disable_progress_bar()
 
+    if dtype not in DTYPES:
+        raise CommandError(f"--dtype must be one of {DTYPES}; got {dtype!r}")
     target = resolve_device(device)
-    if dtype == "auto":
-        cuda_bf16 = target.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if cuda_bf16 else "float32"
+    hub = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=False, use_safetensors=True, dtype=getattr(torch, dtype)
+            path, use_safetensors=True, dtype="auto" if dtype == "auto" else getattr(torch, dtype), **hub
         )
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False) if tokenizer else None
+        tok = AutoTokenizer.from_pretrained(path, **hub) if tokenizer else None
     except (OSError, ValueError) as err:
         hint = "" if os.path.isdir(path) else " (not a local directory; hub names need network access)"
         raise CommandError(f"cannot load the model {path!r}{hint}: {err}") from err

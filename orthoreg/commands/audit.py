@@ -6,6 +6,10 @@ superposition density of the base model on the task data, a recommended configur
 anchor) as ready-to-paste code, and the verdict line (last); writes ``overlap.json`` (with ``density`` and
 ``recommendation``) and ``overlap.png`` to ``--out``.
 
+``--directions`` takes a ``.safetensors`` file, a ``save_pretrained`` folder or a Hub repo id; ``--data`` a
+JSON/JSONL/CSV/Parquet/.txt file or a Hub dataset name (read with ``datasets``). The output folder is checked
+before any model is loaded.
+
 Examples:
     orthoreg audit --model ./base --data task.jsonl --directions harmful.safetensors --out audit/
     orthoreg audit --model ./base --finetuned ./tuned --data task.jsonl --directions harmful.safetensors
@@ -22,7 +26,18 @@ import sys
 import warnings
 from typing import Any
 
-from ._common import EXIT_FLAGGED, EXIT_OK, add_model_flags, fail, load_model, parse_layers, user_errors
+from ._common import (
+    EXIT_FLAGGED,
+    EXIT_OK,
+    add_model_flags,
+    check_output_dir,
+    fail,
+    load_model,
+    parse_layers,
+    user_errors,
+)
+
+OUTPUT_FILES = ("overlap.json", "overlap.png")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -31,10 +46,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="base model directory (safetensors) or hub name")
     parser.add_argument("--data", required=True,
-                        help="task data: JSONL/JSON/CSV with text | prompt+completion | messages, or .txt lines")
-    parser.add_argument("--directions", required=True, help="harmful directions file of this model (.safetensors)")
+                        help="task data: JSONL/JSON/CSV/Parquet with text | prompt+completion | messages, .txt lines, "
+                             "or a Hub dataset name")
+    parser.add_argument("--data-split", default="train", help="split of a Hub dataset given as --data")
+    parser.add_argument("--directions", required=True,
+                        help="harmful directions of this model: .safetensors file, save_pretrained folder or Hub repo")
     parser.add_argument("--out", default="orthoreg-audit", help="directory for overlap.json and overlap.png")
     parser.add_argument("--finetuned", help="fine-tuned model: score the activation shift instead of the gradient")
+    parser.add_argument("--finetuned-revision", default=None, help="branch, tag or commit of a Hub --finetuned model")
     parser.add_argument("--layers", default=None, help="layers to score (default: every layer with directions)")
     parser.add_argument("--guard-layers", default=None,
                         help="layers the penalty would guard, marked in the plot (default: OrthoRegConfig's default)")
@@ -58,13 +77,21 @@ def _audit(args: argparse.Namespace) -> int:
     from ..audit import VERDICTS, load_task_examples, overlap_score, plot_overlap
     from ..directions import HarmfulDirections
 
-    directions = HarmfulDirections.load(args.directions)  # fail on a bad file before loading any model
-    examples = load_task_examples(args.data, limit=args.max_examples)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, quiet=args.quiet)
+    # Everything that can fail cheaply fails before any model is loaded: the output paths, the directions, the data.
+    check_output_dir(args.out, "--out folder")
+    for name in OUTPUT_FILES:
+        if os.path.isdir(os.path.join(args.out, name)):
+            raise IsADirectoryError(f"{os.path.join(args.out, name)!r} is a folder; the audit writes a file there. "
+                                    "Remove it or choose another --out")
+    directions = HarmfulDirections.from_pretrained(args.directions)
+    examples = load_task_examples(args.data, limit=args.max_examples, split=args.data_split)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, quiet=args.quiet,
+                                  revision=args.revision, trust_remote_code=args.trust_remote_code)
     finetuned = None
     if args.finetuned:
         finetuned, _ = load_model(args.finetuned, device=args.device, dtype=args.dtype, tokenizer=False,
-                                  quiet=args.quiet)
+                                  quiet=args.quiet, revision=args.finetuned_revision,
+                                  trust_remote_code=args.trust_remote_code)
     report = overlap_score(
         model, directions, examples, tokenizer, finetuned=finetuned, layers=parse_layers(args.layers),
         guarded_layers=parse_layers(args.guard_layers), batch_size=args.batch_size, max_length=args.max_length,
@@ -75,13 +102,13 @@ def _audit(args: argparse.Namespace) -> int:
     extra = _recommendation(args, model, tokenizer, directions, examples, report) if args.recommend else {}
 
     os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, "overlap.json")
+    json_path = os.path.join(args.out, OUTPUT_FILES[0])
     report.save_json(json_path)
     if extra:
         _add_to_json(json_path, {key: value.to_dict() for key, value in extra.items()})
     written = [json_path]
     try:
-        written.append(plot_overlap(report, os.path.join(args.out, "overlap.png")))
+        written.append(plot_overlap(report, os.path.join(args.out, OUTPUT_FILES[1])))
     except ImportError as err:  # the score stands without the picture
         print(f"warning: no plot written: {err}", file=sys.stderr)
 

@@ -1,11 +1,15 @@
-"""``orthoreg directions extract|show``: extract harmful directions from contrast prompts, or inspect a file.
+"""``orthoreg directions extract|show``: extract harmful directions from contrast prompts, or inspect them.
+
+``--out`` ending in ``.safetensors`` writes one file (``HarmfulDirections.save``); any other path writes the folder
+form (``save_pretrained``: directions.safetensors + directions_config.json), which ``from_pretrained`` and
+``push_to_hub`` take. Output paths are checked before the model is loaded.
 
 Examples:
-    orthoreg directions extract --model ./my-model --out harmful.safetensors --layers middle_third
-    orthoreg directions extract --model ./my-model --out h.safetensors --prompts pairs.jsonl --k 3
+    orthoreg directions extract --model ./my-model --out harmful-directions/ --layers middle_third
+    orthoreg directions extract --model org/model --revision v1.0 --out h.safetensors --prompts pairs.jsonl --k 3
     orthoreg directions extract --model ./my-model --out h.safetensors \\
         --harmful-file harmful.txt --harmless-file harmless.txt --pooling mean
-    orthoreg directions show harmful.safetensors
+    orthoreg directions show harmful-directions/      # a folder, a .safetensors file or a Hub repo id
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import argparse
 import sys
 from typing import Any
 
-from ._common import EXIT_OK, add_model_flags, fail, load_model, parse_layers, user_errors
+from ._common import EXIT_OK, add_model_flags, check_output_dir, fail, load_model, parse_layers, user_errors
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -25,13 +29,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     extract = actions.add_parser("extract", help="extract harmful directions from contrast prompts")
     extract.add_argument("--model", required=True, help="model directory (safetensors) or hub name")
-    extract.add_argument("--out", required=True, help="output .safetensors file")
+    extract.add_argument("--out", required=True,
+                         help="output: a .safetensors file, or a folder (save_pretrained form) for any other path")
     source = extract.add_argument_group("prompts (default: the built-in set, train split; test split held out)")
     source.add_argument("--prompts", default="builtin",
                         help="'builtin', a JSONL/JSON/CSV file with harmful/harmless (or prompt+label) columns, or "
                              "a `datasets` name")
     source.add_argument("--split", default="train", help="split of --prompts to extract from")
-    source.add_argument("--harmful-file", help="harmful prompts (.txt one per line, or JSONL/CSV with a prompt column)")
+    source.add_argument("--harmful-file",
+                        help="harmful prompts (.txt one per line, or JSONL/JSON/CSV/Parquet with a prompt column)")
     source.add_argument("--harmless-file", help="harmless prompts, same formats (needs --harmful-file)")
     source.add_argument("--balance", choices=("error", "truncate"), default="error",
                         help="unbalanced sets: refuse, or keep the first min(n) of each")
@@ -49,8 +55,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     options.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     add_model_flags(extract)
 
-    show = actions.add_parser("show", help="print a directions file's metadata and separation table")
-    show.add_argument("file", help="a .safetensors directions file")
+    show = actions.add_parser("show", help="print the metadata and separation table of harmful directions")
+    show.add_argument("file", help="a .safetensors directions file, a save_pretrained folder or a Hub repo id")
+    show.add_argument("--revision", default=None, help="branch, tag or commit when FILE is a Hub repo id")
     parser.set_defaults(func=run)
     return parser
 
@@ -85,19 +92,49 @@ def _contrast(args: argparse.Namespace) -> tuple[Any, Any]:
     return load_contrast(args.prompts, split=args.split), args.heldout
 
 
-def _extract(args: argparse.Namespace) -> int:
-    from ..extraction import extract_directions
+def is_single_file(out: str) -> bool:
+    """``--out x.safetensors`` is the single-file form; any other path is a ``save_pretrained`` folder."""
+    return out.endswith(".safetensors")
 
+
+def check_output(out: str) -> None:
+    """Refuses an unwritable ``--out`` before any prompt is read or model loaded."""
+    from ..directions import check_output_file
+
+    if is_single_file(out):
+        check_output_file(out)
+    else:
+        check_output_dir(out, "--out folder")
+
+
+def _extract(args: argparse.Namespace) -> int:
+    import warnings
+
+    from ..extraction import UnknownTokenWarning, extract_directions, unknown_token_share
+    from ..prompt_encoding import UNKNOWN_TOKEN_WARN_SHARE
+
+    check_output(args.out)
     contrast, heldout = _contrast(args)
     method = args.method or ("diff_means" if args.k == 1 else "pca_diff" if contrast.paired else "class_means")
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, quiet=args.quiet)
-    directions = extract_directions(
-        model, tokenizer, contrast, layers=parse_layers(args.layers), k=args.k, method=method, pooling=args.pooling,
-        batch_size=args.batch_size, max_length=args.max_length, progress=not args.quiet, heldout=heldout,
-        chat_template=False if args.no_chat_template else None, truncate=args.truncate, balance=args.balance,
-        seed=args.seed, source_model=args.model,
-    )
-    directions.save(args.out)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, quiet=args.quiet,
+                                  revision=args.revision, trust_remote_code=args.trust_remote_code)
+    coverage = unknown_token_share(tokenizer, contrast.harmful + contrast.harmless)
+    if coverage.unknown_share > UNKNOWN_TOKEN_WARN_SHARE:
+        print(f"warning: {coverage.message(contrast.source)}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownTokenWarning)  # printed above, once, as a CLI line
+        directions = extract_directions(
+            model, tokenizer, contrast, layers=parse_layers(args.layers), k=args.k, method=method,
+            pooling=args.pooling, batch_size=args.batch_size, max_length=args.max_length, progress=not args.quiet,
+            heldout=heldout, chat_template=False if args.no_chat_template else None, truncate=args.truncate,
+            balance=args.balance, seed=args.seed, source_model=args.model,
+            # The resolved commit when the model came from the Hub, else the revision asked for.
+            source_revision=getattr(model.config, "_commit_hash", None) or args.revision,
+        )
+    if is_single_file(args.out):
+        directions.save(args.out)
+    else:
+        directions.save_pretrained(args.out)
     meta = directions.metadata
     print(f"harmful directions: {len(directions.layers)} layer(s), k={directions.k}, method={meta['method']}, "
           f"pooling={meta['pooling']}, {meta['n_harmful']} harmful / {meta['n_harmless']} harmless prompts "
@@ -110,7 +147,7 @@ def _extract(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from ..directions import HarmfulDirections
 
-    directions = HarmfulDirections.load(args.file)
+    directions = HarmfulDirections.from_pretrained(args.file, revision=args.revision)
     meta = directions.metadata
     for key in ("source_model", "source_revision", "model_type", "num_layers", "method", "pooling", "prompt_hash"):
         print(f"{key}: {meta.get(key)}")

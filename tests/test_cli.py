@@ -1,0 +1,193 @@
+"""The CLI's input/output handling: output paths refused before any heavy work, the directions folder form, the
+unknown-token warning, ``--revision``/``--trust-remote-code`` passthrough and ``--dtype auto`` as in transformers."""
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+from orthoreg.commands import _common
+from orthoreg.commands import audit as audit_cmd
+from orthoreg.commands import directions as directions_cmd
+from orthoreg.directions import HarmfulDirections
+from orthoreg.directions_hub import CARD_NAME, WEIGHTS_NAME
+from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
+    SIMPLE_TEMPLATE,
+    make_tokenizer,
+    one_torch_thread,
+    planted_model,
+    planted_prompts,
+)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny planted model + chat tokenizer on disk, a paired prompt file and a task file."""
+    root = tmp_path_factory.mktemp("cli")
+    model, _ = planted_model(1)
+    tok = make_tokenizer(chat_template=SIMPLE_TEMPLATE)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    harmful, harmless, _ = planted_prompts(6)
+    with open(root / "pairs.jsonl", "w") as fh:
+        for h, b in zip(harmful, harmless, strict=True):
+            fh.write(json.dumps({"harmful": h, "harmless": b}) + "\n")
+    with open(root / "task.jsonl", "w") as fh:
+        fh.write(json.dumps({"prompt": "please explain h1", "completion": "the thing now"}) + "\n")
+    return root
+
+
+def _cli(module, argv):
+    parser = argparse.ArgumentParser(prog="orthoreg")
+    module.add_parser(parser.add_subparsers(dest="command", required=True))
+    return module.run(parser.parse_args(argv))
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails the test if a command gets as far as loading a model."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command loaded a model before checking its output paths")
+
+    monkeypatch.setattr(directions_cmd, "load_model", refuse)
+    monkeypatch.setattr(audit_cmd, "load_model", refuse)
+
+
+def _extract(saved, out, *extra):
+    return ["directions", "extract", "--model", str(saved / "model"), "--out", str(out), "--prompts",
+            str(saved / "pairs.jsonl"), "--split", "all", "--layers", "1", "--quiet", *extra]
+
+
+# ----------------------------------------------------------------------------------------------- output paths
+
+
+@pytest.mark.parametrize(
+    "out, match",
+    [
+        ("missing/dir/x.safetensors", r"the folder '.*missing/dir' does not exist; create it first \(mkdir -p"),
+        ("afile/sub/folder", r"cannot create the --out folder .*'.*afile' is a file"),
+        ("afile", r"the --out folder '.*afile' is a file"),
+        ("adir.safetensors", r"'.*adir.safetensors' is a folder; give a file name"),
+    ],
+)
+def test_extract_refuses_bad_outputs_before_loading_the_model(saved, tmp_path, capsys, no_model_loading, out,
+                                                              match):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir.safetensors").mkdir()
+    assert _cli(directions_cmd, _extract(saved, tmp_path / out)) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(OSError, match=match):
+        directions_cmd.check_output(str(tmp_path / out))
+
+
+def test_unwritable_output_folder_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permission bits: nothing to refuse then
+            return
+        with pytest.raises(PermissionError, match="is not writable"):
+            directions_cmd.check_output(str(locked / "x.safetensors"))
+        with pytest.raises(PermissionError, match="is not writable"):
+            directions_cmd.check_output(str(locked / "new" / "folder"))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_audit_refuses_bad_outputs_before_loading_the_model(saved, tmp_path, capsys, no_model_loading):
+    HarmfulDirections({1: torch.randn(1, 32)}).save(tmp_path / "d.safetensors")
+    base = ["audit", "--model", str(saved / "model"), "--data", str(saved / "task.jsonl"), "--directions",
+            str(tmp_path / "d.safetensors"), "--quiet"]
+    (tmp_path / "afile").write_text("x")
+    assert _cli(audit_cmd, [*base, "--out", str(tmp_path / "afile")]) == 2
+    assert "--out folder" in capsys.readouterr().err
+    (tmp_path / "out" / "overlap.png").mkdir(parents=True)
+    assert _cli(audit_cmd, [*base, "--out", str(tmp_path / "out")]) == 2
+    assert "overlap.png' is a folder; the audit writes a file there" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- folder form
+
+
+def test_extract_to_a_folder_then_show_and_audit_it(saved, tmp_path, capsys):
+    folder = tmp_path / "new" / "harmful-directions"
+    assert _cli(directions_cmd, _extract(saved, folder)) == 0
+    assert sorted(os.listdir(folder)) == [WEIGHTS_NAME, CARD_NAME]
+    card = json.loads((folder / CARD_NAME).read_text())
+    assert card["source_model"] == str(saved / "model") and card["layers"] == [1] and card["method"] == "diff_means"
+    capsys.readouterr()
+    assert _cli(directions_cmd, ["directions", "show", str(folder)]) == 0
+    assert "layers: [1]" in capsys.readouterr().out
+    rc = _cli(audit_cmd, ["audit", "--model", str(saved / "model"), "--data", str(saved / "task.jsonl"),
+                          "--directions", str(folder), "--out", str(tmp_path / "audit"), "--quiet", "--no-recommend"])
+    assert rc == 0 and (tmp_path / "audit" / "overlap.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- unknown tokens
+
+
+def test_extract_warns_once_when_prompts_are_mostly_unknown(saved, tmp_path, capsys):
+    harmful, harmless, _ = planted_prompts(6)
+    with open(tmp_path / "foreign.jsonl", "w") as fh:
+        for h, b in zip(harmful, harmless, strict=True):
+            fh.write(json.dumps({"harmful": f"{h} zzz yyy xxx", "harmless": f"{b} zzz yyy xxx"}) + "\n")
+    argv = ["directions", "extract", "--model", str(saved / "model"), "--out", str(tmp_path / "d.safetensors"),
+            "--prompts", str(tmp_path / "foreign.jsonl"), "--layers", "1", "--quiet"]
+    assert _cli(directions_cmd, argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("are unknown to the tokenizer ('[UNK]')") == 1 and err.startswith("warning: ")
+    assert _cli(directions_cmd, _extract(saved, tmp_path / "e.safetensors")) == 0
+    assert "unknown to the tokenizer" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- model flags
+
+
+def test_revision_and_trust_remote_code_reach_both_from_pretrained(saved, monkeypatch):
+    seen = {}
+    real_model, real_tok = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
+
+    def model_spy(path, **kwargs):
+        seen["model"] = kwargs
+        return real_model(path, **{k: v for k, v in kwargs.items() if k not in ("revision", "trust_remote_code")})
+
+    def tok_spy(path, **kwargs):
+        seen["tokenizer"] = kwargs
+        return real_tok(path)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_spy)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tok_spy)
+    parser = argparse.ArgumentParser()
+    _common.add_model_flags(parser)
+    defaults = parser.parse_args([])
+    assert defaults.trust_remote_code is False and defaults.revision is None and defaults.dtype == "auto"
+    args = parser.parse_args(["--revision", "v1.2", "--trust-remote-code"])
+    _common.load_model(str(saved / "model"), device="cpu", dtype=args.dtype, revision=args.revision,
+                       trust_remote_code=args.trust_remote_code)
+    for which in ("model", "tokenizer"):
+        assert seen[which]["revision"] == "v1.2" and seen[which]["trust_remote_code"] is True
+    assert seen["model"]["dtype"] == "auto" and seen["model"]["use_safetensors"] is True
+    _common.load_model(str(saved / "model"), device="cpu")
+    assert seen["model"]["trust_remote_code"] is False and seen["tokenizer"]["trust_remote_code"] is False
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bf16")
+    model, _ = planted_model(1)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("dtype, expected", [("auto", torch.bfloat16), ("float32", torch.float32),
+                                             ("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_dtype_auto_is_the_checkpoints_dtype(bf16_model, dtype, expected):
+    # A bfloat16 checkpoint on a CPU: "auto" keeps bfloat16, as transformers' from_pretrained(dtype="auto") does
+    # (before, "auto" meant "bfloat16 on a GPU, else float32" and loaded this checkpoint as float32).
+    model, _ = _common.load_model(str(bf16_model), device="cpu", dtype=dtype, tokenizer=False)
+    assert {p.dtype for p in model.parameters()} == {expected}
