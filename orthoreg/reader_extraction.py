@@ -181,11 +181,13 @@ def _second_moments(model: nn.Module, modules: dict[str, nn.Module], items: list
         if state["mask"] is None:
             return
         x = args[0]
-        key = id(x)  # q/k/v (and gate/up) read the same tensor: compute its rows' moment once per batch
-        if key not in state["cache"]:
+        # q/k/v (and gate/up) read the same tensor: its rows' moment is computed once per batch. The cache holds x
+        # itself, so its id cannot be reused by another tensor while the entry lives.
+        cached = state["cache"].get(id(x))
+        if cached is None or cached[0] is not x:
             rows = x[state["mask"].to(x.device)].to(torch.float64)  # (N_batch, d_in)
-            state["cache"][key] = rows.T @ rows
-        moment = state["cache"][key]
+            cached = state["cache"][id(x)] = (x, rows.T @ rows)
+        moment = cached[1]
         if name in sums:
             sums[name].add_(moment)
         else:
