@@ -175,9 +175,10 @@ def _download(repo_id: str, *, local_files_only: bool, revision: str | None, **k
     except LocalEntryNotFoundError as err:
         why = "HF_HUB_OFFLINE=1" if _hub_offline() else "local_files_only=True"
         raise FileNotFoundError(
-            f"the directions repo {where} is not in the local Hub cache, and {why} forbids downloading it. Download "
-            f"it once where the network allows (`HarmfulDirections.from_pretrained({repo_id!r})` or "
-            f"`hf download {repo_id}`), or copy its folder here and pass the folder's path"
+            f"no local folder or file {repo_id!r}, and the Hub repo {where} is not in the local Hub cache while "
+            f"{why} forbids downloading it. Download it once where the network allows "
+            f"(`HarmfulDirections.from_pretrained({repo_id!r})` or `hf download {repo_id}`), or copy its folder "
+            "here and pass the folder's path"
         ) from err
     except GatedRepoError as err:
         raise FileNotFoundError(f"the Hub repo {where} is gated; accept its terms on the Hub and pass `token=`") \

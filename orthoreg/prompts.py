@@ -180,7 +180,7 @@ def _text_column(columns: Iterable[str], source: str) -> str:
     for name in TEXT_COLUMNS:
         if name in columns:
             return name
-    raise PromptSetError(f"{source}: no prompt column; expected one of {TEXT_COLUMNS} (found {columns})")
+    raise PromptSetError(f"{source}: no prompt column; expected one of {TEXT_COLUMNS} (found {sorted(columns)})")
 
 
 def _label_side(value: Any, source: str, row: int) -> str:

@@ -182,7 +182,7 @@ def test_hub_card_is_checked_and_optional(online, fake_hub):
     [
         ("org/absent", {}, "no local folder or file 'org/absent', and no Hub repo of that name"),
         ("org/dirs", {"subfolder": "elsewhere"}, f"holds no {WEIGHTS_NAME}; it was not written by"),
-        ("org/dirs", {"local_files_only": True}, "not in the local Hub cache, and local_files_only=True forbids"),
+        ("org/dirs", {"local_files_only": True}, "not in the local Hub cache while local_files_only=True forbids"),
     ],
 )
 def test_hub_failures_are_clear(online, fake_hub, repo, kwargs, match):
