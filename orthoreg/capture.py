@@ -108,6 +108,35 @@ def _layer_kind(module: nn.Module) -> type:
     return type(inner) if isinstance(inner, nn.Module) else type(module)
 
 
+def check_causal_decoder(lm: nn.Module, config: Any, model_type: str) -> None:
+    """Refuses models whose layers are not a causal decoder's: encoder-decoder models (T5, BART: the structural
+    search would take the encoder's blocks for the decoder stack) and bidirectional encoders (BERT, RoBERTa, …
+    unless configured ``is_decoder=True``). orthoreg's directions and penalties are defined on the residual stream of
+    a causal LM at the tokens it generates from.
+
+    Raises:
+        UnsupportedArchitectureError: naming the model and what orthoreg supports.
+    """
+    if config is None:
+        return
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"{type(lm).__name__} (model_type={model_type!r}) is an encoder-decoder model; orthoreg regularises the "
+            "decoder layers of causal language models (Llama, Mistral, Qwen, Gemma, GPT-2, …). Encoder-decoder "
+            "models are not supported."
+        )
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers always has it
+        return
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"{type(lm).__name__} (model_type={model_type!r}) is a bidirectional encoder (is_decoder=False): its "
+            "tokens see the future, so it has no generation-time residual stream for orthoreg to guard. Use a causal "
+            "language model, or configure the model as a decoder (is_decoder=True)."
+        )
+
+
 def find_decoder_stack(model: nn.Module, layers_path: str | None = None) -> DecoderStack:
     """Locates the decoder layers of a (possibly wrapped) causal LM.
 
@@ -122,6 +151,7 @@ def find_decoder_stack(model: nn.Module, layers_path: str | None = None) -> Deco
     lm = unwrap_model(model)
     config = getattr(lm, "config", None)
     model_type = getattr(config, "model_type", None) or type(lm).__name__
+    check_causal_decoder(lm, config, model_type)
     expected = _config_value(config, _LAYER_COUNT_KEYS)
     modules = dict(lm.named_modules())
 
@@ -241,14 +271,23 @@ def bind_forward_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[st
     return dict(bound.arguments)
 
 
-def _mask_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Real tokens of a padding-free (packed) batch: everything up to the last non-zero position id, plus the
-    first token after it. TRL pads packed rows on the right with position id 0; a packed sequence of length one at
-    the very end is indistinguishable from that padding and is counted as real only when no padding follows it."""
-    nonzero = position_ids != 0
+def _mask_from_position_ids(position_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Real tokens of a padding-free (packed) batch.
+
+    TRL pads packed rows on the right with position id 0, the id every sequence starts with, so a trailing token
+    at position 0 is either padding or a sequence of length one. With ``labels`` (TRL sets -100 on padding *and* on
+    every sequence start) the rule is exact for everything that trains: a row's real tokens run up to its last token
+    that has a non-zero position or a label; a trailing length-one sequence has neither, carries no loss, and is
+    treated as padding. Without labels the first token after the last non-zero position is counted as real (it may
+    be a length-one sequence), so a padded row counts at most one padding token.
+    """
     T = position_ids.shape[-1]
     idx = torch.arange(T, device=position_ids.device).expand_as(position_ids)
-    last_nonzero = torch.where(nonzero, idx, torch.full_like(idx, -1)).amax(dim=-1, keepdim=True)
+    if labels is not None and tuple(labels.shape) == tuple(position_ids.shape):
+        real = (position_ids != 0) | (labels.to(position_ids.device) != -100)
+        last_real = torch.where(real, idx, torch.full_like(idx, -1)).amax(dim=-1, keepdim=True)
+        return idx <= last_real
+    last_nonzero = torch.where(position_ids != 0, idx, torch.full_like(idx, -1)).amax(dim=-1, keepdim=True)
     mask = idx <= last_nonzero + 1
     all_zero = last_nonzero < 0
     return torch.where(all_zero, torch.ones_like(mask), mask)
@@ -277,8 +316,9 @@ def token_mask(
 ) -> torch.Tensor:
     """The (B, T) boolean mask of tokens that count for the penalties.
 
-    - ``attention_mask`` (2D) when present; otherwise, for padding-free batches, from ``position_ids``; otherwise
-      every token counts.
+    - ``attention_mask`` (2D) when present; otherwise, for padding-free batches, from ``position_ids`` (and the
+      labels, when present, which make the end of each row exact; see ``_mask_from_position_ids``); otherwise every
+      token counts.
     - ``policy="labels"`` additionally keeps only tokens whose label is not -100 (labels as passed to the model,
       aligned with ``input_ids``).
     - ``policy="prompt_end"`` keeps, per row, only the last prompt token: the token just before the row's first
@@ -298,7 +338,8 @@ def token_mask(
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         mask = attention_mask.bool()
     elif isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[0] == B:
-        mask = _mask_from_position_ids(position_ids)
+        labels = inputs.get("labels")
+        mask = _mask_from_position_ids(position_ids, labels if isinstance(labels, torch.Tensor) else None)
     else:
         mask = None
     if mask is not None and tuple(mask.shape) != (B, T):

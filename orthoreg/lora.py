@@ -38,8 +38,18 @@ from torch import nn
 from .capture import find_decoder_stack, resolve_layers
 from .config import OrthoRegConfig
 from .directions import DirectionsError, HarmfulDirections
+from .health import StepHealth
+from .lora_writers import (
+    RESIDUAL_WRITER_NAMES,
+    LoraWriter,
+    check_adapter_state,
+    check_writer_supported,
+    find_residual_writers,
+    is_sharded,
+    lora_layers,
+)
 from .penalties import lora_weight_penalty
-from .regularizer import NonFiniteHiddenStateError, OrthoRegularizer
+from .regularizer import OrthoRegularizer
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +58,6 @@ __all__ = ["OrthoLoRA", "LoraWriter", "find_residual_writers", "RESIDUAL_WRITER_
 CONFIG_NAME = "orthoreg_config.json"
 DIRECTIONS_NAME = "orthoreg_directions.safetensors"
 FORMAT_VERSION = 1
-
-# Conventional names of the last projection of a residual branch. Only a tie-break inside the structural rule (see
-# ``find_residual_writers``): a parent block with several width-d projections picks the one with a known name.
-RESIDUAL_WRITER_NAMES = (
-    "o_proj", "out_proj", "dense", "c_proj", "down_proj", "dense_4h_to_h", "fc2", "fc_out", "w2", "wo",
-)
-
 
 # ---------------------------------------------------------------------------------------------------------- autograd
 @dataclass
@@ -79,6 +82,7 @@ class _WeightSession:
     loss_grad: torch.Tensor | None = None
     finished: bool = False
     anchor: torch.Tensor | None = None
+    keep: torch.Tensor | float = 1.0  # 0 when the weight penalty was not finite (see orthoreg.health)
 
 
 class _GradTap(torch.autograd.Function):
@@ -134,181 +138,8 @@ class _InjectWeightPenalty(torch.autograd.Function):
         if loss_grad is None:  # the loss carrying the penalty was not backpropagated: no penalty gradient
             grad_p = torch.zeros((), dtype=dtype, device=device)
         else:
-            grad_p = (loss_grad * ctx.session.coef).to(device=device, dtype=dtype)
+            grad_p = (loss_grad * ctx.session.coef * ctx.session.keep).to(device=device, dtype=dtype)
         return grad_x, grad_p, None
-
-
-# ---------------------------------------------------------------------------------------------- writer discovery
-@dataclass(frozen=True)
-class LoraWriter:
-    """A LoRA module that writes into the residual stream of decoder layer ``layer``.
-
-    Attributes:
-        name: qualified name inside the PEFT model (e.g. ``base_model.model.model.layers.3.mlp.down_proj``).
-        layer: index ℓ of the decoder layer that contains it; it is penalised with U_ℓ.
-        module: the PEFT ``LoraLayer``.
-    """
-
-    name: str
-    layer: int
-    module: nn.Module
-
-
-def _is_lora_layer(module: nn.Module) -> bool:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(module, LoraLayer)
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return _is_lora_layer(module) or isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def _out_width(module: nn.Module) -> int | None:
-    # Attributes, not weight shapes: under ZeRO-3 a weight may already be a partitioned empty tensor.
-    if _is_lora_layer(module):
-        return getattr(module, "out_features", None)
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if _is_conv1d(module):
-        return module.nf
-    return None
-
-
-def _structural_writers(layer: nn.Module, hidden_size: int) -> list[tuple[str, nn.Module]]:
-    """(relative name, module) of the residual writers of one decoder layer, by the rule of
-    ``find_residual_writers``."""
-    found: list[tuple[str, nn.Module]] = []
-
-    def visit(parent: nn.Module, prefix: str) -> None:
-        candidates = []
-        for child_name, child in parent.named_children():
-            name = f"{prefix}{child_name}"
-            if _is_linear_like(child):
-                if _out_width(child) == hidden_size:
-                    candidates.append((child_name, name, child))
-            else:
-                visit(child, name + ".")
-        if not candidates:
-            return
-        named = [c for c in candidates if c[0] in RESIDUAL_WRITER_NAMES]
-        _, name, module = (named or candidates)[-1]
-        found.append((name, module))
-
-    visit(layer, "")
-    return found
-
-
-def find_residual_writers(
-    model: nn.Module, writer_modules: Sequence[str] | None = None, layers_path: str | None = None
-) -> list[LoraWriter]:
-    """The LoRA modules of ``model`` that write into the residual stream, with the decoder layer of each.
-
-    **Rule (structural, no per-family table).** Inside decoder layer ℓ (found by ``find_decoder_stack``), every
-    module P groups its *linear-like* direct children (``nn.Linear``, transformers' ``Conv1D``, either one wrapped by
-    PEFT); among those whose output width equals the hidden size d, the last one in registration order — which in
-    Hugging Face models is execution order — is the projection that ends P's residual branch and is added into the
-    residual stream. If several of them carry a conventional writer name (``RESIDUAL_WRITER_NAMES``), the last of those
-    wins (so a width-d attention gate registered after ``o_proj`` is not taken). This finds ``self_attn.o_proj`` and
-    ``mlp.down_proj`` (Llama, Mistral, Qwen2, Phi3, Gemma), ``attn.c_proj`` and ``mlp.c_proj`` (GPT-2 ``Conv1D``),
-    ``attention.dense`` and ``mlp.dense_4h_to_h`` (GPT-NeoX), ``fc2`` (OPT, on the layer itself) and each MoE
-    expert's down projection. A writer is penalised only if it carries a LoRA adapter. Caveats: a block that
-    normalises its output before the residual add (Gemma2/3 ``post_*_layernorm``) makes the output-space penalty a
-    proxy; a block with two genuine writers as direct children of one parent yields only the last. For such models
-    pass ``writer_modules``.
-
-    Args:
-        model: a PEFT model (or anything whose decoder layers contain PEFT ``LoraLayer`` modules).
-        writer_modules (`Sequence[str]`, *optional*): overrides the rule: a LoRA module inside a decoder layer is a
-            writer iff its qualified name ends with one of these (``"o_proj"``, ``"mlp.down_proj"``, …); each must
-            write d features.
-        layers_path (`str`, *optional*): as in ``OrthoRegConfig.layers_path``.
-
-    Returns:
-        The writers in model order. LoRA modules outside the decoder layers (embeddings, LM head) are never writers.
-    """
-    stack = find_decoder_stack(model, layers_path=layers_path)
-    d = stack.hidden_size
-    names = {id(m): n for n, m in model.named_modules()}
-    writers: list[LoraWriter] = []
-    for index, layer in enumerate(stack.layers):
-        if writer_modules is not None:
-            for rel, module in layer.named_modules():
-                if not _is_lora_layer(module) or not any(rel == s or rel.endswith("." + s) for s in writer_modules):
-                    continue
-                if _out_width(module) != d:
-                    raise ValueError(
-                        f"`writer_modules` names {names[id(module)]!r}, which writes {_out_width(module)} features, "
-                        f"but the residual stream is {d} wide; name only modules whose output is added into it"
-                    )
-                writers.append(LoraWriter(names[id(module)], index, module))
-            continue
-        for _, module in _structural_writers(layer, d):
-            if _is_lora_layer(module):
-                writers.append(LoraWriter(names[id(module)], index, module))
-    return writers
-
-
-# ---------------------------------------------------------------------------------------------------- validation
-def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if _is_lora_layer(m)]
-
-
-def _check_adapter_state(name: str, module: nn.Module) -> str | None:
-    """The single active adapter of ``module`` (``None`` if it has no active adapter on this module).
-
-    Raises:
-        ValueError: merged adapters or several active adapters.
-    """
-    if getattr(module, "merged", False):
-        raise ValueError(
-            f"the LoRA adapter of {name!r} is merged into the base weights ({module.merged_adapters}); merged "
-            "adapters have no separate A and B to regularise or train. Call `peft_model.unmerge_adapter()` first."
-        )
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) > 1:
-        raise ValueError(
-            f"{name!r} has several active LoRA adapters {active}; OrthoLoRA regularises one adapter. Activate one "
-            "with `peft_model.set_adapter(name)` (or `base_model.set_adapter(name)`)."
-        )
-    return active[0] if active else None
-
-
-def _check_writer_supported(name: str, module: nn.Module, adapter: str) -> None:
-    """Refuses LoRA forms whose update is not ΔW = s·B·A with plain ``nn.Linear`` A and B."""
-    variant = getattr(module, "lora_variant", {}).get(adapter)
-    if variant is not None:
-        raise NotImplementedError(
-            f"{name!r} uses the LoRA variant {type(variant).__name__} (e.g. DoRA, `use_dora=True`): its update is "
-            "not s·B·A (DoRA rescales columns by a learned magnitude), so ‖U ΔW‖ = s‖(U B) A‖ would be wrong. The "
-            "weight-space penalty supports plain LoRA and rsLoRA; set `lora_weight=0` to keep only the activation "
-            "penalties, or train without the variant."
-        )
-    if getattr(module, "lora_bias", {}).get(adapter, False):
-        raise NotImplementedError(
-            f"{name!r} has `lora_bias=True`: the update also shifts the bias, which the weight-space penalty does not "
-            "cover. Use `LoraConfig(lora_bias=False)` or set `lora_weight=0`."
-        )
-    lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-    if not (isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)):
-        raise NotImplementedError(
-            f"{name!r} is a {type(module).__name__} whose lora_A/lora_B are {type(lora_a).__name__}/"
-            f"{type(lora_b).__name__}; the weight-space penalty supports LoRA on nn.Linear and transformers' Conv1D "
-            "(fan_in_fan_out) residual writers only"
-        )
-
-
-def _is_sharded(weight: torch.Tensor) -> bool:
-    if weight.numel() == 0:  # DeepSpeed ZeRO-3 partitioned parameter outside a gathered region
-        return True
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    return dtensor is not None and isinstance(weight, dtensor.DTensor)  # FSDP2 shard outside the unsharded forward
 
 
 # ------------------------------------------------------------------------------------------------------- wrapper
@@ -400,8 +231,8 @@ class OrthoLoRA(nn.Module):
         super().__init__()
         if not isinstance(config, OrthoRegConfig):
             raise TypeError(f"OrthoLoRA needs an OrthoRegConfig; got {type(config).__name__}")
-        lora_layers = _lora_layers(peft_model)
-        if not lora_layers:
+        adapted = lora_layers(peft_model)
+        if not adapted:
             raise ValueError(
                 f"{type(peft_model).__name__} has no LoRA layers. Wrap the model first: "
                 "`peft_model = peft.get_peft_model(model, LoraConfig(target_modules=[...]))`; for full fine-tuning "
@@ -412,7 +243,7 @@ class OrthoLoRA(nn.Module):
                 "OrthoRegConfig(proj_weight > 0 or lora_weight > 0) needs harmful directions: pass `directions=` "
                 "(HarmfulDirections.load(path) or extract_directions(...)), or set those weights to 0"
             )
-        adapters = {a for name, module in lora_layers if (a := _check_adapter_state(name, module)) is not None}
+        adapters = {a for name, module in adapted if (a := check_adapter_state(name, module)) is not None}
         if len(adapters) > 1:
             raise ValueError(
                 f"different LoRA layers have different active adapters {sorted(adapters)}; OrthoLoRA regularises one "
@@ -440,7 +271,7 @@ class OrthoLoRA(nn.Module):
             if not all_writers:
                 raise ValueError(
                     "lora_weight > 0 but no LoRA module writes into the residual stream: the adapters sit on "
-                    f"{sorted({n.rsplit('.', 1)[-1] for n, _ in lora_layers})}. Add the block output projections to "
+                    f"{sorted({n.rsplit('.', 1)[-1] for n, _ in adapted})}. Add the block output projections to "
                     "LoraConfig(target_modules=...) (e.g. 'o_proj', 'down_proj'; GPT-2 'c_proj'; GPT-NeoX 'dense', "
                     "'dense_4h_to_h'), pass `writer_modules=`, or set lora_weight=0."
                 )
@@ -461,14 +292,16 @@ class OrthoLoRA(nn.Module):
                     stacklevel=2,
                 )
             for writer in self.writers:
-                adapter = _check_adapter_state(writer.name, writer.module)
+                adapter = check_adapter_state(writer.name, writer.module)
                 if adapter is not None:
-                    _check_writer_supported(writer.name, writer.module, adapter)
+                    check_writer_supported(writer.name, writer.module, adapter)
 
         # Activation terms: the shared hook engine, returning its penalty instead of injecting it.
         self.regularizer: OrthoRegularizer | None = None
+        self._health = StepHealth(config.on_nonfinite)
         if config.cov_weight > 0 or config.proj_weight > 0:
-            self.regularizer = OrthoRegularizer(config, directions, mode="return").attach(peft_model)
+            self.regularizer = OrthoRegularizer(config, directions, mode="return", check="step").attach(peft_model)
+        self._health = StepHealth(config.on_nonfinite)
 
         self._session: _WeightSession | None = None  # the forward in progress
         self._last_session: _WeightSession | None = None  # the latest forward, for recomputes in its backward
@@ -483,9 +316,10 @@ class OrthoLoRA(nn.Module):
         if self.writers:
             self._handles.append(stack.stack.register_forward_hook(self._stack_hook))
         self._register_zero3_external_parameters(accelerator)
-        self.last_metrics: dict[str, float] = {}
-        self._metric_sums: dict[str, float] = {}
+        self._last_metric_tensors: dict[str, torch.Tensor] = {}
+        self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_count = 0
+        self._skipped = 0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -535,25 +369,22 @@ class OrthoLoRA(nn.Module):
         weight_sum = None
         if session.values:
             weight_sum = torch.stack([v.float() for v in session.values.values()]).sum()
-            if not torch.isfinite(weight_sum):
-                bad = [n for n, v in session.values.items() if not torch.isfinite(v)]
-                message = (
-                    f"orthoreg LoRA weight penalty is not finite at step {self.step} ({bad[:4]}): the LoRA weights "
-                    "contain NaN/Inf. Lower the learning rate, or set OrthoRegConfig(on_nonfinite='skip')."
-                )
-                if self.config.on_nonfinite == "raise":
-                    raise NonFiniteHiddenStateError(message)
-                logger.warning(message + " Skipping the weight penalty for this micro-batch.")
-                weight_sum = None
-            else:
-                # A fresh leaf, so the tap's backward always runs; the anchor (if captured) links it to the model.
-                anchor = () if session.anchor is None else (session.anchor,)
-                weighted = _GradTap.apply((coef * weight_sum).detach().requires_grad_(True), session, *anchor)
-                session.anchor = None  # do not keep the (B, T, d) tensor alive beyond the graph
-                penalty = weighted if penalty is None else penalty + weighted
+            # Gated in the graph, checked once per optimizer step (no host sync here): NaN/Inf LoRA weights raise
+            # before the update (on_nonfinite="raise"), or their penalty is dropped from the loss ("skip"; the task
+            # loss is then NaN as well — nothing a penalty policy can save).
+            weight_sum, keep = self._health.gate(weight_sum, {f"lora/{n}": v for n, v in session.values.items()})
+            session.keep = keep
+            # A fresh leaf, so the tap's backward always runs; the anchor (if captured) links it to the model.
+            anchor = () if session.anchor is None else (session.anchor,)
+            weighted = _GradTap.apply((coef * weight_sum).detach().requires_grad_(True), session, *anchor)
+            session.anchor = None  # do not keep the (B, T, d) tensor alive beyond the graph
+            penalty = weighted if penalty is None else penalty + weighted
         if active:
             self._record_metrics(session, weight_sum, penalty)
-            if self.accelerator is None or self.accelerator.sync_gradients:
+            ends_step = self.accelerator is None or self.accelerator.sync_gradients
+            if ends_step:
+                # The step's one host sync, before this last micro-batch's backward and the optimizer step.
+                self.check_step()
                 self.step += 1
         if penalty is not None:
             if not hasattr(outputs, "keys"):
@@ -577,14 +408,14 @@ class OrthoLoRA(nn.Module):
             return None
         if module.disable_adapters:  # paired reference forward, or adapters disabled by the user
             return None
-        adapter = _check_adapter_state(writer.name, module)
+        adapter = check_adapter_state(writer.name, module)
         if adapter is None:
             return None
         first = writer.name not in session.values
         if in_forward and not first:
             return None  # a module called twice in one forward is counted and injected once
         lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-        if _is_sharded(lora_a) or _is_sharded(lora_b):
+        if is_sharded(lora_a) or is_sharded(lora_b):
             raise RuntimeError(
                 f"the LoRA weights of {writer.name!r} are sharded during its own forward (shape "
                 f"{tuple(lora_a.shape)}, {type(lora_a).__name__}), so the weight-space penalty cannot be computed. "
@@ -627,49 +458,57 @@ class OrthoLoRA(nn.Module):
 
     # ------------------------------------------------------------------ metrics
     def _record_metrics(self, session: _WeightSession, weight_sum: torch.Tensor | None, penalty: Any) -> None:
-        # One device sync per forward (the regulariser already syncs for its finiteness check).
-        names, tensors = [], []
+        # Tensors only: nothing here waits for the device. Values become floats when read (``pop_metrics``,
+        # ``last_metrics``).
+        metrics: dict[str, torch.Tensor] = {}
         if weight_sum is not None:
-            names.append("lora")
-            tensors.append(weight_sum)
-            per_layer: dict[int, torch.Tensor] = {}
+            metrics["lora"] = weight_sum.detach()
             for name, value in session.values.items():
-                layer = session.layers[name]
-                per_layer[layer] = per_layer[layer] + value if layer in per_layer else value
-            for layer, value in sorted(per_layer.items()):
-                names.append(f"lora/layer_{layer}")
-                tensors.append(value)
+                key = f"lora/layer_{session.layers[name]}"
+                value = value * session.keep
+                metrics[key] = metrics[key] + value if key in metrics else value
         if isinstance(penalty, torch.Tensor):
-            names.append("total")
-            tensors.append(penalty.detach())
-        metrics = dict(zip(names, torch.stack([t.float() for t in tensors]).tolist(), strict=True)) if tensors else {}
+            metrics["total"] = penalty.detach()
         if self.regularizer is not None:
-            for key, value in self.regularizer.pop_metrics(per_layer=True).items():
+            for key, value in self.regularizer.pop_metric_tensors().items():
                 if key != "total":
                     metrics[key] = value
         if not metrics:
             return
-        self.last_metrics = metrics
+        self._last_metric_tensors = metrics
         for key, value in metrics.items():
-            self._metric_sums[key] = self._metric_sums.get(key, 0.0) + value
+            self._metric_sums[key] = self._metric_sums[key] + value if key in self._metric_sums else value
         self._metric_count += 1
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """The latest training forward's penalties (unweighted ``lora``/``cov``/``proj``, weighted ``total``)."""
+        return _to_floats(self._last_metric_tensors)
+
+    def check_step(self) -> int:
+        """The numerical health check of the optimizer step (one host sync; see ``orthoreg.health``). Called by
+        ``forward`` at the end of each accumulation cycle; returns the micro-batches whose penalty was dropped."""
+        dropped = self._health.check(self.step)
+        if self.regularizer is not None:
+            dropped = max(dropped, self.regularizer.check_step())
+        self._skipped += dropped
+        return dropped
 
     def pop_metrics(self, per_layer: bool | None = None) -> dict[str, float]:
         """Means over the training forwards since the last call, then resets.
 
         Keys: ``lora`` (Σ s²‖(UB)A‖² over penalised writers, unweighted), ``cov``, ``proj`` (sums over guarded layers,
         unweighted), ``total`` (the weighted penalty added to the loss, with warm-up), ``<term>/layer_i`` with
-        ``per_layer`` (default ``config.per_layer_metrics``), ``skipped`` (micro-batches whose activation penalty was
-        dropped as non-finite). Values are this rank's; average across ranks with ``accelerator.reduce`` if needed.
+        ``per_layer`` (default ``config.per_layer_metrics``), ``skipped`` (micro-batches whose penalty was dropped
+        as non-finite). Values are this rank's; average across ranks with ``accelerator.reduce`` if needed.
         """
         per_layer = self.config.per_layer_metrics if per_layer is None else per_layer
-        count, sums = self._metric_count, self._metric_sums
-        self._metric_sums, self._metric_count = {}, 0
-        if count == 0:
-            return {}
-        return {
-            k: (v if k == "skipped" else v / count) for k, v in sums.items() if per_layer or "/layer_" not in k
-        }
+        count, sums, skipped = self._metric_count, self._metric_sums, self._skipped
+        self._metric_sums, self._metric_count, self._skipped = {}, 0, 0
+        out = {k: v / count for k, v in _to_floats(sums).items() if per_layer or "/layer_" not in k} if count else {}
+        if skipped:
+            out["skipped"] = float(skipped)
+        return out
 
     # ------------------------------------------------------------------ lifecycle
     def remove_hooks(self) -> None:
@@ -723,7 +562,7 @@ class OrthoLoRA(nn.Module):
                 is_main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         if not is_main_process:
             return  # nothing is written here (accelerate's gathered state dict exists on the main process only)
-        if state_dict is None and any(_is_sharded(p) for n, p in self.model.named_parameters() if "lora_" in n):
+        if state_dict is None and any(is_sharded(p) for n, p in self.model.named_parameters() if "lora_" in n):
             raise ValueError(
                 "the LoRA parameters are sharded (DeepSpeed ZeRO-3 or FSDP), so saving them directly would write "
                 "empty or partial tensors. Call `save_pretrained(dir, state_dict=accelerator.get_state_dict(model))` "
@@ -802,3 +641,10 @@ class OrthoLoRA(nn.Module):
         ortho.load_state_dict_orthoreg(payload.get("state", {}))
         return ortho
 
+
+def _to_floats(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One device-to-host transfer for a dict of 0-dim tensors."""
+    if not tensors:
+        return {}
+    values = torch.stack([t.float().reshape(()).to(next(iter(tensors.values())).device) for t in tensors.values()])
+    return dict(zip(tensors, values.tolist(), strict=True))

@@ -502,6 +502,16 @@ class OrthoRegularizer:
         self._reset_metrics()
         return out
 
+    def pop_metric_tensors(self) -> dict[str, torch.Tensor]:
+        """``pop_metrics(per_layer=True)`` as 0-dim tensors, without a host sync (``OrthoLoRA`` reads it after every
+        forward); ``skipped`` is not included (see ``check_step``)."""
+        count, sums = self._metric_count, self._metric_sums
+        self._reset_metrics()
+        if isinstance(count, (int, float)) and count == 0:
+            return {}
+        denominator = count.clamp_min(1.0) if isinstance(count, torch.Tensor) else count
+        return {name: value / denominator for name, value in sums.items()}
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: recorded references and calibration progress (floats are exact in JSON)."""
         return self.base_mean.state_dict(self.config.anchor, self.layer_indices)
