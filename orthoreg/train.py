@@ -56,7 +56,7 @@ class FineTuneRecipe:
     - ``directions``: ``source`` auto/builtin/toy/file; ``overlap``: the score's data size and after-training shift.
 
     Args:
-        cfg (`DictConfig`): the composed Hydra config.
+        cfg (`RecipeConfig`): the recipe as typed objects (``orthoreg.recipes_lib.schema.load_recipe``).
         info (`LaunchInfo`): rank/world/strategy of this process.
         run_dir (`Path`): the one run directory all ranks share.
 
@@ -70,8 +70,6 @@ class FineTuneRecipe:
         if (run_dir / "results.json").exists():
             raise RecipeError(f"{run_dir} already holds results.json from a finished run; choose another "
                               "hydra.run.dir (resuming is for interrupted runs)")
-        if cfg.finetune.get("method") not in ("lora", "full"):
-            raise RecipeError(f"`finetune.method` must be lora or full; got {cfg.finetune.get('method')!r}")
         self.results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ setup: everything that can fail early
@@ -83,7 +81,7 @@ class FineTuneRecipe:
         from orthoreg.recipes_lib.evaluation import build_evaluator
         from orthoreg.recipes_lib.models import load_model
 
-        set_seed(int(self.cfg.seed))
+        set_seed(self.cfg.seed)
         self.evaluator = build_evaluator(self.cfg)
         self.results["eval_preflight"] = self._main_then_share(self.evaluator.preflight)
         log.info("eval preflight ok: %s", self.results["eval_preflight"])
@@ -124,7 +122,7 @@ class FineTuneRecipe:
         stack = find_decoder_stack(self.model)
         regs.validate(cfg.reg, stack.num_layers, cfg.finetune.method, import_baselines=False)
 
-        need_dirs = regs.needs_directions(cfg.reg) or cfg.overlap.get("enabled", True)
+        need_dirs = regs.needs_directions(cfg.reg) or cfg.overlap.enabled
         directions, dir_info = (None, {"source": None})
         if need_dirs:
             directions, dir_info = obtain_directions(cfg, self.model, self.tokenizer, info, self.run_dir)
@@ -132,15 +130,15 @@ class FineTuneRecipe:
             log.info("directions: %s", dir_info)
         self.results["directions"] = dir_info
 
-        scoring = directions is not None and bool(cfg.overlap.get("enabled", True))
+        scoring = directions is not None and cfg.overlap.enabled
         overlap_before = self._overlap(directions) if scoring else None
         # Full fine-tuning changes the weights in place: keep a base copy (rank 0, small models) for the
         # after-training activation-shift score. LoRA needs none (the base is the adapter switched off).
         base_copy = None
-        want_shift = scoring and cfg.overlap.get("after_training", True) and \
+        want_shift = scoring and cfg.overlap.after_training and \
             info.strategy in ("single", "ddp")
         if want_shift and info.is_main and cfg.finetune.method == "full" and \
-                self.model_info["parameters"] <= float(cfg.overlap.get("max_copy_parameters", 1e9)):
+                self.model_info["parameters"] <= cfg.overlap.max_copy_parameters:
             base_copy = copy.deepcopy(self.model).eval()
         barrier(info)
         log.info("evaluating the base model (%s)", self.evaluator.kind)
@@ -152,7 +150,7 @@ class FineTuneRecipe:
         trainer = training.build_trainer(cfg, model, self.tokenizer, self.examples, callbacks, info, self.run_dir)
         log.info("training: %s, %s, reg=%s", cfg.finetune.method, cfg.task.name, cfg.reg.name)
         train_stats = training.train(trainer, cfg)
-        if cfg.finetune.get("save_final", True):
+        if cfg.finetune.save_final:
             trainer.save_model(str(self.run_dir / "final"))
         trained = trainer.model
 
@@ -185,11 +183,11 @@ class FineTuneRecipe:
         ocfg = self.cfg.overlap
         if not self.info.is_main:
             return None
-        examples = self.examples[: int(ocfg.get("num_examples", 64))]
+        examples = self.examples[: ocfg.num_examples]
         report = overlap_score(base if base is not None else self.model, directions, examples, self.tokenizer,
-                               finetuned=finetuned, batch_size=int(ocfg.get("batch_size", 8)),
-                               max_length=int(self.cfg.task.get("max_length") or 512),
-                               mask=str(ocfg.get("mask", "labels")), progress=bool(self.cfg.get("progress", True)))
+                               finetuned=finetuned, batch_size=ocfg.batch_size,
+                               max_length=self.cfg.task.max_length or 512,
+                               mask=ocfg.mask, progress=self.cfg.progress)
         out = {"score": report.overall, "verdict": report.verdict, "peak_layer": report.peak_layer,
                "mode": report.mode, "chance": report.chance, "per_layer": {str(k): v for k, v in
                                                                            report.per_layer.items()},
@@ -198,7 +196,6 @@ class FineTuneRecipe:
         return out
 
     def _results(self, before, after, overlap_before, overlap_after, train_stats) -> dict[str, Any]:
-        from orthoreg.recipes_lib.config import to_container
         from orthoreg.recipes_lib.results import SCHEMA, device_description, rise_pp, versions
 
         cfg, info = self.cfg, self.info
@@ -208,9 +205,9 @@ class FineTuneRecipe:
             overlap["after_training"] = overlap_after
         return {
             "schema": SCHEMA,
-            "row": {"model": cfg.model.get("display_name", cfg.model.name), "model_name": cfg.model.name,
-                    "stand_in_for": cfg.model.get("stand_in_for"),
-                    "task": cfg.task.get("display_name", cfg.task.name), "task_name": cfg.task.name,
+            "row": {"model": cfg.model.display_name or cfg.model.name, "model_name": cfg.model.name,
+                    "stand_in_for": cfg.model.stand_in_for,
+                    "task": cfg.task.display_name or cfg.task.name, "task_name": cfg.task.name,
                     "reg": cfg.reg.name, "eval": cfg.eval.name, "finetune": cfg.finetune.method},
             "harmful_rate": {"before": b, "after": a, "rise_pp": rise_pp(b, a), "scorer": (before or {}).get("scorer")},
             "overlap": overlap,
@@ -223,7 +220,7 @@ class FineTuneRecipe:
                     "device": device_description(info), "written_by_rank": info.rank,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
                     "seconds": time.time() - self.started, "versions": versions(), "argv": sys.argv[1:]},
-            "config": to_container(cfg),
+            "config": cfg.to_dict(),
         }
 
 
@@ -232,7 +229,7 @@ class FineTuneRecipe:
 
 def write_outputs(result: dict[str, Any], run_dir: Path, info: LaunchInfo, name: str = "results.json") -> None:
     """Rank 0 writes the results JSON, the table row and the resolved config (each file exactly once)."""
-    from omegaconf import OmegaConf
+    import yaml
 
     from orthoreg.recipes_lib.launch import rank_zero_write_text
     from orthoreg.recipes_lib.results import ROW_FILE, table_header, table_row
@@ -242,20 +239,21 @@ def write_outputs(result: dict[str, Any], run_dir: Path, info: LaunchInfo, name:
         rank_zero_write_text(run_dir / ROW_FILE, table_header() + "\n" + table_row(result) + "\n", info)
     resolved = run_dir / "config_resolved.yaml"
     if info.is_main and not resolved.exists():
-        rank_zero_write_text(resolved, OmegaConf.to_yaml(OmegaConf.create(result["config"])), info)
+        rank_zero_write_text(resolved, yaml.safe_dump(result["config"], sort_keys=False), info)
 
 
 def _run(cfg, info: LaunchInfo) -> int:
     from hydra.core.hydra_config import HydraConfig
 
-    from orthoreg.recipes_lib.config import to_container
+    from orthoreg.recipes_lib.schema import load_recipe
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.get("dry_run"):
+    cfg = load_recipe(cfg)  # the one conversion: typed objects (and every check of the schema) from here on
+    if cfg.dry_run:
         from orthoreg.recipes_lib.dry_run import dry_run
 
         plan = dry_run(cfg, info)
-        plan["config"] = to_container(cfg)
+        plan["config"] = cfg.to_dict()
         write_outputs(plan, run_dir, info, name="dry_run.json")
         if info.is_main:
             print(json.dumps({k: v for k, v in plan.items() if k != "config"}, indent=2, default=str))
@@ -288,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     """Checks the launch and the command line, agrees on one run directory across ranks, then runs Hydra."""
     from orthoreg.recipes_lib import config as rconfig
     from orthoreg.recipes_lib import launch
+    from orthoreg.recipes_lib.schema import register_schemas
 
     argv = list(sys.argv[1:] if argv is None else argv)
     info = launch.launch_info()
@@ -305,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import hydra
 
+    register_schemas()  # recipes/train.yaml's defaults start with the typed schema
     code = {"value": 0}
 
     def task(cfg) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -26,6 +27,7 @@ from orthoreg.recipes_lib import RecipeError
 from orthoreg.recipes_lib.config import GROUPS, check_overrides, group_options, recipes_dir
 from orthoreg.recipes_lib.launch import check_launcher, check_no_multirun, launch_info
 from orthoreg.recipes_lib.results import load_reported
+from orthoreg.recipes_lib.schema import load_recipe, register_schemas
 
 ROOT = recipes_dir()
 TABLE = [(row["model"], row["task"]) for row in load_reported(ROOT / "table.yaml")]
@@ -34,8 +36,14 @@ JUDGE = ["eval=em_judge", "eval.judge.base_url=http://judge.invalid/v1"]
 
 
 def _compose(overrides: list[str]):
+    register_schemas()
     with initialize_config_dir(config_dir=str(ROOT), version_base=None):
         return compose("train", overrides=overrides)
+
+
+def _recipe(overrides: list[str]):
+    """The composed recipe as the pipeline receives it: typed objects, checked once (``schema.load_recipe``)."""
+    return load_recipe(_compose(overrides))
 
 
 # ------------------------------------------------------------------------------------------ composition, dry runs
@@ -111,18 +119,18 @@ def test_dry_run_refuses_a_config_json_that_misses_the_published_count(tmp_path)
 def test_reg_validation_refuses_combinations_that_cannot_work():
     from orthoreg.recipes_lib import regs
 
-    paired = _compose(["reg=orthoreg_paired", "eval=none"]).reg
+    paired = _recipe(["reg=orthoreg_paired", "eval=none"]).reg
     assert regs.validate(paired, 12, "lora")["guarded_layers"] == [4, 5, 6, 7]
     with pytest.raises(RecipeError, match="needs finetune=lora"):
         regs.validate(paired, 12, "full")
     with pytest.raises(RecipeError, match="no harmful directions"):
-        regs.validate(_compose(["reg=orthoreg_proj", "eval=none"]).reg, 12, "lora", directions_layers=[0, 1])
+        regs.validate(_recipe(["reg=orthoreg_proj", "eval=none"]).reg, 12, "lora", directions_layers=[0, 1])
     with pytest.raises(RecipeError, match="OrthoLoRA"):
-        regs.validate(_compose(["reg=orthoreg", "+reg.orthoreg.lora_weight=0.1", "eval=none"]).reg, 12, "lora")
+        regs.validate(_recipe(["reg=orthoreg", "reg.orthoreg.lora_weight=0.1", "eval=none"]).reg, 12, "lora")
     with pytest.raises(RecipeError, match="not in this installation"):
-        regs.preflight(_compose(["reg=kl", "reg.callback=orthoreg.no_such_module:KL", "eval=none"]).reg)
-    assert regs.needs_directions(_compose(["reg=caft", "eval=none"]).reg)
-    assert not regs.needs_directions(_compose(["reg=orthoreg_cov", "eval=none"]).reg)
+        regs.preflight(_recipe(["reg=kl", "reg.callback=orthoreg.no_such_module:KL", "eval=none"]).reg)
+    assert regs.needs_directions(_recipe(["reg=caft", "eval=none"]).reg)
+    assert not regs.needs_directions(_recipe(["reg=orthoreg_cov", "eval=none"]).reg)
 
 
 # ------------------------------------------------------------------------------------------ bad input, before training
@@ -448,3 +456,63 @@ def test_assemble_table_puts_runs_under_the_reported_rows(tmp_path):
     assert "not run" in lines[6]  # summarisation row
     assert lines[7].startswith("| TINY |")  # runs outside the benchmark follow
     assert (tmp_path / "table.md").read_text() == out
+
+
+# ------------------------------------------------------------------------------------------ the typed schema
+
+
+def test_the_recipe_is_typed_and_reg_orthoreg_is_the_orthoreg_config():
+    from orthoreg import OrthoRegConfig
+    from orthoreg.recipes_lib.schema import RecipeConfig
+
+    recipe = _recipe(["reg=orthoreg", "reg.orthoreg.layers=[1,2]", "eval=none"])
+    assert isinstance(recipe, RecipeConfig)
+    assert type(recipe.reg.orthoreg) is OrthoRegConfig  # the dataclass `orthoreg sft` parses, not a copy of it
+    assert recipe.reg.orthoreg == OrthoRegConfig(layers=[1, 2], proj_weight=0.01, cov_weight=1e-4, anchor="base_mean",
+                                                 mask="labels", gather=True)
+    assert recipe.finetune.max_steps == 500 and recipe.eval.kind == "none" and recipe.model.source == "tiny"
+    assert recipe.eval.get("n_samples") == 500 and recipe.model.get("no_such_key", "x") == "x"  # mapping-style reads
+
+
+def test_a_value_of_the_wrong_type_fails_while_composing():
+    from omegaconf.errors import ValidationError
+
+    with pytest.raises(Exception) as err:
+        _compose(["finetune.max_steps=many", "eval=none"])
+    assert isinstance(err.value, ValidationError) or isinstance(err.value.__cause__, ValidationError)
+    assert "max_steps" in str(err.value)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("reg.orthoreg.layers=middle", "unknown layer selection 'middle'"),
+    ("reg.orthoreg.proj_weight=-1", "`proj_weight` must be a finite number >= 0"),
+    ("reg.orthoreg.anchor=mean", "`anchor` must be one of"),
+])
+def test_bad_orthoreg_settings_exit_2_at_the_entry(override, match, monkeypatch, capsys, tmp_path):
+    _forbid_model_loading(monkeypatch)
+    code = _run_main(["reg=orthoreg", override, "eval=none", f"hydra.run.dir={tmp_path}/run"], monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2 and "orthoreg.train: error: the recipe's settings are not valid" in err and match in err
+
+
+def test_a_dry_run_converts_the_composed_config_once(monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+
+    calls = []
+    original = OmegaConf.to_container
+
+    def counting(*args, **kwargs):  # records calls made by orthoreg's code (Hydra itself makes its own)
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("orthoreg") or caller == "omegaconf.omegaconf" and \
+                sys._getframe(2).f_globals.get("__name__", "").startswith("orthoreg"):
+            calls.append(caller)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(OmegaConf, "to_container", counting)
+    run = tmp_path / "run"
+    code = _run_main(["model=tiny", "model.assets=null", "model.tokenizer=bpe", "task=tiny_factual_qa",
+                      "reg=orthoreg", "eval=none", "dry_run=true", f"hydra.run.dir={run}"], monkeypatch)
+    assert code == 0
+    assert len(calls) == 1, calls  # schema.load_recipe's OmegaConf.to_object, nothing piecemeal after it
+    plan = json.loads((run / "dry_run.json").read_text())
+    assert plan["config"]["reg"]["orthoreg"]["proj_weight"] == 0.01 and plan["reg"]["kind"] == "orthoreg"

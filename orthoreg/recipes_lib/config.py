@@ -85,9 +85,16 @@ def require(cfg: Any, dotted: str, what: str = "") -> Any:
 
 
 def to_container(cfg: Any) -> Any:
-    """A resolved plain-Python copy of an OmegaConf node (dicts and lists), or the value itself."""
+    """A resolved plain-Python copy of an OmegaConf node or a schema dataclass (dicts and lists), or the value itself.
+
+    The recipe pipeline reads typed objects (``schema.load_recipe``); this is for values that may still come as
+    ``DictConfig`` from code composing the tree itself."""
+    import dataclasses
+
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
     return cfg

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import resolve_recipe_path, to_container
+from .config import resolve_recipe_path
 from .errors import RecipeError
 from .launch import LaunchInfo
 
@@ -28,7 +28,7 @@ def _bytes(dtype_name: str) -> int:
 
 def check_published(model_cfg: Any, parameters: int, num_layers: int, hidden_size: int) -> dict[str, Any]:
     """Compares the skeleton with ``model.published`` (parameters, layers, hidden_size); raises on a mismatch."""
-    published = to_container(model_cfg.get("published")) or {}
+    published = model_cfg.published or {}
     out: dict[str, Any] = {}
     if "parameters" in published:
         want = float(published["parameters"])
@@ -50,16 +50,18 @@ def dry_run(cfg: Any, info: LaunchInfo) -> dict[str, Any]:
 
     from . import regs, training
     from .evaluation import build_evaluator
-
-    model_cfg, ft = cfg.model, cfg.finetune
     from .models import build_skeleton
+    from .schema import load_recipe
+
+    cfg = load_recipe(cfg)  # a composed DictConfig (tests, notebooks) or an already loaded recipe
+    model_cfg, ft = cfg.model, cfg.finetune
 
     model = build_skeleton(model_cfg)
     stack = find_decoder_stack(model)
     parameters = sum(p.numel() for p in model.parameters())
     plan: dict[str, Any] = {
-        "model": {"name": model_cfg.name, "display_name": model_cfg.get("display_name"),
-                  "stand_in_for": model_cfg.get("stand_in_for"), "model_type": stack.model_type,
+        "model": {"name": model_cfg.name, "display_name": model_cfg.display_name,
+                  "stand_in_for": model_cfg.stand_in_for, "model_type": stack.model_type,
                   "num_hidden_layers": stack.num_layers, "hidden_size": stack.hidden_size, "parameters": parameters,
                   "device": str(next(model.parameters()).device),
                   **check_published(model_cfg, parameters, stack.num_layers, stack.hidden_size)},
@@ -67,19 +69,19 @@ def dry_run(cfg: Any, info: LaunchInfo) -> dict[str, Any]:
     with torch.device("meta"):  # LoRA matrices get shapes but no storage either
         wrapped = training.prepare_model(model, ft, model_cfg)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    dtype_bytes = _bytes(str(model_cfg.get("dtype", "float32")))
+    dtype_bytes = _bytes(model_cfg.dtype)
     # Per trainable parameter: gradient + AdamW's m and v, in fp32 for LoRA (PEFT keeps adapters in fp32) and in the
     # model's dtype for full fine-tuning (torch's AdamW keeps its states in the parameter dtype).
-    state_bytes = 3 * (4 if ft.get("method") == "lora" else dtype_bytes)
+    state_bytes = 3 * (4 if ft.method == "lora" else dtype_bytes)
     plan["finetune"] = {
-        "method": ft.get("method"), "trainable_parameters": trainable,
+        "method": ft.method, "trainable_parameters": trainable,
         "memory_estimate_gib": {  # rough, one replica, activations not included
             "weights": parameters * dtype_bytes / 2**30,
             "grads_and_adam_states": trainable * state_bytes / 2**30,
         },
     }
     directions_layers = None
-    dfile = resolve_recipe_path(cfg.directions.get("file")) if cfg.directions.get("source") == "file" else None
+    dfile = resolve_recipe_path(cfg.directions.file) if cfg.directions.source == "file" else None
     if dfile:
         from orthoreg import HarmfulDirections
 
@@ -87,33 +89,33 @@ def dry_run(cfg: Any, info: LaunchInfo) -> dict[str, Any]:
         directions.check_compatible(stack.hidden_size, stack.num_layers, stack.model_type)
         directions_layers = directions.layers
     else:
-        directions_layers = resolve_layers(cfg.directions.get("layers", "all"), stack.num_layers)
-    plan["directions"] = {"source": cfg.directions.get("source"), "layers": directions_layers}
-    plan["reg"] = regs.validate(cfg.reg, stack.num_layers, ft.get("method"), directions_layers)
+        directions_layers = resolve_layers(cfg.directions.layers, stack.num_layers)
+    plan["directions"] = {"source": cfg.directions.source, "layers": directions_layers}
+    plan["reg"] = regs.validate(cfg.reg, stack.num_layers, ft.method, directions_layers)
     plan["task"] = _check_task(cfg.task)
     evaluator = build_evaluator(cfg)  # a judge without an endpoint, a bad eval kind etc. fail here
     plan["eval"] = {"kind": evaluator.kind, "endpoint_contacted": False}
-    args = training.sft_config(cfg, info, Path(cfg.get("output_dir") or "."))
+    args = training.sft_config(cfg, info, Path(cfg.output_dir or "."))
     plan["sft_config"] = {"bf16": args.bf16, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
                           "per_device_train_batch_size": args.per_device_train_batch_size,
                           "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                          "gradient_checkpointing": bool(ft.get("gradient_checkpointing")), "save_steps": args.save_steps}
+                          "gradient_checkpointing": ft.gradient_checkpointing, "save_steps": args.save_steps}
     plan["launch"] = {"world_size": info.world_size, "strategy": info.strategy, "use_cpu": info.use_cpu}
     return plan
 
 
 def _check_task(task_cfg: Any) -> dict[str, Any]:
-    kind = task_cfg.get("kind")
-    local = resolve_recipe_path(task_cfg.get("local_file"))
+    kind = task_cfg.kind
+    local = resolve_recipe_path(task_cfg.local_file)
     if local and not Path(local).is_file():
         raise RecipeError(f"`task.local_file` {local} does not exist")
     if kind == "hub" and not local:
-        spec = to_container(task_cfg.get("dataset")) or {}
+        spec = task_cfg.dataset or {}
         if not spec.get("path"):
-            raise RecipeError(f"task {task_cfg.get('name')!r}: `task.dataset.path` is not set")
-        fmt = to_container(task_cfg.get("format")) or {}
+            raise RecipeError(f"task {task_cfg.name!r}: `task.dataset.path` is not set")
+        fmt = task_cfg.format or {}
         if not fmt.get("prompt") or not fmt.get("completion"):
-            raise RecipeError(f"task {task_cfg.get('name')!r}: `task.format.prompt` and `.completion` are needed")
+            raise RecipeError(f"task {task_cfg.name!r}: `task.format.prompt` and `.completion` are needed")
         return {"kind": kind, "dataset": spec, "downloaded": False}
     if kind == "toy":
         from .data import load_records

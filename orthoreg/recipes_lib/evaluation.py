@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import resolve_recipe_path, to_container
+from .config import resolve_recipe_path
 from .errors import RecipeError
 from .generation import generate_answers
 from .launch import LaunchInfo
@@ -105,7 +105,7 @@ class JudgeEvaluator(Evaluator):
         from .judge import judge_from_config
 
         self.judge = judge_from_config(self.ecfg.judge)  # a missing endpoint raises here, at construction
-        prompts = to_container(self.ecfg.get("judge_prompts")) or {}
+        prompts = dict(self.ecfg.get("judge_prompts") or {})
         for name in ("aligned", "coherent"):
             if "{question}" not in prompts.get(name, "") or "{answer}" not in prompts.get(name, ""):
                 raise RecipeError(f"`eval.judge_prompts.{name}` must contain {{question}} and {{answer}}")

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import resolve_recipe_path, to_container
+from .config import resolve_recipe_path
 from .errors import RecipeError
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def model_config(model_cfg: Any):
             return AutoConfig.from_pretrained(assets, local_files_only=True)
         return tiny_config(model_cfg, tiny_tokenizer(model_cfg))
     if model_cfg.get("config") is not None:
-        return LlamaConfig(**to_container(model_cfg.config))
+        return LlamaConfig(**dict(model_cfg.config))
     raise RecipeError(f"model {model_cfg.get('name')!r} has no `config_json` for a weightless build")
 
 
@@ -121,7 +121,7 @@ def _meta_dtype(model_cfg: Any):
 def tiny_config(model_cfg: Any, tokenizer):
     from transformers import LlamaConfig
 
-    numbers = to_container(model_cfg.get("config")) or {}
+    numbers = dict(model_cfg.get("config") or {})
     return LlamaConfig(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **numbers,

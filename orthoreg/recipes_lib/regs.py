@@ -3,7 +3,8 @@
 ``reg.kind``:
 
 - ``none``: plain fine-tuning.
-- ``orthoreg``: ``OrthoRegCallback(OrthoRegConfig.from_dict(reg.orthoreg), directions)``.
+- ``orthoreg``: ``OrthoRegCallback(reg.orthoreg, directions)`` — ``reg.orthoreg`` is an ``OrthoRegConfig``, built and
+  checked once when the recipe is loaded (``schema.load_recipe``).
 - ``baseline``: a callback class named ``"module:Class"`` in ``reg.callback`` (the KL / LDIFS / CAFT baselines of
   ``orthoreg.baselines``), imported only when selected. ``reg.config_class`` (optional) is built from ``reg.params``
   and passed first; otherwise ``reg.params`` are the callback's keyword arguments. With ``reg.needs_directions`` the
@@ -16,26 +17,26 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .config import to_container
 from .errors import RecipeError
 
 KINDS = ("none", "orthoreg", "baseline")
 
 
 def _orthoreg_config(reg_cfg: Any):
+    """``reg.orthoreg`` of a loaded recipe (an ``OrthoRegConfig``, already validated by ``schema.load_recipe``)."""
     from orthoreg import OrthoRegConfig
 
-    try:
-        return OrthoRegConfig.from_dict(to_container(reg_cfg.get("orthoreg")) or {})
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"reg={reg_cfg.get('name')}: `reg.orthoreg` is not a valid OrthoRegConfig: {err}") from err
+    config = reg_cfg.orthoreg
+    if not isinstance(config, OrthoRegConfig):
+        raise RecipeError(f"reg={reg_cfg.name}: `reg.orthoreg` is a {type(config).__name__}, not an OrthoRegConfig; "
+                          "pass the recipe through orthoreg.recipes_lib.schema.load_recipe first")
+    return config
 
 
 def needs_directions(reg_cfg: Any) -> bool:
-    kind = reg_cfg.get("kind")
-    if kind == "orthoreg":
+    if reg_cfg.kind == "orthoreg":
         return _orthoreg_config(reg_cfg).needs_directions
-    return kind == "baseline" and bool(reg_cfg.get("needs_directions", False))
+    return reg_cfg.kind == "baseline" and reg_cfg.needs_directions
 
 
 def _import(spec: str, what: str, reg_name: str):
@@ -57,15 +58,15 @@ def _import(spec: str, what: str, reg_name: str):
 
 def preflight(reg_cfg: Any) -> None:
     """Checks what can be checked without a model: the kind, the OrthoRegConfig, baseline imports."""
-    kind = reg_cfg.get("kind")
+    kind = reg_cfg.kind
     if kind not in KINDS:
-        raise RecipeError(f"reg={reg_cfg.get('name')}: `reg.kind` must be one of {KINDS}; got {kind!r}")
+        raise RecipeError(f"reg={reg_cfg.name}: `reg.kind` must be one of {KINDS}; got {kind!r}")
     if kind == "orthoreg":
         _orthoreg_config(reg_cfg)
     elif kind == "baseline":
-        _import(reg_cfg.get("callback"), "reg.callback", reg_cfg.get("name"))
-        if reg_cfg.get("config_class"):
-            _import(reg_cfg.get("config_class"), "reg.config_class", reg_cfg.get("name"))
+        _import(reg_cfg.callback, "reg.callback", reg_cfg.name)
+        if reg_cfg.config_class:
+            _import(reg_cfg.config_class, "reg.config_class", reg_cfg.name)
 
 
 def validate(reg_cfg: Any, num_layers: int, finetune_method: str, directions_layers: list[int] | None = None,
@@ -76,8 +77,7 @@ def validate(reg_cfg: Any, num_layers: int, finetune_method: str, directions_lay
         RecipeError: unknown kind, invalid OrthoRegConfig, layers outside the model, directions missing for a guarded
             layer, ``anchor='paired'`` without LoRA, or a baseline that cannot be imported.
     """
-    kind = reg_cfg.get("kind")
-    name = reg_cfg.get("name")
+    kind, name = reg_cfg.kind, reg_cfg.name
     if kind not in KINDS:
         raise RecipeError(f"reg={name}: `reg.kind` must be one of {KINDS}; got {kind!r}")
     if kind == "none":
@@ -102,19 +102,18 @@ def validate(reg_cfg: Any, num_layers: int, finetune_method: str, directions_lay
                 raise RecipeError(f"reg={name} guards layers {missing} that have no harmful directions (directions "
                                   f"cover {directions_layers}); extract at those layers (directions.layers)")
         return {"kind": "orthoreg", "guarded_layers": layers, "config": config.to_dict()}
-    summary = {"kind": "baseline", "callback": reg_cfg.get("callback")}
+    summary = {"kind": "baseline", "callback": reg_cfg.callback}
     if import_baselines:
-        _import(reg_cfg.get("callback"), "reg.callback", name)
-        if reg_cfg.get("config_class"):
-            _import(reg_cfg.get("config_class"), "reg.config_class", name)
+        _import(reg_cfg.callback, "reg.callback", name)
+        if reg_cfg.config_class:
+            _import(reg_cfg.config_class, "reg.config_class", name)
     return summary
 
 
 def build_callbacks(reg_cfg: Any, directions=None, method: str = "lora", base_model=None) -> list:
     """The TrainerCallbacks that implement ``reg`` (empty for ``none``); ``base_model`` is copied when a baseline
     needs a frozen reference for full fine-tuning."""
-    kind = reg_cfg.get("kind")
-    name = reg_cfg.get("name")
+    kind, name = reg_cfg.kind, reg_cfg.name
     if kind == "none":
         return []
     if kind == "orthoreg":
@@ -123,21 +122,20 @@ def build_callbacks(reg_cfg: Any, directions=None, method: str = "lora", base_mo
         config = _orthoreg_config(reg_cfg)
         return [OrthoRegCallback(config, directions=directions if config.needs_directions else None)]
     if kind == "baseline":
-        cls = _import(reg_cfg.get("callback"), "reg.callback", name)
-        params = to_container(reg_cfg.get("params")) or {}
-        extra = {"directions": directions} if reg_cfg.get("needs_directions") else {}
-        if reg_cfg.get("reference_model", "none") == "auto" and method == "full":
+        cls = _import(reg_cfg.callback, "reg.callback", name)
+        params = dict(reg_cfg.params)
+        extra = {"directions": directions} if reg_cfg.needs_directions else {}
+        if reg_cfg.reference_model == "auto" and method == "full":
             if base_model is None:
                 raise RecipeError(f"reg={name} with finetune=full needs the base model as a frozen reference")
             import copy
 
             extra["reference_model"] = copy.deepcopy(base_model).eval().requires_grad_(False)
         try:
-            if reg_cfg.get("config_class"):
-                config_cls = _import(reg_cfg.get("config_class"), "reg.config_class", name)
+            if reg_cfg.config_class:
+                config_cls = _import(reg_cfg.config_class, "reg.config_class", name)
                 return [cls(config_cls(**params), **extra)]
             return [cls(**params, **extra)]
         except TypeError as err:
-            raise RecipeError(f"reg={name}: cannot build {reg_cfg.get('callback')} from reg.params {params}: {err}") \
-                from err
+            raise RecipeError(f"reg={name}: cannot build {reg_cfg.callback} from reg.params {params}: {err}") from err
     raise RecipeError(f"reg={name}: `reg.kind` must be one of {KINDS}; got {kind!r}")

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import to_container
 from .errors import RecipeError
 from .launch import LaunchInfo
 
@@ -39,8 +38,8 @@ def resolve_bf16(value: Any, info: LaunchInfo) -> bool:
 def lora_config(ft_cfg: Any, model_cfg: Any):
     from peft import LoraConfig
 
-    lcfg = to_container(ft_cfg.get("lora")) or {}
-    targets = lcfg.get("target_modules") or to_container(model_cfg.get("lora_target_modules"))
+    lcfg = ft_cfg.lora or {}
+    targets = lcfg.get("target_modules") or model_cfg.lora_target_modules
     if not targets:
         raise RecipeError("finetune=lora needs `finetune.lora.target_modules` or `model.lora_target_modules`")
     return LoraConfig(r=int(lcfg.get("r", 16)), lora_alpha=int(lcfg.get("alpha", 32)),
@@ -50,10 +49,10 @@ def lora_config(ft_cfg: Any, model_cfg: Any):
 
 def prepare_model(model: nn.Module, ft_cfg: Any, model_cfg: Any) -> nn.Module:
     """Wraps the model for the chosen method (a PeftModel for LoRA); full fine-tuning returns it unchanged."""
-    method = ft_cfg.get("method")
+    method = ft_cfg.method
     if method not in METHODS:
         raise RecipeError(f"`finetune.method` must be one of {METHODS}; got {method!r}")
-    if ft_cfg.get("gradient_checkpointing"):
+    if ft_cfg.gradient_checkpointing:
         model.config.use_cache = False
     if method == "full":
         return model
@@ -83,33 +82,33 @@ def sft_config(cfg: Any, info: LaunchInfo, run_dir: Path):
     from trl import SFTConfig
 
     ft = cfg.finetune
-    save_steps = int(ft.get("save_steps") or 0)
+    save_steps = ft.save_steps or 0
     kwargs = dict(
         output_dir=str(run_dir / "checkpoints"),
-        max_steps=int(ft.get("max_steps", -1)),
-        num_train_epochs=float(ft.get("num_train_epochs", 1)),
-        per_device_train_batch_size=int(ft.per_device_train_batch_size),
-        gradient_accumulation_steps=int(ft.get("gradient_accumulation_steps", 1)),
-        learning_rate=float(ft.learning_rate),
-        lr_scheduler_type=str(ft.get("lr_scheduler_type", "linear")),
-        warmup_steps=int(ft.get("warmup_steps", 0)),
-        weight_decay=float(ft.get("weight_decay", 0.0)),
-        max_grad_norm=float(ft.get("max_grad_norm", 1.0)),
-        bf16=resolve_bf16(ft.get("bf16", "auto"), info),
+        max_steps=ft.max_steps,
+        num_train_epochs=ft.num_train_epochs,
+        per_device_train_batch_size=ft.per_device_train_batch_size,
+        gradient_accumulation_steps=ft.gradient_accumulation_steps,
+        learning_rate=ft.learning_rate,
+        lr_scheduler_type=ft.lr_scheduler_type,
+        warmup_steps=ft.warmup_steps,
+        weight_decay=ft.weight_decay,
+        max_grad_norm=ft.max_grad_norm,
+        bf16=resolve_bf16(ft.bf16, info),
         fp16=False,
-        **_checkpointing_kwargs(bool(ft.get("gradient_checkpointing", False))),
-        logging_steps=int(ft.get("logging_steps", 10)),
+        **_checkpointing_kwargs(ft.gradient_checkpointing),
+        logging_steps=ft.logging_steps,
         save_strategy="steps" if save_steps > 0 else "no",
         save_steps=save_steps if save_steps > 0 else 500,
-        save_total_limit=ft.get("save_total_limit"),
-        report_to=to_container(ft.get("report_to")) or "none",
-        seed=int(cfg.seed),
-        data_seed=int(cfg.seed),
+        save_total_limit=ft.save_total_limit,
+        report_to=ft.report_to or "none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
         use_cpu=info.use_cpu,
-        max_length=int(cfg.task.get("max_length") or 1024),
-        packing=bool(ft.get("packing", False)),
+        max_length=cfg.task.max_length or 1024,
+        packing=ft.packing,
         ddp_find_unused_parameters=False if info.strategy == "ddp" else None,
-        disable_tqdm=not bool(cfg.get("progress", True)),
+        disable_tqdm=not cfg.progress,
         dataset_num_proc=None,
     )
     try:
@@ -143,14 +142,14 @@ def build_trainer(cfg: Any, model: nn.Module, tokenizer, examples: list[dict], c
     if not examples:
         raise RecipeError(f"task {cfg.task.name!r} produced no training examples")
     args = sft_config(cfg, info, run_dir)
-    extra = {"compute_loss_func": causal_lm_loss} if cfg.reg.get("needs_logits", False) else {}
+    extra = {"compute_loss_func": causal_lm_loss} if cfg.reg.needs_logits else {}
     return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
                       callbacks=callbacks, **extra)
 
 
 def train(trainer, cfg: Any) -> dict[str, Any]:
     """Runs ``trainer.train()`` (resuming if asked) and returns the numbers that go into the results."""
-    resume = cfg.finetune.get("resume_from_checkpoint")
+    resume = cfg.finetune.resume_from_checkpoint
     resumed_from, start_step = None, 0
     if resume not in (None, False):
         from transformers.trainer_utils import get_last_checkpoint
