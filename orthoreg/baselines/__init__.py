@@ -11,6 +11,10 @@ baseline here is a callback that plugs into ``Trainer``, TRL's ``SFTTrainer``/``
   decoder-stack output by ``OrthoRegularizer``'s engine;
 - ``CAFTCallback`` (``caft``): :math:`h_\ell \leftarrow h_\ell - (h_\ell U_\ell^\top) U_\ell` at the guarded layers' outputs, in
   training forwards only;
+- ``FirstTokenKLCallback`` (``first_token``): Qi et al.'s first-token constraint, a token-weighted KL to the base
+  on the first reply tokens, most weight on the first;
+- ``HardProjectionCallback`` (``hard_projection``): GuardSpace-style, LoRA's A projected off each module's input
+  subspace V_m after every optimizer step (A Vᵀ = 0);
 - ``interleave`` (``mixing``): aligned examples mixed into the task data;
 - ``EarlyStoppingOnMetric`` (``stopping``): stop once a logged/evaluated metric crosses a threshold.
 
@@ -41,6 +45,8 @@ is re-exported here, so ``from orthoreg.baselines import X`` works for all of th
 from __future__ import annotations
 
 from .caft import CAFTCallback, ConceptAblation
+from .first_token import FirstTokenKLCallback, FirstTokenKLRegularizer, first_token_weights
+from .hard_projection import HardProjectionCallback, InputNullSpaceProjection
 from .kl import KLToBaseCallback, KLToBaseRegularizer, kl_to_reference
 from .ldifs import LDIFSCallback, LDIFSRegularizer, feature_distance
 from .mixing import interleave
@@ -50,11 +56,16 @@ __all__ = [
     "CAFTCallback",
     "ConceptAblation",
     "EarlyStoppingOnMetric",
+    "FirstTokenKLCallback",
+    "FirstTokenKLRegularizer",
+    "HardProjectionCallback",
+    "InputNullSpaceProjection",
     "KLToBaseCallback",
     "KLToBaseRegularizer",
     "LDIFSCallback",
     "LDIFSRegularizer",
     "feature_distance",
+    "first_token_weights",
     "interleave",
     "kl_to_reference",
 ]

@@ -63,11 +63,14 @@ def kl_to_reference(
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum() / z.shape[0]
 
 
-def kl_and_gradient(logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor):
+def kl_and_gradient(logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor,
+                    weights: torch.Tensor | None = None, normaliser: float | None = None):
     r"""KL value (float32) and its exact gradient w.r.t. the selected rows of ``logits`` (float32, (N, V)).
 
     For one position, with d = log π − log π_ref and KL_t = Σ_v π_v d_v: ∂KL_t/∂z_v = π_v (d_v − KL_t); the mean
-    over N positions divides by N. In-place arithmetic keeps the peak at about three (N, V) float32 buffers.
+    over N positions divides by N. With ``weights`` (N,) (one per selected position, in ``mask``'s row-major order)
+    the value is Σ_t w_t KL_t / ``normaliser`` and each row's gradient is scaled by w_t / ``normaliser``. In-place
+    arithmetic keeps the peak at about three (N, V) float32 buffers.
     """
     with torch.no_grad():
         z = logits.detach()[mask].float()  # (N, V)
@@ -80,8 +83,12 @@ def kl_and_gradient(logits: torch.Tensor, reference_logits: torch.Tensor, mask: 
         p.exp_()  # log π → π
         d.masked_fill_(p == 0, 0.0)  # 0·log 0 = 0 where π_θ has no mass
         kl_tok = (p * d).sum(dim=-1, keepdim=True)  # (N, 1)
-        grad = d.sub_(kl_tok).mul_(p).div_(n)
-        return kl_tok.sum() / n, grad
+        if weights is None:
+            grad = d.sub_(kl_tok).mul_(p).div_(n)
+            return kl_tok.sum() / n, grad
+        w = weights.to(device=kl_tok.device, dtype=torch.float32).reshape(-1, 1) / float(normaliser)
+        grad = d.sub_(kl_tok).mul_(p).mul_(w)
+        return (kl_tok * w).sum(), grad
 
 
 class AddLogitGradient:
@@ -186,14 +193,14 @@ class KLToBaseRegularizer:
         if not logits.requires_grad:
             return None
         inputs = call_kwargs(module, args, kwargs)
-        mask = self._position_mask(inputs, logits)
+        mask, weights, normaliser = self._positions(inputs, logits)
         reference_logits = self._reference_logits(module, inputs)
         if tuple(reference_logits.shape) != tuple(logits.shape):
             raise ValueError(
                 f"KLToBaseCallback: reference logits have shape {tuple(reference_logits.shape)} but the model's are "
                 f"{tuple(logits.shape)}; the reference must be a copy of the base model"
             )
-        kl, grad = kl_and_gradient(logits, reference_logits, mask)
+        kl, grad = kl_and_gradient(logits, reference_logits, mask, weights, normaliser)
         if not torch.isfinite(kl):
             raise NonFiniteHiddenStateError(
                 "KL(π_θ ‖ π_ref) is not finite: the logits contain NaN/Inf or the reference gives zero probability "
@@ -209,6 +216,11 @@ class KLToBaseRegularizer:
             extra = grad.mul_(coef).to(logits.dtype)
             logits.register_hook(AddLogitGradient(mask.nonzero(as_tuple=True), extra))
         return None
+
+    def _positions(self, inputs: dict[str, Any], logits: torch.Tensor):
+        """(mask of the positions that count, their weights or None, the normaliser or None); subclasses (the
+        first-token KL) weight positions."""
+        return self._position_mask(inputs, logits), None, None
 
     def _position_mask(self, inputs: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
         shape = _batch_shape(inputs)
