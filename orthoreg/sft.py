@@ -19,7 +19,8 @@ Directions: ``--orthoreg_directions builtin`` (the default) extracts them on the
 built-in contrast prompts, formatted with the model's chat template, at the guarded layers only; every other rank
 receives rank 0's tensors, so all ranks regularise against identical directions. They are saved to
 ``--orthoreg_directions_out`` (default ``<output_dir>/harmful_directions.safetensors``) for ``orthoreg audit`` and
-later runs. Or pass a file written by ``orthoreg directions extract``.
+later runs. Or pass what ``orthoreg directions extract`` wrote (a file or a ``save_pretrained`` folder), or a Hub
+repo id (``HarmfulDirections.from_pretrained``).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ class _OrthoRegSFTOptions:
     orthoreg: bool = field(default=True, metadata={
         "help": "Add orthoreg's penalties to the training loss; --no_orthoreg runs TRL's plain SFT (a baseline)."})
     orthoreg_directions: str = field(default=BUILTIN, metadata={
-        "help": "Harmful directions of this model: a .safetensors file from `orthoreg directions extract`, or "
-                "'builtin' to extract them on the main process from the built-in contrast prompts (with the model's "
-                "chat template) and share them with every rank."})
+        "help": "Harmful directions of this model: a .safetensors file or save_pretrained folder from `orthoreg "
+                "directions extract`, a Hub repo id, or 'builtin' to extract them on the main process from the "
+                "built-in contrast prompts (with the model's chat template) and share them with every rank."})
     orthoreg_directions_out: str | None = field(default=None, metadata={
         "help": "Where 'builtin' directions are saved (default: <output_dir>/harmful_directions.safetensors)."})
     orthoreg_directions_k: int = field(default=1, metadata={
@@ -90,10 +91,11 @@ def _post_init(self) -> None:
         raise ValueError("--orthoreg_lora_weight > 0 needs OrthoLoRA in a custom training loop; the Trainer callback "
                          "that `orthoreg sft` uses applies the covariance and projection terms. Set it to 0")
     if self.orthoreg_directions != BUILTIN and self.config.needs_directions:
-        path = Path(self.orthoreg_directions)
-        if not path.is_file():
-            raise ValueError(f"--orthoreg_directions {self.orthoreg_directions!r} is neither 'builtin' nor an "
-                             "existing file; write one with `orthoreg directions extract` or pass 'builtin'")
+        where = self.orthoreg_directions
+        looks_like_repo_id = where.count("/") == 1 and not where.startswith((".", "/", "~"))
+        if not Path(where).exists() and not looks_like_repo_id:
+            raise ValueError(f"--orthoreg_directions {where!r} is neither 'builtin', an existing file or folder, nor "
+                             "a Hub repo id; write one with `orthoreg directions extract` or pass 'builtin'")
     if self.orthoreg_directions_k < 1:
         raise ValueError(f"--orthoreg_directions_k must be >= 1; got {self.orthoreg_directions_k}")
 
@@ -208,7 +210,7 @@ def obtain_directions(trainer, args, config: OrthoRegConfig, source_model: str, 
     from .directions import HarmfulDirections
 
     if args.orthoreg_directions != BUILTIN:
-        directions = HarmfulDirections.load(args.orthoreg_directions, model=trainer.model)
+        directions = HarmfulDirections.from_pretrained(args.orthoreg_directions, model=trainer.model)
         return directions, {"source": "file", "file": str(args.orthoreg_directions), "layers": directions.layers,
                             "k": directions.k}
 

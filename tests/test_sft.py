@@ -63,6 +63,7 @@ def test_yaml_config_packing_peft_paired_anchor_and_a_directions_file(assets, tm
 
     dirs_file = tmp_path / "harmful.safetensors"
     HarmfulDirections({1: torch.randn(1, HIDDEN, generator=torch.Generator().manual_seed(0))}).save(dirs_file)
+    # (a save_pretrained folder or a Hub repo id works too: HarmfulDirections.from_pretrained reads all three)
     out = tmp_path / "out"
     config = tmp_path / "sft.yaml"
     config.write_text(
@@ -106,7 +107,7 @@ def test_no_orthoreg_is_trls_plain_sft(assets, tmp_path):
 
 @pytest.mark.parametrize("flags,match", [
     (["--orthoreg_layers", "middle"], "unknown layer selection 'middle'"),
-    (["--orthoreg_directions", "/no/such/harmful.safetensors"], "neither 'builtin' nor an existing file"),
+    (["--orthoreg_directions", "/no/such/harmful.safetensors"], "neither 'builtin', an existing file or folder"),
     (["--orthoreg_anchor", "paired"], "needs --use_peft"),
     (["--orthoreg_lora_weight", "0.5"], "OrthoLoRA"),
     (["--orthoreg_proj_weight", "-1"], "`proj_weight` must be a finite number >= 0"),
@@ -132,3 +133,17 @@ def test_help_lists_trls_flags_and_orthoregs(capsys):
     with pytest.raises(SystemExit):
         orthoreg_main(["--help"])
     assert "sft" in capsys.readouterr().out
+
+
+def test_directions_from_a_save_pretrained_folder(assets, tmp_path):
+    from orthoreg import HarmfulDirections
+
+    folder = tmp_path / "harmful-directions"
+    HarmfulDirections({2: torch.randn(1, HIDDEN, generator=torch.Generator().manual_seed(1))}).save_pretrained(folder)
+    out = tmp_path / "out"
+    code = orthoreg_main(["sft", "--model_name_or_path", assets["model"], "--dataset_name", assets["data"],
+                          "--output_dir", str(out), "--max_steps", "1", *COMMON, "--orthoreg_layers", "-1",
+                          "--orthoreg_directions", str(folder)])
+    assert code == 0
+    assert json.loads((out / "orthoreg_run.json").read_text())["directions"]["layers"] == [2]
+    assert "orthoreg/proj" in _train_logs(out)[0]
