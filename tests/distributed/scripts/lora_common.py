@@ -14,7 +14,6 @@ from transformers.utils import logging as hf_logging
 
 from orthoreg.capture import layer_hidden, resolve_layers
 from orthoreg.directions import HarmfulDirections
-from orthoreg.penalties import covariance_penalty, lora_weight_penalty, projection_penalty
 
 hf_logging.set_verbosity_error()  # GPT-2's default bos/eos ids exceed the tiny vocabulary; the warning is noise
 
@@ -98,9 +97,20 @@ def _capture_layers(model, stack_layers, indices, run):
     return out, captured
 
 
+def _cov64(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(1/d) Σ_{i≠j} C_ij² of the selected rows, C = XcᵀXc/(N−1), in float64 from the definition."""
+    x = h.double()[mask]
+    n, d = x.shape
+    xc = x - x.mean(0, keepdim=True)
+    c = xc.T @ xc / max(n - 1, 1)
+    return (c.square().sum() - c.diagonal().square().sum()) / d
+
+
 def explicit_loss(peft_model, batch, config, dirs, writers, base_reference=None, step: int = 0):
-    """``task + w(t)·(λ_cov Σ cov + λ_proj Σ proj + λ_lora Σ s²‖(UB)A‖²)`` computed directly: hidden states from
-    plain forward hooks, LoRA weights read from the modules, no OrthoLoRA or OrthoRegularizer involved.
+    """``task + w(t)·(λ_cov Σ cov + λ_proj Σ proj + λ_lora Σ ‖U ΔW‖²)`` in float64 math written here: hidden states
+    from plain forward hooks, ΔW = s·B·A formed explicitly from the modules' weights, no orthoreg penalty function,
+    OrthoLoRA or OrthoRegularizer involved. With ``anchor="base_mean"`` and no ``base_reference``, r is this batch's
+    own mean of U x (detached): the batch is the calibration batch of a run's first step.
 
     ``writers`` is a list of (LoraLayer, layer index) pairs to weight-penalise. Returns (total, parts dict).
     """
@@ -116,22 +126,25 @@ def explicit_loss(peft_model, batch, config, dirs, writers, base_reference=None,
     if config.anchor == "paired" and config.proj_weight > 0:
         with torch.no_grad(), peft_model.disable_adapter():
             _, reference = _capture_layers(peft_model, stack.layers, indices, lambda: peft_model(**batch))
-    cov = proj = torch.zeros(())
+    cov = proj = torch.zeros((), dtype=torch.float64)
     for i in indices:
         if config.cov_weight > 0:
-            cov = cov + covariance_penalty(hidden[i], mask, gather=config.gather)
+            cov = cov + _cov64(hidden[i], mask)
         if config.proj_weight > 0 and i in dirs:
-            ref = None
+            u = dirs[i].double()
+            coords = hidden[i].double()[mask] @ u.T
             if config.anchor == "paired":
-                ref = reference[i]
+                coords = coords - reference[i].double()[mask] @ u.T
             elif config.anchor == "base_mean":
-                ref = base_reference[i]
-            proj = proj + projection_penalty(hidden[i], dirs[i], mask, reference=ref, one_sided=config.one_sided)
-    lora = torch.zeros(())
+                r = coords.detach().mean(0) if base_reference is None else base_reference[i].double()
+                coords = coords - r
+            if config.one_sided:
+                coords = coords.clamp(min=0)
+            proj = proj + coords.square().sum(1).mean()
+    lora = torch.zeros((), dtype=torch.float64)
     for module, layer in writers:
-        lora = lora + lora_weight_penalty(
-            module.lora_A["default"].weight, module.lora_B["default"].weight, dirs[layer], module.scaling["default"]
-        )
+        delta = module.scaling["default"] * module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double()
+        lora = lora + (dirs[layer].double() @ delta).square().sum()
     w = config.warmup_factor(step)
-    total = out.loss + w * (config.cov_weight * cov + config.proj_weight * proj + config.lora_weight * lora)
+    total = out.loss.double() + w * (config.cov_weight * cov + config.proj_weight * proj + config.lora_weight * lora)
     return total, {"task": out.loss, "cov": cov, "proj": proj, "lora": lora, "logits": out.logits}
