@@ -13,12 +13,12 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .config import OrthoRegConfig
 from .directions import HarmfulDirections
+from .metrics import METRIC_PREFIX
 from .regularizer import OrthoRegularizer
 
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "orthoreg"
-METRIC_PREFIX = "orthoreg/"
 
 
 class OrthoRegCallback(TrainerCallback):

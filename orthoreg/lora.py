@@ -48,6 +48,7 @@ from .lora_writers import (
     is_sharded,
     lora_layers,
 )
+from .metrics import metric_names
 from .penalties import lora_weight_penalty
 from .regularizer import OrthoRegularizer
 
@@ -214,7 +215,7 @@ class OrthoLoRA(nn.Module):
         ...         outputs = model(**batch)
         ...         accelerator.backward(outputs.loss)
         ...         optimizer.step(); optimizer.zero_grad()
-        >>> accelerator.unwrap_model(model).pop_metrics()  # {'proj': ..., 'lora': ..., 'total': ...}
+        >>> accelerator.unwrap_model(model).pop_metrics()  # {'orthoreg/proj': ..., 'orthoreg/lora': ..., ...}
     """
 
     _orthoreg_wrapper = True  # ``orthoreg.capture.unwrap_model`` looks through it (monitors, audits, firewalls)
@@ -482,8 +483,8 @@ class OrthoLoRA(nn.Module):
 
     @property
     def last_metrics(self) -> dict[str, float]:
-        """The latest training forward's penalties (unweighted ``lora``/``cov``/``proj``, weighted ``total``)."""
-        return _to_floats(self._last_metric_tensors)
+        """The latest training forward's penalties, in the vocabulary of ``orthoreg.metrics``."""
+        return metric_names(_to_floats(self._last_metric_tensors))
 
     def check_step(self) -> int:
         """The numerical health check of the optimizer step (one host sync; see ``orthoreg.health``). Called by
@@ -497,10 +498,12 @@ class OrthoLoRA(nn.Module):
     def pop_metrics(self, per_layer: bool | None = None) -> dict[str, float]:
         """Means over the training forwards since the last call, then resets.
 
-        Keys: ``lora`` (Σ s²‖(UB)A‖² over penalised writers, unweighted), ``cov``, ``proj`` (sums over guarded layers,
-        unweighted), ``total`` (the weighted penalty added to the loss, with warm-up), ``<term>/layer_i`` with
-        ``per_layer`` (default ``config.per_layer_metrics``), ``skipped`` (micro-batches whose penalty was dropped
-        as non-finite). Values are this rank's; average across ranks with ``accelerator.reduce`` if needed.
+        Keys are those ``OrthoRegCallback`` logs (``orthoreg.metrics``): ``orthoreg/lora`` (Σ s²‖(UB)A‖² over
+        penalised writers, unweighted), ``orthoreg/cov``, ``orthoreg/proj`` (sums over guarded layers, unweighted),
+        ``orthoreg/total`` (the weighted penalty added to the loss, with warm-up), ``orthoreg/warmup`` (w(t)),
+        ``orthoreg/<term>/layer_i`` with ``per_layer`` (default ``config.per_layer_metrics``), ``orthoreg/skipped``
+        (micro-batches whose penalty was dropped as non-finite). Values are this rank's; average across ranks with
+        ``accelerator.reduce`` if needed.
         """
         per_layer = self.config.per_layer_metrics if per_layer is None else per_layer
         count, sums, skipped = self._metric_count, self._metric_sums, self._skipped
@@ -508,7 +511,7 @@ class OrthoLoRA(nn.Module):
         out = {k: v / count for k, v in _to_floats(sums).items() if per_layer or "/layer_" not in k} if count else {}
         if skipped:
             out["skipped"] = float(skipped)
-        return out
+        return metric_names(out, warmup=self.config.warmup_factor(max(self.step - 1, 0)) if count else None)
 
     # ------------------------------------------------------------------ lifecycle
     def remove_hooks(self) -> None:

@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     code = {"value": 0}
 
     def task(cfg) -> None:
+        if not info.is_main:  # one log line per event, from rank 0 (the others still report warnings and errors)
+            logging.getLogger("orthoreg").setLevel(logging.WARNING)
         try:
             code["value"] = _run(cfg, info)
         except RecipeError as err:

@@ -139,7 +139,7 @@ def test_weight_penalty_matches_float64_delta_w(case):
 
     ref, leaves = _float64_weight_penalty(ortho, dirs)
     assert out.orthoreg_penalty.item() == pytest.approx(lam * ref.item(), rel=REL_TOL)
-    assert ortho.last_metrics["lora"] == pytest.approx(ref.item(), rel=REL_TOL)
+    assert ortho.last_metrics["orthoreg/lora"] == pytest.approx(ref.item(), rel=REL_TOL)
     scale = max(max(a.grad.abs().max().item(), b.grad.abs().max().item()) for a, b in leaves.values())
     for writer in ortho.writers:
         a, b = leaves[writer.name]
@@ -183,7 +183,7 @@ def test_gradients_equal_explicit_loss(checkpointing, ga):
             out = model(**batch)
             torch.testing.assert_close(out.loss, out.task_loss + out.orthoreg_penalty)
             accelerator.backward(out.loss)
-            lora_values.append(ortho.last_metrics["lora"])
+            lora_values.append(ortho.last_metrics["orthoreg/lora"])
     assert ortho.step == 1  # one optimizer step (sync_gradients once per GA micro-batches)
     got = lora_grads(peft_model)
 
@@ -238,12 +238,14 @@ def test_warmup_steps_and_eval():
     for _ in range(4):  # 4 micro-batches = 2 optimizer steps
         with accelerator.accumulate(ortho):
             out = ortho(**batch)
-            seen.append((ortho.step, out.orthoreg_penalty.item() / ortho.last_metrics["lora"]))
+            seen.append((ortho.step, out.orthoreg_penalty.item() / ortho.last_metrics["orthoreg/lora"]))
     # w(t) = (t + 1) / 4, the step advancing after each accumulation cycle.
     assert seen == [(0, pytest.approx(0.25)), (1, pytest.approx(0.25)), (1, pytest.approx(0.5)),
                     (2, pytest.approx(0.5))]
     metrics = ortho.pop_metrics()
-    assert set(metrics) == {"lora", "total"} and ortho.pop_metrics() == {}
+    # the callback's vocabulary (orthoreg.metrics): the warm-up of the last step the values come from
+    assert set(metrics) == {"orthoreg/lora", "orthoreg/total", "orthoreg/warmup"} and ortho.pop_metrics() == {}
+    assert metrics["orthoreg/warmup"] == pytest.approx(0.5)
     # Evaluation forwards are not regularised: plain model outputs, no step.
     ortho.eval()
     with torch.no_grad():
@@ -412,6 +414,6 @@ def test_example_custom_loop(tmp_path, capsys):
         warnings.simplefilter("ignore", UserWarning)
         logged = example.main(["--model", "tiny", "--steps", "3", "--grad-accum", "2", "--log-every", "3",
                                "--anchor", "paired", "--cov-weight", "0.1", "--output-dir", str(tmp_path)])
-    assert {"task_loss", "proj", "cov", "lora", "total"} <= set(logged)
+    assert {"task_loss", "orthoreg/proj", "orthoreg/cov", "orthoreg/lora", "orthoreg/total", "orthoreg/warmup"} <= set(logged)
     assert (tmp_path / "orthoreg_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
     assert "step 3/3" in capsys.readouterr().out

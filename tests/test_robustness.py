@@ -174,7 +174,7 @@ def test_nonfinite_lora_weights_raise_before_backward_and_skip_drops_the_penalty
         out = skipping(**batch)
     assert out.orthoreg_penalty.item() == 0.0
     assert "penalty was dropped" in caplog.text
-    assert skipping.pop_metrics()["skipped"] == 1.0
+    assert skipping.pop_metrics()["orthoreg/skipped"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ stale hooks

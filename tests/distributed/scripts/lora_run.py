@@ -131,7 +131,7 @@ def run_fsdp2(tensors: dict, info: dict, out_dir: str) -> None:
         grads = _full_grads(params, lambda p: None if p.grad is None else p.grad.full_tensor())
         tensors.update({f"fsdp2.{tag}.{n}": g for n, g in grads.items()})
         info[f"fsdp2.{tag}.penalty"] = outputs.orthoreg_penalty.item()
-        info[f"fsdp2.{tag}.lora"] = model.last_metrics["lora"]
+        info[f"fsdp2.{tag}.lora"] = model.last_metrics["orthoreg/lora"]
 
 
 def run_zero3(tensors: dict, info: dict, out_dir: str) -> None:
@@ -170,7 +170,7 @@ def run_zero3(tensors: dict, info: dict, out_dir: str) -> None:
             optimizer.step()
             optimizer.zero_grad()
         info[f"zero3.{tag}.penalty"] = outputs.orthoreg_penalty.item()
-        info[f"zero3.{tag}.lora"] = model.last_metrics["lora"]
+        info[f"zero3.{tag}.lora"] = model.last_metrics["orthoreg/lora"]
         if tag == "full":
             # Saving sharded parameters directly would write empty tensors: refused with a clear error.
             try:
