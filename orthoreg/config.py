@@ -19,8 +19,12 @@ from .capture import MASK_POLICIES, resolve_layers
 Anchor = Literal["absolute", "base_mean", "paired"]
 Mask = Literal["attention", "labels", "prompt_end"]
 NonfinitePolicy = Literal["raise", "skip"]
+Units = Literal["absolute", "base"]
 ANCHORS: tuple[str, ...] = get_args(Anchor)
 NONFINITE_POLICIES: tuple[str, ...] = get_args(NonfinitePolicy)
+UNITS: tuple[str, ...] = get_args(Units)
+# The recommended starting point for a new model (see ``OrthoRegConfig.recommended``): λ in base-model units.
+RECOMMENDED_PROJ_WEIGHT = 0.1
 assert set(get_args(Mask)) == set(MASK_POLICIES), "OrthoRegConfig.mask and capture.MASK_POLICIES disagree"
 
 # A layer selection as Python code gives it (an index, a list, a named range, a fraction slice) or as a command line
@@ -94,7 +98,11 @@ class OrthoRegConfig:
         proj_weight (`float`, *optional*, defaults to `1.0`): λ_proj, weight of the projection penalty; needs
             harmful directions.
         lora_weight (`float`, *optional*, defaults to `0.0`): λ_lora, weight of the LoRA weight-space penalty
-            (``OrthoLoRA`` only).
+            (``OrthoLoRA`` only; always absolute: ΔW starts at 0, so it has no base value).
+        units (`str`, *optional*, defaults to `"absolute"`): ``"absolute"`` — the terms as written, summed over
+            guarded layers; ``"base"`` — each activation term in its base model's units, averaged over the guarded
+            layers: proj_ℓ / E_base‖U_ℓx − r_ℓ‖² and cov_ℓ / cov_ℓ(calibration batch). At step 0 both are ≈ 1 on
+            any model, so a λ is a share of the loss that carries across models (``OrthoRegConfig.recommended()``).
         anchor (`str`, *optional*, defaults to `"base_mean"`): origin of the projection penalty:
             ``"absolute"`` (‖Ux‖²), ``"base_mean"`` (‖Ux − r‖², r = the base model's mean projection recorded on
             the first ``calibration_batches`` micro-batches, before any update), or ``"paired"`` (‖U(x − x_ref)‖²,
@@ -134,6 +142,12 @@ class OrthoRegConfig:
         "help": "λ_proj, weight of the projection penalty onto the harmful directions (needs directions)."})
     lora_weight: float = field(default=0.0, metadata={
         "help": "λ_lora, weight of the LoRA weight-space penalty (OrthoLoRA in a custom loop only)."})
+    units: Units = field(default="absolute", metadata={
+        "help": "Units of the activation terms: absolute (the formulas as written) or base (each term divided by "
+                "its base-model value, averaged over guarded layers: the projection by the base variance of Uh, "
+                "the covariance by its value on the calibration batch — so one λ means the same on any model). "
+                "Recorded on the first calibration_batches micro-batches, before any update.",
+        "choices": UNITS})
     # ---- origin of the projection term
     anchor: Anchor = field(default="base_mean", metadata={
         "help": "Origin of the projection: absolute (‖Uh‖²), base_mean (‖Uh − r‖², r = the base model's mean "
@@ -182,6 +196,8 @@ class OrthoRegConfig:
             raise ValueError(f"`anchor` must be one of {ANCHORS}; got {self.anchor!r}")
         if self.mask not in MASK_POLICIES:
             raise ValueError(f"`mask` must be one of {MASK_POLICIES}; got {self.mask!r}")
+        if self.units not in UNITS:
+            raise ValueError(f"`units` must be one of {UNITS}; got {self.units!r}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_POLICIES}; got {self.on_nonfinite!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -189,6 +205,23 @@ class OrthoRegConfig:
         if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) \
                 or self.calibration_batches < 1:
             raise ValueError(f"`calibration_batches` must be an int >= 1; got {self.calibration_batches!r}")
+
+    @classmethod
+    def recommended(cls, layers: Any = "middle_third", **overrides: Any) -> OrthoRegConfig:
+        """The recommended starting point for a new model: the projection onto the harmful directions, anchored to
+        the base model's mean (``base_mean``), in base-model units (``units="base"``), λ_proj = 0.1 — the penalty
+        then starts at about 0.1 per micro-batch whatever the model's width, depth or activation scale. The scale
+        is chosen so that one λ means the same everywhere; its protective strength is a benchmark question (see
+        the README's results), not settled by this default."""
+        settings = dict(layers=layers, proj_weight=RECOMMENDED_PROJ_WEIGHT, cov_weight=0.0, anchor="base_mean",
+                        units="base")
+        settings.update(overrides)
+        return cls(**settings)
+
+    @property
+    def base_statistics_needed(self) -> bool:
+        """Whether the regulariser records base statistics before the first update."""
+        return (self.anchor == "base_mean" and self.proj_weight > 0) or self.units == "base"
 
     @property
     def needs_directions(self) -> bool:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base_mean import BaseMeanReference
+from .base_statistics import BaseStatistics
 from .capture import DecoderStack, bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
 from .config import OrthoRegConfig
 from .directions import DirectionsError, HarmfulDirections
@@ -42,6 +42,7 @@ from .health import IllConditionedPenaltyError, NonFiniteHiddenStateError, StepH
 from .penalties import (
     all_reduce_sum,
     covariance_and_condition,
+    covariance_from_index,
     data_parallel_world,
     no_autocast,
     projection_from_index,
@@ -148,7 +149,7 @@ class OrthoRegularizer:
         self.check = check
         self.grad_scale = 1.0
         self.step = 0
-        self.base_mean = BaseMeanReference(config.calibration_batches, config.on_nonfinite)
+        self.base_mean = BaseStatistics(config.calibration_batches, config.on_nonfinite)
         self.pending_penalty: torch.Tensor | None = None
         self.stack: DecoderStack | None = None
         self.layer_indices: list[int] = []
@@ -303,7 +304,8 @@ class OrthoRegularizer:
     def _penalty(self, session: _Session) -> torch.Tensor | None:
         cfg = self.config
         mask = session.mask
-        calibrating = cfg.anchor == "base_mean" and cfg.proj_weight > 0 and self._calibrating()
+        calibrating = cfg.base_statistics_needed and self._calibrating()
+        base_units = cfg.units == "base"
         calibrated = True
         total = None
         values: dict[str, torch.Tensor] = {}
@@ -316,36 +318,24 @@ class OrthoRegularizer:
             if cfg.cov_weight > 0:
                 cov, condition = covariance_and_condition(h, rows, gather=cfg.gather)
                 self.health.record_condition(f"cov/layer_{index}", condition)
+                if base_units:
+                    if calibrating:
+                        calibrated = self.base_mean.record_covariance(index, cov) and calibrated
+                    cov = cov / self._base_unit("cov", index)
                 values[f"cov/layer_{index}"] = cov.detach()
                 terms.append(cfg.cov_weight * cov)
             if cfg.proj_weight > 0 and self.directions is not None and index in self.directions:
                 u = self.directions[index]
                 if u.device != h.device or u.dtype != torch.float32:
                     u = self.directions.directions[index] = u.to(device=h.device, dtype=torch.float32)
-                if calibrating:
-                    calibrated = self.base_mean.record(index, h, mask, u, self.step) and calibrated
-                reference = None
-                if cfg.anchor == "base_mean":
-                    if index not in self.base_reference:
-                        if calibrating:  # this micro-batch was not finite: no r yet, so no projection term
-                            continue
-                        raise RuntimeError(
-                            f"no recorded base projection for layer {index}: calibration ran before this layer was "
-                            "guarded, or a resumed run lost its orthoreg state. Call calibrate() before training, "
-                            "or resume from a checkpoint written with orthoreg attached."
-                        )
-                    reference = self.base_reference[index]
-                    if reference.device != h.device:
-                        reference = self.base_reference[index] = reference.to(h.device)
-                elif cfg.anchor == "paired":
-                    reference = session.reference[index].to(h.device)
-                    if rows is not None:
-                        reference = reference.index_select(0, rows)
-                proj = projection_from_index(h, u, rows, reference, one_sided=cfg.one_sided)
-                if cfg.gather:
-                    proj = proj * self._global_token_share(session, h, rows)
-                values[f"proj/layer_{index}"] = proj.detach()
-                terms.append(cfg.proj_weight * proj)
+                recorded = not calibrating or self.base_mean.record(index, h, mask, u, self.step)
+                calibrated = calibrated and recorded
+                if recorded:  # else this micro-batch was not finite: no base statistics yet, no projection term
+                    proj = self._projection(session, index, h, rows, u)
+                    if base_units:
+                        proj = proj / self._base_unit("proj", index)
+                    values[f"proj/layer_{index}"] = proj.detach()
+                    terms.append(cfg.proj_weight * proj)
             for term in terms:
                 total = term if total is None else total + term
         if calibrating and calibrated:
@@ -356,6 +346,54 @@ class OrthoRegularizer:
         weighted = total * cfg.warmup_factor(self.step)
         self._accumulate_metrics({k: v * keep for k, v in values.items()}, weighted.detach(), keep)
         return weighted
+
+    def _projection(self, session: _Session, index: int, h: torch.Tensor, rows: torch.Tensor | None,
+                    u: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        reference = None
+        if cfg.anchor == "base_mean":
+            if index not in self.base_reference:
+                raise RuntimeError(
+                    f"no recorded base projection for layer {index}: calibration ran before this layer was "
+                    "guarded, or a resumed run lost its orthoreg state. Call calibrate() before training, "
+                    "or resume from a checkpoint written with orthoreg attached."
+                )
+            reference = self.base_reference[index]
+            if reference.device != h.device:
+                reference = self.base_reference[index] = reference.to(h.device)
+        elif cfg.anchor == "paired":
+            reference = session.reference[index].to(h.device)
+            if rows is not None:
+                reference = reference.index_select(0, rows)
+        proj = projection_from_index(h, u, rows, reference, one_sided=cfg.one_sided)
+        if cfg.gather:
+            proj = proj * self._global_token_share(session, h, rows)
+        return proj
+
+    def _base_unit(self, term: str, index: int) -> float:
+        """The divisor of ``term`` at layer ``index`` with ``units="base"``: its base-model value times the number of
+        guarded layers that carry the term (so the terms are means over layers)."""
+        if term == "cov":
+            value, layers = self.base_mean.cov_values.get(index), len(self.layer_indices)
+            what = "covariance penalty"
+        else:
+            value = self.base_mean.projection_variance(index) if index in self.base_mean.square_means else None
+            layers = sum(1 for i in self.layer_indices if self.directions is not None and i in self.directions)
+            what = "variance of U x"
+        if value is None:
+            raise RuntimeError(
+                f"OrthoRegConfig(units='base') but no base {what} was recorded for layer {index}: calibration ran "
+                "before this layer was guarded, or a resumed run lost its orthoreg state. Start from step 0, call "
+                "calibrate() before training, or resume from a checkpoint written with orthoreg attached."
+            )
+        if not value > 0:
+            raise ValueError(
+                f"OrthoRegConfig(units='base'): the base model's {what} at layer {index} is 0 on the calibration "
+                "micro-batches (fewer than two selected tokens, or identical hidden states), so it cannot be the "
+                "term's unit. Calibrate on more tokens (calibration_batches, mask='attention') or use "
+                "units='absolute'."
+            )
+        return value * layers
 
     def _calibrating(self) -> bool:
         # Normally the first micro-batch(es) of step 0; later only when those held NaN/Inf under "skip".
@@ -421,9 +459,13 @@ class OrthoRegularizer:
 
         def make(index):
             def hook(module, args, output):
+                h = layer_hidden(output)
                 if self.directions is not None and index in self.directions:
-                    u = self.directions[index].to(device=layer_hidden(output).device, dtype=torch.float32)
-                    self.base_mean.record(index, layer_hidden(output), current_mask[0], u, self.step)
+                    u = self.directions[index].to(device=h.device, dtype=torch.float32)
+                    self.base_mean.record(index, h, current_mask[0], u, self.step)
+                if self.config.units == "base" and self.config.cov_weight > 0:
+                    rows = selected_index(None if current_mask[0] is None else current_mask[0].to(h.device))
+                    self.base_mean.record_covariance(index, covariance_from_index(h, rows, gather=self.config.gather))
 
             return hook
 

@@ -106,7 +106,8 @@ def attached_regularizer(k: int = 2):
 def good_state():
     return {"format_version": 1, "anchor": "base_mean", "layers": [1, 2],
             "base_reference": {"1": [0.5, -0.25], "2": [1.0, 2.0]},
-            "calibration_tokens": {"1": 10, "2": 10}, "calibration_batches_seen": 1}
+            "calibration_tokens": {"1": 10, "2": 10}, "calibration_batches_seen": 1,
+            "base_square_means": {"1": 0.5, "2": 5.5}, "base_covariance": {}}
 
 
 def test_a_valid_state_round_trips_exactly():
@@ -129,6 +130,8 @@ def test_a_valid_state_round_trips_exactly():
     (lambda s: s.update(layers=[1]), "guarded layers"),
     (lambda s: s.update(anchor="paired"), "anchor"),
     (lambda s: s.update(format_version=9), "format_version"),
+    (lambda s: s["base_square_means"].update({"1": float("nan")}), "finite numbers"),
+    (lambda s: s.update(base_covariance=[1.0]), "finite numbers"),
 ])
 def test_a_corrupt_or_mismatched_state_is_refused_by_name(corrupt, match):
     reg = attached_regularizer()

@@ -1,6 +1,8 @@
-"""The ``anchor="base_mean"`` reference: r_ℓ, the base model's mean projection U_ℓ x, recorded before any update.
+"""The base model's statistics, recorded before any update: the ``anchor="base_mean"`` reference r_ℓ (the mean
+projection U_ℓ x) and, for ``units="base"``, each term's base-model scale — the variance of U_ℓ x (the projection's
+unit) and the covariance penalty's own value (the covariance's unit).
 
-r is recorded on the first ``calibration_batches`` micro-batches of step 0 (or by ``calibrate()``), as the token mean
+They are recorded on the first ``calibration_batches`` micro-batches of step 0 (or by ``calibrate()``), as the token mean
 over every data-parallel rank's selected tokens, so all ranks — and a resumed run, which restores rank 0's saved r —
 share one r. It is saved in the checkpoint as JSON (floats are exact there) and validated when loaded.
 
@@ -22,17 +24,20 @@ from .penalties import all_reduce_sum, data_parallel_world, no_autocast, select_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BaseMeanReference", "STATE_FORMAT_VERSION"]
+__all__ = ["BaseStatistics", "STATE_FORMAT_VERSION"]
 
 STATE_FORMAT_VERSION = 1
 
 
-class BaseMeanReference:
-    """Recorded r per guarded layer, and the progress of its calibration.
+class BaseStatistics:
+    """Recorded base statistics per guarded layer, and the progress of their calibration.
 
     Attributes:
         values (`dict[int, Tensor]`): r_ℓ, float32 (k,), always finite.
         tokens (`dict[int, int]`): tokens (over all ranks) that r_ℓ averages.
+        square_means (`dict[int, float]`): mean of ‖U_ℓ x‖² over the same tokens (float64), for the variance.
+        cov_values (`dict[int, float]`): the covariance penalty of the calibration micro-batches (mean over them and
+            over ranks), the covariance's unit with ``units="base"``.
         batches_seen (`int`): calibration micro-batches recorded so far.
         deferred (`bool`): an earlier calibration micro-batch was not finite and was left out (``"skip"``), so
             calibration continues past step 0.
@@ -43,6 +48,9 @@ class BaseMeanReference:
         self.on_nonfinite = on_nonfinite
         self.values: dict[int, torch.Tensor] = {}
         self.tokens: dict[int, int] = {}
+        self.square_means: dict[int, float] = {}
+        self.cov_values: dict[int, float] = {}
+        self._cov_batches: dict[int, int] = {}
         self.batches_seen = 0
         self.deferred = False
 
@@ -50,9 +58,33 @@ class BaseMeanReference:
         return self.batches_seen < self.calibration_batches and (step == 0 or self.deferred)
 
     def clear(self) -> None:
-        self.values.clear()
-        self.tokens.clear()
+        for table in (self.values, self.tokens, self.square_means, self.cov_values, self._cov_batches):
+            table.clear()
         self.batches_seen = 0
+
+    def projection_variance(self, index: int) -> float:
+        """E‖U x − r‖² of the base model over the calibration tokens: the projection's unit with ``units="base"``."""
+        r = self.values[index].double()
+        return max(self.square_means[index] - float(r.square().sum()), 0.0)
+
+    @torch.no_grad()
+    def record_covariance(self, index: int, value: torch.Tensor) -> bool:
+        """Adds one calibration micro-batch's covariance penalty (the mean over ranks) to the covariance's unit.
+        Returns False, recording nothing, when it is not finite on some rank."""
+        value = value.detach().double().reshape(1)
+        finite = torch.isfinite(value).all()
+        world = data_parallel_world()
+        if world > 1:
+            sums = all_reduce_sum(torch.cat([torch.where(finite, value, 0.0), (~finite).double().reshape(1)]))
+            value, finite = sums[:1] / world, sums[1] == 0
+        if not bool(finite):
+            self._refuse(index, -1)
+            return False
+        seen = self._cov_batches.get(index, 0)
+        previous = self.cov_values.get(index, 0.0)
+        self.cov_values[index] = previous + (float(value[0]) - previous) / (seen + 1)
+        self._cov_batches[index] = seen + 1
+        return True
 
     def finish(self) -> None:
         """Marks calibration done (``calibrate()`` recorded r on its own batches)."""
@@ -72,12 +104,16 @@ class BaseMeanReference:
         if not bool(finite):
             self._refuse(index, step)
             return False
+        square_sum = coords.double().square().sum().reshape(1)
         if world > 1:
-            # One all-reduce of (Σ U x, n) per layer and calibration micro-batch; a rank with no token takes part.
-            sums = torch.cat([coords.double().sum(dim=0), coords.new_tensor([coords.shape[0]], dtype=torch.float64)])
+            # One all-reduce of (Σ U x, Σ‖U x‖², n) per layer and calibration micro-batch; a rank with no token
+            # takes part.
+            sums = torch.cat([coords.double().sum(dim=0), square_sum,
+                              coords.new_tensor([coords.shape[0]], dtype=torch.float64)])
             sums = all_reduce_sum(sums)
             n = int(sums[-1].item())
-            batch_mean = (sums[:-1] / max(n, 1)).float()
+            batch_mean = (sums[:-2] / max(n, 1)).float()
+            square_sum = sums[-2:-1]
         else:  # the float32 mean, exactly as recorded results (the toy-world studies, the demo) were computed
             n = coords.shape[0]
             batch_mean = coords.mean(dim=0) if n else None
@@ -85,11 +121,14 @@ class BaseMeanReference:
             self.values.setdefault(index, torch.zeros(u.shape[0], device=h.device))
             return True
         seen = self.tokens.get(index, 0)
+        batch_square_mean = float(square_sum[0]) / n
         if seen == 0:
             self.values[index] = batch_mean
+            self.square_means[index] = batch_square_mean
         else:
             prev = self.values[index].to(h.device)
             self.values[index] = prev + (batch_mean - prev) * (n / (seen + n))
+            self.square_means[index] += (batch_square_mean - self.square_means[index]) * (n / (seen + n))
         self.tokens[index] = seen + n
         if self.deferred and step > 0:
             logger.warning(
@@ -99,9 +138,11 @@ class BaseMeanReference:
         return True
 
     def _refuse(self, index: int, step: int) -> None:
+        at = f" at step {step}" if step >= 0 else ""
         message = (
-            f"orthoreg cannot record the base reference r (anchor='base_mean') of layer {index} at step {step}: "
-            "this calibration micro-batch's hidden states contain NaN/Inf, and r would stay NaN for the whole run."
+            f"orthoreg cannot record the base model's statistics (the base_mean reference r, the base units) of "
+            f"layer {index}{at}: this calibration micro-batch's hidden states contain NaN/Inf, and r would stay NaN "
+            "for the whole run."
         )
         if self.on_nonfinite == "raise":
             raise NonFiniteHiddenStateError(
@@ -109,8 +150,8 @@ class BaseMeanReference:
                 "calibrate(model, batches) on clean batches before training, or set OrthoRegConfig("
                 "on_nonfinite='skip') to calibrate on the next finite micro-batch."
             )
-        self.values.pop(index, None)
-        self.tokens.pop(index, None)
+        for table in (self.values, self.tokens, self.square_means, self.cov_values, self._cov_batches):
+            table.pop(index, None)
         self.deferred = True
         logger.warning(message + " Calibrating on the next finite micro-batch instead (on_nonfinite='skip').")
 
@@ -126,6 +167,8 @@ class BaseMeanReference:
             "base_reference": {str(k): v.detach().cpu().double().tolist() for k, v in self.values.items()},
             "calibration_tokens": {str(k): v for k, v in self.tokens.items()},
             "calibration_batches_seen": self.batches_seen,
+            "base_square_means": {str(k): v for k, v in self.square_means.items()},
+            "base_covariance": {str(k): v for k, v in self.cov_values.items()},
         }
 
     def load_state_dict(self, state: Any, anchor: str, layers: list[int] | None,
@@ -181,7 +224,16 @@ class BaseMeanReference:
             if not _is_count(n):
                 raise ValueError(f"{where}: calibration_tokens[{key!r}] must be an int >= 0; got {n!r}")
             tokens[_layer_key(key, where)] = int(n)
+        scalars = {}
+        for name in ("base_square_means", "base_covariance"):
+            raw = state.get(name, {})  # absent in states written before base units existed
+            if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     and math.isfinite(v) and v >= 0 for v in raw.values()):
+                raise ValueError(f"{where}: {name} must map layers to finite numbers >= 0; got {raw!r:.80}")
+            scalars[name] = {_layer_key(k, where): float(v) for k, v in raw.items()}
         self.values, self.tokens, self.batches_seen = values, tokens, int(seen)
+        self.square_means, self.cov_values = scalars["base_square_means"], scalars["base_covariance"]
+        self._cov_batches = {k: 1 for k in self.cov_values}
         self.deferred = False
 
 
