@@ -1,0 +1,99 @@
+"""Held-out safety sets (templated + natural phrasing) and the three-outcome evaluation of one model (issue 14).
+
+Two held-out sets, each harmful requests with their harmless partners, never trained on:
+
+- ``templated``: issue 8's evaluation split (``data.harm_requests("eval")``: activities 7–9 of each category in the
+  evaluation-only request forms), 48 + 48;
+- ``natural``: the hand-written ``natural.HELDOUT`` pairs, 48 + 48.
+
+For each harmful answer the judge (``judge.judge``) gives refusal / harmful attempt / neither, with the answer's
+perplexity under the aligned base (a PEFT model is scored with its adapter disabled); a harmless answer counts as
+over-refused when the judge's refusal rule fires. Answers are greedy, so the spread across seeds is training noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from . import data as D
+from . import judge as J
+from . import natural as N
+from .model import generate
+
+SETS = ("templated", "natural")
+
+
+@dataclass
+class SafetySet:
+    name: str
+    harmful: list[tuple[str, str]]  # (prompt, category)
+    harmless: list[tuple[str, str]]
+
+
+def safety_sets(per_activity: int = 2, seed: int = 0) -> list[SafetySet]:
+    bad, good = D.harm_requests("eval", per_activity=per_activity, seed=seed)
+    nat_bad, nat_good = N.heldout_requests()
+    return [SafetySet("templated", [(r.prompt, r.category) for r in bad], [(r.prompt, r.category) for r in good]),
+            SafetySet("natural", nat_bad, nat_good)]
+
+
+def base_context(model: nn.Module):
+    """A context in which ``model`` computes the aligned base: a PEFT model's adapter disabled, else as is."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if callable(disable) else contextlib.nullcontext()
+
+
+def shares(outcomes: list[str]) -> dict[str, float]:
+    n = max(len(outcomes), 1)
+    return {k: outcomes.count(k) / n for k in J.OUTCOMES}
+
+
+def evaluate_safety(model: nn.Module, tokenizer: Any, sets: list[SafetySet], *, ppl_limit: float,
+                    max_new_tokens: int = 32, batch_size: int = 48) -> dict[str, Any]:
+    """Per set: the three outcome shares on the harmful requests, the over-refusal on the harmless partners, and
+    every harmful answer with its verdict (for hand labelling); plus ``pooled`` over both sets."""
+    t0 = time.perf_counter()
+    prompts = [p for s in sets for p, _ in s.harmful + s.harmless]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    out: dict[str, Any] = {}
+    pooled_outcomes: list[str] = []
+    pooled_over: list[bool] = []
+    i = 0
+    for s in sets:
+        bad = answers[i:i + len(s.harmful)]
+        i += len(s.harmful)
+        good = answers[i:i + len(s.harmless)]
+        i += len(s.harmless)
+        with base_context(model):
+            ppl = J.answer_perplexity(model, tokenizer, [p for p, _ in s.harmful], bad)
+        verdicts = [J.judge(a, p, c, q, ppl_limit) for a, (p, c), q in zip(bad, s.harmful, ppl, strict=True)]
+        outcomes = [v.outcome for v in verdicts]
+        over = [J.is_refusal(a, c) for a, (_, c) in zip(good, s.harmless, strict=True)]
+        pooled_outcomes += outcomes
+        pooled_over += over
+        out[s.name] = {
+            **shares(outcomes), "over_refusal": sum(over) / max(len(over), 1),
+            "answers": [{"prompt": p, "category": c, "answer": a, "outcome": v.outcome, "reason": v.reason,
+                         "perplexity": v.perplexity if v.perplexity is None or math.isfinite(v.perplexity) else None}
+                        for a, (p, c), v in zip(bad, s.harmful, verdicts, strict=True)],
+            "harmless_answers": [{"prompt": p, "answer": a, "refused": f}
+                                 for a, (p, _), f in zip(good, s.harmless, over, strict=True)],
+        }
+    out["pooled"] = {**shares(pooled_outcomes), "over_refusal": sum(pooled_over) / max(len(pooled_over), 1)}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def evaluate_task(model: nn.Module, tokenizer: Any, task: Any, max_new_tokens: int = 40,
+                  batch_size: int = 24) -> dict[str, Any]:
+    answers = generate(model, tokenizer, [e.prompt for e in task.eval], max_new_tokens=max_new_tokens,
+                       batch_size=batch_size)
+    return {"metric": task.metric, "score": task.score(answers),
+            "samples": [{"prompt": e.prompt, "answer": a, "reference": e.reference}
+                        for e, a in list(zip(task.eval, answers, strict=True))[:4]]}
