@@ -14,6 +14,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .config import OrthoRegConfig
 from .directions import HarmfulDirections
 from .metrics import METRIC_PREFIX
+from .reader_wiring import check_restored_base, reader_penalty_for, restore_reader_base, save_reader_base
 from .regularizer import OrthoRegularizer
 
 logger = logging.getLogger(__name__)
@@ -42,9 +43,16 @@ class OrthoRegCallback(TrainerCallback):
     checkpoint's ``trainer_state.json`` and restored on ``resume_from_checkpoint``; the warm-up follows
     ``state.global_step``.
 
+    With ``config.reader_weight > 0`` the reader-side weight penalty λ_reader·Σ_m reader(m) (``orthoreg.reader``)
+    is added too, inside each module's forward (exact under ZeRO-3/FSDP2), logged as ``orthoreg/reader``; for full
+    fine-tuning its W₀V_mᵀ are saved next to every checkpoint (``orthoreg_reader_base.safetensors``) and restored on
+    resume.
+
     Args:
         config (`OrthoRegConfig`): the regulariser's settings.
         directions (`HarmfulDirections`, *optional*): harmful subspaces; required when ``config.proj_weight > 0``.
+        input_subspaces (`InputSubspaces`, *optional*): V_m per module (``extract_input_subspaces``); required when
+            ``config.reader_weight > 0``.
 
     Example:
         >>> from orthoreg import HarmfulDirections, OrthoRegCallback, OrthoRegConfig
@@ -54,11 +62,13 @@ class OrthoRegCallback(TrainerCallback):
         ...                   callbacks=[OrthoRegCallback(config, directions=directions)])
     """
 
-    def __init__(self, config: OrthoRegConfig, directions: HarmfulDirections | None = None):
+    def __init__(self, config: OrthoRegConfig, directions: HarmfulDirections | None = None,
+                 input_subspaces: Any = None):
         if not isinstance(config, OrthoRegConfig):
             raise TypeError(f"OrthoRegCallback needs an OrthoRegConfig; got {type(config).__name__}")
         self.config = config
         self.directions = directions
+        self.reader = reader_penalty_for(config, input_subspaces, mode="inject")
         # Health is checked once per optimizer step, in on_pre_optimizer_step (one host sync), not per micro-batch.
         self.regularizer = OrthoRegularizer(config, directions, mode="inject", check="step")
         self._saved_calibration = False
@@ -94,8 +104,12 @@ class OrthoRegCallback(TrainerCallback):
         self.regularizer.owner = state
         self.regularizer.health.reset()
         self._steps_in_epoch = _length(kwargs.get("train_dataloader"))
-        self.regularizer.grad_scale = accumulation_scale(args, state, self._steps_in_epoch)
         self.regularizer.step = state.global_step
+        if self.reader is not None and not self.reader.attached:
+            missing = restore_reader_base(self.reader, args, state) if state.global_step > 0 else None
+            self.reader.attach(model)
+            check_restored_base(self.reader, missing)
+        self._set_scales(args, state)
         stored = state.stateful_callbacks.get(STATE_KEY) if state.stateful_callbacks else None
         if state.global_step > 0 and stored is not None:
             self.regularizer.load_state_dict(stored)
@@ -108,9 +122,14 @@ class OrthoRegCallback(TrainerCallback):
                 "callback.regularizer.calibrate(model, batches) before train()"
             )
 
+    def _set_scales(self, args, state) -> None:
+        self.regularizer.grad_scale = accumulation_scale(args, state, self._steps_in_epoch)
+        if self.reader is not None:
+            self.reader.grad_scale = self.config.warmup_factor(state.global_step) * self.regularizer.grad_scale
+
     def on_step_begin(self, args, state, control, **kwargs):
         self.regularizer.step = state.global_step
-        self.regularizer.grad_scale = accumulation_scale(args, state, self._steps_in_epoch)
+        self._set_scales(args, state)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # The step's one host sync: a NaN/Inf or ill-conditioned penalty raises here, before the update.
@@ -126,10 +145,26 @@ class OrthoRegCallback(TrainerCallback):
         if logs is None:
             return
         warmup = self.config.warmup_factor(max(state.global_step - 1, 0))
-        report_metrics(self.regularizer.pop_metrics(), METRIC_PREFIX, logs, state, extra={"warmup": warmup})
+        metrics = self.regularizer.pop_metrics()
+        if self.reader is not None:
+            reader = self.reader.pop_metrics(per_module=self.config.per_layer_metrics)
+            if "reader" in reader:
+                metrics["total"] = metrics.get("total", 0.0) + self.config.reader_weight * warmup * reader["reader"]
+            metrics.update(reader)
+        report_metrics(metrics, METRIC_PREFIX, logs, state, extra={"warmup": warmup})
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.reader is not None:
+            save_reader_base(self.reader, args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.detach()
+
+    def detach(self) -> None:
+        """Removes every hook this callback installed (also when ``train()`` raised; see ``_detach_when_train_exits``)."""
         self.regularizer.detach()
+        if self.reader is not None:
+            self.reader.detach()
 
 
 def micro_batches_in_step(global_step: int, accumulation_steps: int, steps_in_epoch: int | None) -> int:
@@ -222,7 +257,7 @@ def _detach_when_train_exits(callback: OrthoRegCallback) -> None:
         finally:
             for item in trainer.callback_handler.callbacks:
                 if isinstance(item, OrthoRegCallback):
-                    item.regularizer.detach()
+                    item.detach()
 
     train_then_detach._orthoreg_detaching = True
     trainer.train = train_then_detach

@@ -83,7 +83,8 @@ class OrthoRegConfig:
     """Configuration of the orthoreg regulariser.
 
     The total loss is ``task_loss + w(t) · (cov_weight · Σ_ℓ cov(h_ℓ) + proj_weight · Σ_ℓ proj(h_ℓ)
-    [+ lora_weight · Σ lora_proj])`` where ℓ ranges over ``layers`` and w(t) is the warm-up factor.
+    [+ lora_weight · Σ lora_proj] [+ reader_weight · Σ_m reader(m)])`` where ℓ ranges over ``layers`` and w(t) is
+    the warm-up factor.
 
     Every field carries a help text, so ``HfArgumentParser(OrthoRegConfig)`` makes a command line of it
     (``--layers 1,3 --proj_weight 0.5 --anchor paired``); ``orthoreg sft`` offers the same fields as
@@ -99,6 +100,9 @@ class OrthoRegConfig:
             harmful directions.
         lora_weight (`float`, *optional*, defaults to `0.0`): λ_lora, weight of the LoRA weight-space penalty
             (``OrthoLoRA`` only; always absolute: ΔW starts at 0, so it has no base value).
+        reader_weight (`float`, *optional*, defaults to `0.0`): λ_reader, weight of the reader-side weight penalty
+            Σ_m ‖ΔW_m V_mᵀ‖²_F over the modules named by ``input_subspaces`` (``orthoreg.reader``): LoRA
+            s²‖B(AV_mᵀ)‖², full fine-tuning ‖W_mV_mᵀ − W₀V_mᵀ‖². Always absolute.
         units (`str`, *optional*, defaults to `"absolute"`): ``"absolute"`` — the terms as written, summed over
             guarded layers; ``"base"`` — each activation term in its base model's units, averaged over the guarded
             layers: proj_ℓ / E_base‖U_ℓx − r_ℓ‖² and cov_ℓ / cov_ℓ(calibration batch). At step 0 both are ≈ 1 on
@@ -142,6 +146,9 @@ class OrthoRegConfig:
         "help": "λ_proj, weight of the projection penalty onto the harmful directions (needs directions)."})
     lora_weight: float = field(default=0.0, metadata={
         "help": "λ_lora, weight of the LoRA weight-space penalty (OrthoLoRA in a custom loop only)."})
+    reader_weight: float = field(default=0.0, metadata={
+        "help": "λ_reader, weight of the reader-side weight penalty Σ_m ‖ΔW_m V_mᵀ‖² (needs input subspaces; "
+                "full fine-tuning and LoRA)."})
     units: Units = field(default="absolute", metadata={
         "help": "Units of the activation terms: absolute (the formulas as written) or base (each term divided by "
                 "its base-model value, averaged over guarded layers: the projection by the base variance of Uh, "
@@ -181,16 +188,16 @@ class OrthoRegConfig:
 
     def __post_init__(self) -> None:
         self.layers = parse_layer_selection(self.layers)
-        for name in ("cov_weight", "proj_weight", "lora_weight"):
+        for name in ("cov_weight", "proj_weight", "lora_weight", "reader_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0 \
                     or value == float("inf"):
                 raise ValueError(f"`{name}` must be a finite number >= 0; got {value!r}")
             setattr(self, name, float(value))
-        if self.cov_weight == 0 and self.proj_weight == 0 and self.lora_weight == 0:
+        if self.cov_weight == 0 and self.proj_weight == 0 and self.lora_weight == 0 and self.reader_weight == 0:
             raise ValueError(
-                "every weight of OrthoRegConfig is zero (`cov_weight`, `proj_weight`, `lora_weight`), so the "
-                "regulariser would do nothing; set at least one of them > 0"
+                "every weight of OrthoRegConfig is zero (`cov_weight`, `proj_weight`, `lora_weight`, "
+                "`reader_weight`), so the regulariser would do nothing; set at least one of them > 0"
             )
         if self.anchor not in ANCHORS:
             raise ValueError(f"`anchor` must be one of {ANCHORS}; got {self.anchor!r}")

@@ -50,6 +50,8 @@ from .lora_writers import (
 )
 from .metrics import metric_names
 from .penalties import lora_weight_penalty
+from .reader import InputSubspaces
+from .reader_wiring import reader_penalty_for
 from .regularizer import OrthoRegularizer
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ __all__ = ["OrthoLoRA", "LoraWriter", "find_residual_writers", "RESIDUAL_WRITER_
 
 CONFIG_NAME = "orthoreg_config.json"
 DIRECTIONS_NAME = "orthoreg_directions.safetensors"
+SUBSPACES_NAME = "orthoreg_input_subspaces.safetensors"
 FORMAT_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------------------- autograd
@@ -228,6 +231,7 @@ class OrthoLoRA(nn.Module):
         accelerator: Any = None,
         *,
         writer_modules: Sequence[str] | None = None,
+        input_subspaces: Any = None,
     ):
         super().__init__()
         if not isinstance(config, OrthoRegConfig):
@@ -317,6 +321,11 @@ class OrthoLoRA(nn.Module):
         if self.writers:
             self._handles.append(stack.stack.register_forward_hook(self._stack_hook))
         self._register_zero3_external_parameters(accelerator)
+        # Reader-side weight term (orthoreg.reader): inside each adapted module's forward, through the loss.
+        self.input_subspaces = input_subspaces
+        self.reader = reader_penalty_for(config, input_subspaces, mode="return")
+        if self.reader is not None:
+            self.reader.attach(peft_model)
         self._last_metric_tensors: dict[str, torch.Tensor] = {}
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_count = 0
@@ -359,6 +368,8 @@ class OrthoLoRA(nn.Module):
             self.regularizer.step = self.step
             self.regularizer.pending_penalty = None
         self._session = self._last_session = session
+        if self.reader is not None:
+            self.reader.grad_scale = self.config.warmup_factor(self.step)
         try:
             outputs = self.model(*args, **kwargs)
         finally:
@@ -367,6 +378,9 @@ class OrthoLoRA(nn.Module):
         if self.regularizer is not None:
             activation, self.regularizer.pending_penalty = self.regularizer.pending_penalty, None
         penalty = activation
+        reader = self.reader.pop_penalty() if self.reader is not None and active else None
+        if reader is not None:
+            penalty = reader if penalty is None else penalty + reader
         weight_sum = None
         if session.values:
             weight_sum = torch.stack([v.float() for v in session.values.values()]).sum()
@@ -509,6 +523,8 @@ class OrthoLoRA(nn.Module):
         count, sums, skipped = self._metric_count, self._metric_sums, self._skipped
         self._metric_sums, self._metric_count, self._skipped = {}, 0, 0
         out = {k: v / count for k, v in _to_floats(sums).items() if per_layer or "/layer_" not in k} if count else {}
+        if self.reader is not None:
+            out.update(self.reader.pop_metrics(per_module=per_layer))
         if skipped:
             out["skipped"] = float(skipped)
         return metric_names(out, warmup=self.config.warmup_factor(max(self.step - 1, 0)) if count else None)
@@ -521,6 +537,8 @@ class OrthoLoRA(nn.Module):
         self._handles.clear()
         if self.regularizer is not None:
             self.regularizer.detach()
+        if self.reader is not None:
+            self.reader.detach()
 
     def state_dict_orthoreg(self) -> dict[str, Any]:
         """JSON-serialisable training state: the step and the regulariser's recorded references."""
@@ -589,6 +607,8 @@ class OrthoLoRA(nn.Module):
         os.replace(tmp, path)
         if self.directions is not None:
             self.directions.save(os.path.join(save_directory, DIRECTIONS_NAME))
+        if self.input_subspaces is not None:
+            self.input_subspaces.save(os.path.join(save_directory, SUBSPACES_NAME))
 
     @classmethod
     def from_pretrained(
@@ -639,8 +659,11 @@ class OrthoLoRA(nn.Module):
         config = OrthoRegConfig.from_dict(payload["config"])
         directions_path = os.path.join(folder, DIRECTIONS_NAME)
         directions = HarmfulDirections.load(directions_path) if os.path.isfile(directions_path) else None
+        subspaces_path = os.path.join(folder, SUBSPACES_NAME)
+        subspaces = InputSubspaces.load(subspaces_path) if os.path.isfile(subspaces_path) else None
         peft_model = PeftModel.from_pretrained(base_model, folder, is_trainable=is_trainable, **peft_kwargs)
-        ortho = cls(peft_model, config, directions, accelerator, writer_modules=writer_modules)
+        ortho = cls(peft_model, config, directions, accelerator, writer_modules=writer_modules,
+                    input_subspaces=subspaces)
         ortho.load_state_dict_orthoreg(payload.get("state", {}))
         return ortho
 
