@@ -88,7 +88,9 @@ class StepHealth:
                             + [ill[n].float().to(nonfinite.device if nonfinite is not None else ill[n].device)
                                for n in names]).tolist()  # one transfer
         dropped, conditions = int(flags[0]), dict(zip(names, flags[1:], strict=True))
-        worst = {n: c for n, c in conditions.items() if not c <= GRAM_CONDITION_LIMIT}
+        # NaN is the non-finite case below, not ill-conditioning (NaN > limit is False); +inf (no off-diagonal mass
+        # left in float32) is ill-conditioned.
+        worst = {n: c for n, c in conditions.items() if c > GRAM_CONDITION_LIMIT}
         if worst:
             raise IllConditionedPenaltyError(
                 f"orthoreg's float32 covariance penalty lost its precision at step {step} "
