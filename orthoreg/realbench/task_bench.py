@@ -106,12 +106,19 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
     t0 = time.perf_counter()
     refuse = [(t["prompt"], t["refusal"]) for t in info["harmful_targets"]][:: max(1, len(info["harmful_targets"]) //
                                                                                   len(comply))][: len(comply)]
-    gradient = GradientPredictor(model, tokenizer, comply, refuse, max_length=config.max_length)
-    predictors = {}
+    pred_path = Path(folder) / f"predictors-{_hash([config.to_dict(), dir_path.name, comply, refuse])}.json"
+    predictors = json.loads(pred_path.read_text()) if pred_path.is_file() else {}
+    gradient = None
     for name, task in tasks.items():
+        if name in predictors:
+            continue
+        if gradient is None:
+            gradient = GradientPredictor(model, tokenizer, comply, refuse, max_length=config.max_length)
+            predictors["_comply_vs_refuse"] = gradient.comply_vs_refuse
         encoded = encode_task(tokenizer, task, config.max_length)
         sample = schedule(encoded, max(1, config.predictor_examples // 8), 8, seed=0)[: config.predictor_examples]
         predictors[name] = measure(model, tokenizer, directions, sample, gradient)
+        pred_path.write_text(json.dumps(predictors, indent=1))
         log(f"predictors {name:>14s}: " + ", ".join(f"{k} {predictors[name][k]:.3f}" for k in
                                                      ("overlap", "density", "harmful_share", "grad_comply",
                                                       "grad_unrefuse")))
@@ -119,7 +126,8 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
     return {"aligned_folder": str(folder), "aligned_cached": cached_base, "source": source or "SmolLM2 GGUF",
             "aligned_info": {k: v for k, v in info.items() if k not in ("harmless_targets", "harmful_targets")},
             "answers_path": str(answers_path), "ppl_limit": ppl_limit, "base_eval": base_eval,
-            "predictors": predictors, "comply_vs_refuse": gradient.comply_vs_refuse,
+            "predictors": {n: predictors[n] for n in tasks},
+            "comply_vs_refuse": predictors.get("_comply_vs_refuse"),
             "directions_layers": list(directions.layers), "seconds": seconds}
 
 
