@@ -18,7 +18,9 @@ test-legacy:
 	bash scripts/setup.sh --legacy .venv-legacy
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv-legacy/bin/python -m pytest -q -p no:cacheprovider \
 		tests/test_penalties.py tests/test_capture.py tests/test_callback_grads.py tests/test_callback.py \
-		tests/test_lora.py tests/test_baselines.py tests/testbed
+		tests/test_lora.py tests/test_baselines.py tests/testbed \
+		tests/test_exactness.py tests/test_robustness.py tests/test_reference_gradients.py tests/test_base_units.py \
+		tests/test_reader_front_doors.py
 
 lint:
 	.venv/bin/ruff check orthoreg tests scripts
