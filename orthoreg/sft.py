@@ -62,6 +62,9 @@ class _OrthoRegSFTOptions:
     orthoreg_directions_method: Literal["diff_means", "pca_diff", "class_means"] = field(default="diff_means",
                                                                                           metadata={
         "help": "Extraction method for 'builtin' directions."})
+    orthoreg_input_subspaces: str | None = field(default=None, metadata={
+        "help": "Input subspaces V_m of the modules the reader penalty guards (--orthoreg_reader_weight > 0): a "
+                ".safetensors file or a save_pretrained folder of orthoreg.reader.InputSubspaces."})
 
 
 def _prefixed_fields() -> list[tuple[str, Any, Any]]:
@@ -98,6 +101,10 @@ def _post_init(self) -> None:
                              "a Hub repo id; write one with `orthoreg directions extract` or pass 'builtin'")
     if self.orthoreg_directions_k < 1:
         raise ValueError(f"--orthoreg_directions_k must be >= 1; got {self.orthoreg_directions_k}")
+    if self.config.reader_weight > 0 and not (self.orthoreg_input_subspaces and
+                                              Path(self.orthoreg_input_subspaces).exists()):
+        raise ValueError("--orthoreg_reader_weight > 0 needs --orthoreg_input_subspaces: an existing file or folder "
+                         f"written by InputSubspaces.save/save_pretrained (got {self.orthoreg_input_subspaces!r})")
 
 
 def _to_config(self) -> OrthoRegConfig:
@@ -252,8 +259,15 @@ def attach_orthoreg(trainer, args, source_model: str, revision: str | None = Non
     directions, provenance = (None, {"source": None})
     if config.needs_directions:
         directions, provenance = obtain_directions(trainer, args, config, source_model, revision)
-    trainer.add_callback(OrthoRegCallback(config, directions=directions))
-    return {"orthoreg": config.to_dict(), "directions": provenance, "world_size": _world_size()}
+    subspaces = None
+    if config.reader_weight > 0:
+        from .reader import InputSubspaces
+
+        path = Path(args.orthoreg_input_subspaces)
+        subspaces = InputSubspaces.from_pretrained(path) if path.is_dir() else InputSubspaces.load(path)
+    trainer.add_callback(OrthoRegCallback(config, directions=directions, input_subspaces=subspaces))
+    return {"orthoreg": config.to_dict(), "directions": provenance, "world_size": _world_size(),
+            "input_subspaces": None if subspaces is None else str(args.orthoreg_input_subspaces)}
 
 
 def check_combination(training_args, model_args, orthoreg_args) -> None:

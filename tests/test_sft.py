@@ -147,3 +147,33 @@ def test_directions_from_a_save_pretrained_folder(assets, tmp_path):
     assert code == 0
     assert json.loads((out / "orthoreg_run.json").read_text())["directions"]["layers"] == [2]
     assert "orthoreg/proj" in _train_logs(out)[0]
+
+
+def test_recommended_base_units_and_the_reader_term(assets, tmp_path):
+    """The README's recommended setting (base units, λ 0.1) and the reader penalty from a subspaces file."""
+    from transformers import AutoModelForCausalLM
+
+    from orthoreg.reader import InputSubspaces
+
+    model = AutoModelForCausalLM.from_pretrained(assets["model"])
+    g = torch.Generator().manual_seed(0)
+    spaces = InputSubspaces({name: torch.randn(2, module.in_features, generator=g)
+                             for name, module in model.named_modules() if name.endswith("mlp.up_proj")})
+    spaces.save(tmp_path / "spaces.safetensors")
+    out = tmp_path / "out"
+    code = orthoreg_main(["sft", "--model_name_or_path", assets["model"], "--dataset_name", assets["data"],
+                          "--output_dir", str(out), "--max_steps", "2", *COMMON, "--orthoreg_layers", "1,2",
+                          "--orthoreg_units", "base", "--orthoreg_proj_weight", "0.1", "--orthoreg_reader_weight",
+                          "1.0", "--orthoreg_input_subspaces", str(tmp_path / "spaces.safetensors")])
+    assert code == 0
+    first, second = _train_logs(out)
+    assert first["orthoreg/proj"] == pytest.approx(1.0, rel=1e-4)  # base units: 1 on the calibration batch
+    assert first["orthoreg/reader"] == 0.0 and second["orthoreg/reader"] > 0  # full FT: W = W₀ at step 0
+    run = json.loads((out / "orthoreg_run.json").read_text())
+    assert run["orthoreg"]["units"] == "base" and run["input_subspaces"].endswith("spaces.safetensors")
+
+
+def test_reader_weight_without_subspaces_fails_before_anything_loads(tmp_path, capsys):
+    code = orthoreg_main(["sft", "--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", "x",
+                          "--output_dir", str(tmp_path / "out"), "--use_cpu", "--orthoreg_reader_weight", "1"])
+    assert code == 2 and "--orthoreg_input_subspaces" in capsys.readouterr().err
