@@ -3,7 +3,7 @@
 Shared by the distributed tests. A rank script receives ``--out DIR`` (plus any extra arguments), does its work, and
 writes its results with ``write_rank_results`` (JSON and, optionally, safetensors — never pickle), then ends with
 ``finish(0)``: ``os._exit`` after flushing, because gloo processes sometimes abort at interpreter exit after their
-work is done (``shared/notes/cpu-testing.md``). The test reads the files, so an exit-time abort cannot turn a
+work is done (about 1 run in 5 on CPU). The test reads the files, so an exit-time abort cannot turn a
 correct run into a flaky failure, and a rank that never wrote its files is reported with its output.
 
 Example (in a test)::

@@ -1,6 +1,6 @@
 """OrthoRegCallback across data-parallel ranks: DDP (gloo) and DeepSpeed ZeRO-2/ZeRO-3, two CPU processes.
 
-The claim under test (``shared/design.md``, "Distributed"): with ``OrthoRegConfig(gather=True)`` the covariance is
+The claim under test (the README's data-parallel paragraph): with ``OrthoRegConfig(gather=True)`` the covariance is
 that of the global batch, and after the data-parallel gradient averaging the parameter update equals the
 single-process update on the concatenated batch.
 

@@ -135,7 +135,7 @@ def run_fsdp2(tensors: dict, info: dict, out_dir: str) -> None:
 
 
 def run_zero3(tensors: dict, info: dict, out_dir: str) -> None:
-    # DeepSpeed on CPU ranks (shared/notes/cpu-testing.md): configure the state before the Accelerator, else
+    # DeepSpeed on CPU ranks: configure the state before the Accelerator, else
     # accelerate silently falls back to DDP.
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     from accelerate import Accelerator, DeepSpeedPlugin
@@ -204,4 +204,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    finish(0)  # os._exit: gloo can SIGABRT at interpreter exit (shared/notes/cpu-testing.md); results are on disk
+    finish(0)  # os._exit: gloo can SIGABRT at interpreter exit; results are on disk
