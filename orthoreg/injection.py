@@ -37,6 +37,8 @@ class PenaltyScale:
         loss_grad (`torch.Tensor | None`): ∂L/∂(tap output), recorded by ``tap``'s backward.
         finished (`bool`): the backward pass that ran ``tap``'s backward has ended (tapped scales only); calls made
             afterwards are not activation-checkpoint recomputes of this forward.
+        gate (`torch.Tensor | float`): a further factor, 1 or 0 — 0 when the penalty was found non-finite in the
+            forward (``orthoreg.health``), so none of its gradient is sent; a device tensor, read without a sync.
     """
 
     def __init__(self, coef: float, tapped: bool = False):
@@ -44,13 +46,14 @@ class PenaltyScale:
         self.tapped = tapped
         self.loss_grad: torch.Tensor | None = None
         self.finished = False
+        self.gate: torch.Tensor | float = 1.0
 
     def multiplier(self) -> torch.Tensor | float:
         if not self.tapped:
-            return self.coef
+            return self.coef * self.gate
         if self.loss_grad is None:
             return 0.0
-        return self.loss_grad * self.coef
+        return self.loss_grad * self.coef * self.gate
 
     def tap(self, value: torch.Tensor, *anchors: torch.Tensor) -> torch.Tensor:
         """An identity on ``value`` (detached: its gradient reaches the parameters only through the injection

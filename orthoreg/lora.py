@@ -7,9 +7,9 @@ How the three terms get into the loss:
   decoder layers capture h_ℓ, and the weighted penalty is read after each forward and added to ``outputs.loss``;
 - the weight-space term s²‖(U_ℓ B) A‖²_F is computed **inside each residual-writer LoRA module's forward** (a forward
   hook on the PEFT ``LoraLayer``), where DeepSpeed ZeRO-3 and FSDP have the full A and B gathered, and its gradient
-  enters the graph at that module's output (``_InjectWeightPenalty``). Its *value* is added to ``outputs.loss``
-  through ``_GradTap``, an identity whose backward records d(loss)/d(penalty); the injection nodes read that
-  number. So ``accelerator.backward(outputs.loss)`` scales the weight term exactly like the rest of the loss
+  enters the graph at that module's output (``orthoreg.injection.inject_penalty``). Its *value* is added to
+  ``outputs.loss`` through ``PenaltyScale.tap``, an identity whose backward records d(loss)/d(penalty); the
+  injection nodes read that number. So ``accelerator.backward(outputs.loss)`` scales the weight term exactly like the rest of the loss
   (1/GA, fp16 loss scale, DeepSpeed's own scaling), and its backward runs while the owning module's parameters are
   gathered for its own backward.
 
@@ -39,6 +39,7 @@ from .capture import find_decoder_stack, resolve_layers
 from .config import OrthoRegConfig
 from .directions import DirectionsError, HarmfulDirections
 from .health import StepHealth
+from .injection import PenaltyScale, inject_penalty
 from .lora_writers import (
     RESIDUAL_WRITER_NAMES,
     LoraWriter,
@@ -63,87 +64,27 @@ DIRECTIONS_NAME = "orthoreg_directions.safetensors"
 SUBSPACES_NAME = "orthoreg_input_subspaces.safetensors"
 FORMAT_VERSION = 1
 
-# ---------------------------------------------------------------------------------------------------------- autograd
+# ---------------------------------------------------------------------------------------------------------- session
 @dataclass
 class _WeightSession:
     """State of one OrthoLoRA forward for the weight-space penalty.
 
     Attributes:
         active: the forward is regularised (training, grad enabled, λ_lora·w(t) > 0).
-        coef: λ_lora · w(t) for this forward.
+        scale: the multiplier of the injected gradient (``orthoreg.injection``): λ_lora · w(t) · d(loss)/d(tapped
+            value), recorded when the loss that carries the penalty is backpropagated (includes 1/GA and any loss
+            scale); its ``finished`` says that backward has ended, so later hook calls outside a forward are not
+            recomputes of this forward; its ``gate`` is 0 when the penalty was not finite.
         values: writer name → unweighted penalty (detached), recorded once per writer per forward.
-        loss_grad: d(loss)/d(λ_lora·w·Σ penalties), set by ``_GradTap`` in backward (includes 1/GA and any loss
-            scale); ``None`` until the loss that carries the penalty is backpropagated.
-        finished: the backward through ``_GradTap`` has ended; later hook calls outside a forward are not recomputes
-            of this forward and are ignored.
-        anchor: the decoder stack's output hidden states, downstream of every writer (see ``_GradTap``).
+        anchor: the decoder stack's output hidden states, downstream of every writer (the tap's zero-gradient edge,
+            so backward reaches the injection nodes even when only the penalty is backpropagated).
     """
 
     active: bool
-    coef: float
+    scale: PenaltyScale
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     layers: dict[str, int] = field(default_factory=dict)
-    loss_grad: torch.Tensor | None = None
-    finished: bool = False
     anchor: torch.Tensor | None = None
-    keep: torch.Tensor | float = 1.0  # 0 when the weight penalty was not finite (see orthoreg.health)
-
-
-class _GradTap(torch.autograd.Function):
-    """Identity on the (detached) weighted weight penalty; backward stores d(loss)/d(value) in the session.
-
-    It is created after the model forward, so in backward it runs before any node of the model (autograd executes
-    ready nodes in decreasing creation order), i.e. before every ``_InjectWeightPenalty`` that reads the value.
-    It also sends a zero gradient into ``anchor`` (the decoder stack's output): the injection nodes sit on the
-    model's forward path, and this edge makes backward reach them even when only the penalty is backpropagated
-    (``outputs.orthoreg_penalty.backward()``); with a task loss the zeros merge into its gradient at no extra cost.
-    """
-
-    @staticmethod
-    def forward(ctx, value: torch.Tensor, session: _WeightSession, *anchor: torch.Tensor) -> torch.Tensor:
-        ctx.session = session
-        ctx.anchor_meta = [(a.shape, a.dtype, a.device) for a in anchor]
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        session = ctx.session
-        session.loss_grad = grad.detach()
-        session.finished = False
-
-        def _finish() -> None:
-            session.finished = True
-
-        # Runs when this backward pass ends; reentrant-checkpoint recomputes happen before that.
-        torch.autograd.Variable._execution_engine.queue_callback(_finish)
-        # A broadcast scalar, not a hidden-sized buffer: the edge only has to exist (the values are all zero).
-        zeros = tuple(torch.zeros((), dtype=dtype, device=device).expand(shape)
-                      for shape, dtype, device in ctx.anchor_meta)
-        return (None, None, *zeros)
-
-
-class _InjectWeightPenalty(torch.autograd.Function):
-    """Identity on a LoRA module's output ``x``; backward also sends coef · d(loss)/d(value) into ``penalty``.
-
-    The result is the same gradient as if ``coef · penalty`` had been added to the loss, but the penalty's backward
-    runs inside the module's own backward, where ZeRO-3/FSDP have re-gathered A and B.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, penalty: torch.Tensor, session: _WeightSession) -> torch.Tensor:
-        ctx.session = session
-        ctx.penalty_meta = (penalty.dtype, penalty.device)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        dtype, device = ctx.penalty_meta
-        loss_grad = ctx.session.loss_grad
-        if loss_grad is None:  # the loss carrying the penalty was not backpropagated: no penalty gradient
-            grad_p = torch.zeros((), dtype=dtype, device=device)
-        else:
-            grad_p = (loss_grad * ctx.session.coef * ctx.session.keep).to(device=device, dtype=dtype)
-        return grad_x, grad_p, None
 
 
 # ------------------------------------------------------------------------------------------------------- wrapper
@@ -363,7 +304,8 @@ class OrthoLoRA(nn.Module):
             raise ValueError("OrthoLoRA regularises one adapter; mixed-adapter batches (`adapter_names=`) are not supported")
         active = self.training and torch.is_grad_enabled()
         coef = self.config.lora_weight * self.config.warmup_factor(self.step)
-        session = _WeightSession(active=active and bool(self.writers) and coef > 0, coef=coef)
+        session = _WeightSession(active=active and bool(self.writers) and coef > 0,
+                                 scale=PenaltyScale(coef, tapped=True))
         if self.regularizer is not None:
             self.regularizer.step = self.step
             self.regularizer.pending_penalty = None
@@ -388,10 +330,10 @@ class OrthoLoRA(nn.Module):
             # before the update (on_nonfinite="raise"), or their penalty is dropped from the loss ("skip"; the task
             # loss is then NaN as well — nothing a penalty policy can save).
             weight_sum, keep = self._health.gate(weight_sum, {f"lora/{n}": v for n, v in session.values.items()})
-            session.keep = keep
+            session.scale.gate = keep
             # A fresh leaf, so the tap's backward always runs; the anchor (if captured) links it to the model.
             anchor = () if session.anchor is None else (session.anchor,)
-            weighted = _GradTap.apply((coef * weight_sum).detach().requires_grad_(True), session, *anchor)
+            weighted = session.scale.tap(coef * weight_sum, *anchor)
             session.anchor = None  # do not keep the (B, T, d) tensor alive beyond the graph
             penalty = weighted if penalty is None else penalty + weighted
         if active:
@@ -419,7 +361,7 @@ class OrthoLoRA(nn.Module):
         session = self._session if in_forward else self._last_session
         # Outside a forward the only calls that matter are recomputes (activation checkpointing) during that
         # forward's backward; calls after it (direct use of the PEFT model, generation) are ignored.
-        if session is None or not session.active or (not in_forward and session.finished):
+        if session is None or not session.active or (not in_forward and session.scale.finished):
             return None
         if module.disable_adapters:  # paired reference forward, or adapters disabled by the user
             return None
@@ -446,7 +388,7 @@ class OrthoLoRA(nn.Module):
         if torch.is_grad_enabled() and penalty.requires_grad:
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"{writer.name!r} returned {type(output).__name__}; expected a Tensor")
-            return _InjectWeightPenalty.apply(output, penalty, session)
+            return inject_penalty(output, penalty, session.scale)
         return None
 
     def _stack_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -480,7 +422,7 @@ class OrthoLoRA(nn.Module):
             metrics["lora"] = weight_sum.detach()
             for name, value in session.values.items():
                 key = f"lora/layer_{session.layers[name]}"
-                value = value * session.keep
+                value = value * session.scale.gate
                 metrics[key] = metrics[key] + value if key in metrics else value
         if isinstance(penalty, torch.Tensor):
             metrics["total"] = penalty.detach()
