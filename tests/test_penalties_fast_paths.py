@@ -4,8 +4,8 @@ small d, where the block-triangular symmetric product and the shared token index
 import pytest
 import torch
 
+from orthoreg.covariance import symmetric_product
 from orthoreg.penalties import (
-    _symmetric_product,
     covariance_from_index,
     covariance_penalty,
     projection_from_index,
@@ -26,7 +26,7 @@ def ref_covariance(h, mask):
 @pytest.mark.parametrize("m,n", [(700, 512), (300, 256), (50, 1030), (9, 7)])
 def test_symmetric_product_equals_full_product(m, n):
     a = torch.randn(m, n, generator=torch.Generator().manual_seed(m))
-    torch.testing.assert_close(_symmetric_product(a), a.T @ a, rtol=0, atol=0)
+    torch.testing.assert_close(symmetric_product(a), a.T @ a, rtol=0, atol=0)
 
 
 # N ≥ d (direct form, 4 blocks), N < d (Gram form, 2 and 4 blocks), with padding and a large common offset
