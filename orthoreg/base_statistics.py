@@ -19,12 +19,15 @@ from typing import Any
 
 import torch
 
+from .capture import batch_shape, bind_forward_inputs, layer_hidden, token_mask
+from .covariance import covariance_from_index
+from .distributed_rows import all_reduce_sum, data_parallel_world
 from .health import NonFiniteHiddenStateError
-from .penalties import all_reduce_sum, data_parallel_world, no_autocast, select_tokens
+from .token_rows import no_autocast, select_tokens, selected_index
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BaseStatistics", "STATE_FORMAT_VERSION"]
+__all__ = ["BaseStatistics", "STATE_FORMAT_VERSION", "calibrate"]
 
 STATE_FORMAT_VERSION = 1
 
@@ -66,6 +69,34 @@ class BaseStatistics:
         """E‖U x − r‖² of the base model over the calibration tokens: the projection's unit with ``units="base"``."""
         r = self.values[index].double()
         return max(self.square_means[index] - float(r.square().sum()), 0.0)
+
+    def unit(self, term: str, index: int) -> float:
+        """The base-model value of ``term`` (``"cov"``: its calibration value; ``"proj"``: the variance of U x) at
+        layer ``index``, the term's unit with ``units="base"``.
+
+        Raises:
+            RuntimeError: nothing was recorded for the layer. ValueError: the value is 0 (fewer than two selected
+                tokens, identical hidden states), so it cannot be a unit.
+        """
+        if term == "cov":
+            value, what = self.cov_values.get(index), "covariance penalty"
+        else:
+            value = self.projection_variance(index) if index in self.square_means else None
+            what = "variance of U x"
+        if value is None:
+            raise RuntimeError(
+                f"OrthoRegConfig(units='base') but no base {what} was recorded for layer {index}: calibration ran "
+                "before this layer was guarded, or a resumed run lost its orthoreg state. Start from step 0, call "
+                "calibrate() before training, or resume from a checkpoint written with orthoreg attached."
+            )
+        if not value > 0:
+            raise ValueError(
+                f"OrthoRegConfig(units='base'): the base model's {what} at layer {index} is 0 on the calibration "
+                "micro-batches (fewer than two selected tokens, or identical hidden states), so it cannot be the "
+                "term's unit. Calibrate on more tokens (calibration_batches, mask='attention') or use "
+                "units='absolute'."
+            )
+        return value
 
     @torch.no_grad()
     def record_covariance(self, index: int, value: torch.Tensor) -> bool:
@@ -235,6 +266,55 @@ class BaseStatistics:
         self.square_means, self.cov_values = scalars["base_square_means"], scalars["base_covariance"]
         self._cov_batches = {k: 1 for k in self.cov_values}
         self.deferred = False
+
+
+def calibrate(regularizer: Any, model: Any, batches: Any) -> None:
+    """Records ``regularizer``'s base statistics on calibration batches instead of the first training batches.
+
+    Call before training. ``batches`` yields model kwargs (``input_ids``, ``attention_mask``, …) already on the
+    model's device. Under data parallelism every rank must call it with the same number of batches: the statistics
+    are token means over all ranks' batches (one all-reduce per layer and batch). A batch with NaN/Inf hidden
+    states raises (``on_nonfinite="raise"``) or is left out with a warning (``"skip"``).
+    """
+    if not regularizer.attached:
+        regularizer.attach(model)
+    stats, config, stack = regularizer.base_mean, regularizer.config, regularizer.stack
+    stats.clear()
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def pre(module, args, kwargs):
+        inputs = bind_forward_inputs(module, args, kwargs)
+        shape = batch_shape(inputs)
+        current_mask[0] = token_mask(inputs, shape, config.mask) if shape else None
+
+    def make(index):
+        def hook(module, args, output):
+            h = layer_hidden(output)
+            directions = regularizer.directions
+            if directions is not None and index in directions:
+                u = directions[index].to(device=h.device, dtype=torch.float32)
+                stats.record(index, h, current_mask[0], u, regularizer.step)
+            if config.units == "base" and config.cov_weight > 0:
+                rows = selected_index(None if current_mask[0] is None else current_mask[0].to(h.device))
+                stats.record_covariance(index, covariance_from_index(h, rows, gather=config.gather))
+
+        return hook
+
+    hooks = [stack.lm.register_forward_pre_hook(pre, with_kwargs=True)]
+    hooks += [stack.layers[i].register_forward_hook(make(i)) for i in regularizer.layer_indices]
+    was_training = stack.lm.training
+    try:
+        stack.lm.eval()
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    finally:
+        for handle in hooks:
+            handle.remove()
+        stack.lm.train(was_training)
+    if not stats.values and not stats.cov_values:
+        raise ValueError("calibration saw no tokens: the calibration batches are empty, all padding, or NaN/Inf")
+    stats.finish()
 
 
 def _is_count(value: Any) -> bool:

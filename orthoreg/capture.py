@@ -260,6 +260,15 @@ def layer_hidden(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the hidden state in a decoder layer output of type {type(output).__name__}")
 
 
+def batch_shape(inputs: dict[str, Any]) -> tuple[int, int] | None:
+    """(B, T) of a forward call's batch, from its ``input_ids``/``inputs_embeds``/``attention_mask``/``labels``."""
+    for key in ("input_ids", "inputs_embeds", "attention_mask", "labels"):
+        value = inputs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[0]), int(value.shape[1])
+    return None
+
+
 def bind_forward_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Names the positional arguments of a forward call, so masks are found however the trainer passes them."""
     if not args:

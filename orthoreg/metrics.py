@@ -16,7 +16,9 @@ it once, from rank 0; ``OrthoLoRA`` returns this rank's values (average them wit
 
 from __future__ import annotations
 
-__all__ = ["METRIC_PREFIX", "metric_names"]
+import torch
+
+__all__ = ["METRIC_PREFIX", "PenaltyMetrics", "metric_names"]
 
 METRIC_PREFIX = "orthoreg/"
 
@@ -27,3 +29,48 @@ def metric_names(values: dict[str, float], warmup: float | None = None) -> dict[
     if warmup is not None and values:
         named[METRIC_PREFIX + "warmup"] = warmup
     return named
+
+
+class PenaltyMetrics:
+    """Running sums of a regulariser's per-micro-batch values, kept as device tensors so the training path never
+    waits for the device; they become floats only when read (one transfer)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count: torch.Tensor | int = 0
+
+    def add(self, values: dict[str, torch.Tensor], weighted_total: torch.Tensor,
+            keep: torch.Tensor | float = 1.0) -> None:
+        """One micro-batch: per-layer ``values`` (``"<term>/layer_i"``), their per-term sums, and the weighted
+        ``total``. ``keep`` is 0 for a micro-batch whose penalty was dropped as non-finite: it does not count."""
+        totals: dict[str, torch.Tensor] = {"total": weighted_total}
+        for name, value in values.items():
+            kind = name.split("/")[0]
+            totals[kind] = totals[kind] + value if kind in totals else value
+        totals.update(values)
+        for name, value in totals.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.count = self.count + keep
+
+    def pop(self, per_layer: bool) -> dict[str, float]:
+        """Means since the last pop, as floats (one host transfer), then resets."""
+        names = [n for n in self.sums if per_layer or "/layer_" not in n]
+        count = float(self.count)
+        out: dict[str, float] = {}
+        if names and count > 0:
+            sums = torch.stack([self.sums[n].float().reshape(()) for n in names]).tolist()
+            out = {name: value / count for name, value in zip(names, sums, strict=True)}
+        self.reset()
+        return out
+
+    def pop_tensors(self) -> dict[str, torch.Tensor]:
+        """Means since the last pop as 0-dim tensors (no host sync), then resets."""
+        count, sums = self.count, self.sums
+        self.reset()
+        if isinstance(count, (int, float)) and count == 0:
+            return {}
+        denominator = count.clamp_min(1.0) if isinstance(count, torch.Tensor) else count
+        return {name: value / denominator for name, value in sums.items()}

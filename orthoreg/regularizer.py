@@ -34,15 +34,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base_statistics import BaseStatistics
-from .capture import DecoderStack, bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
+from .base_statistics import BaseStatistics, calibrate
+from .capture import (
+    DecoderStack,
+    batch_shape,
+    bind_forward_inputs,
+    find_decoder_stack,
+    layer_hidden,
+    resolve_layers,
+    token_mask,
+)
 from .config import OrthoRegConfig
 from .directions import DirectionsError, HarmfulDirections
 from .health import IllConditionedPenaltyError, NonFiniteHiddenStateError, StepHealth
+from .metrics import PenaltyMetrics
 from .penalties import (
     all_reduce_sum,
     covariance_and_condition,
-    covariance_from_index,
     data_parallel_world,
     no_autocast,
     projection_from_index,
@@ -371,29 +379,12 @@ class OrthoRegularizer:
         return proj
 
     def _base_unit(self, term: str, index: int) -> float:
-        """The divisor of ``term`` at layer ``index`` with ``units="base"``: its base-model value times the number of
-        guarded layers that carry the term (so the terms are means over layers)."""
+        """The divisor of ``term`` at layer ``index`` with ``units="base"`` (a mean over the layers carrying it)."""
         if term == "cov":
-            value, layers = self.base_mean.cov_values.get(index), len(self.layer_indices)
-            what = "covariance penalty"
+            layers = len(self.layer_indices)
         else:
-            value = self.base_mean.projection_variance(index) if index in self.base_mean.square_means else None
             layers = sum(1 for i in self.layer_indices if self.directions is not None and i in self.directions)
-            what = "variance of U x"
-        if value is None:
-            raise RuntimeError(
-                f"OrthoRegConfig(units='base') but no base {what} was recorded for layer {index}: calibration ran "
-                "before this layer was guarded, or a resumed run lost its orthoreg state. Start from step 0, call "
-                "calibrate() before training, or resume from a checkpoint written with orthoreg attached."
-            )
-        if not value > 0:
-            raise ValueError(
-                f"OrthoRegConfig(units='base'): the base model's {what} at layer {index} is 0 on the calibration "
-                "micro-batches (fewer than two selected tokens, or identical hidden states), so it cannot be the "
-                "term's unit. Calibrate on more tokens (calibration_batches, mask='attention') or use "
-                "units='absolute'."
-            )
-        return value * layers
+        return self.base_mean.unit(term, index) * layers
 
     def _calibrating(self) -> bool:
         # Normally the first micro-batch(es) of step 0; later only when those held NaN/Inf under "skip".
@@ -437,53 +428,9 @@ class OrthoRegularizer:
         return session.token_share
 
     def calibrate(self, model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> None:
-        """Records the base model's mean projection r on a calibration set (``anchor="base_mean"``).
-
-        Call before training; replaces recording from the first training batches. ``batches`` yields model
-        kwargs (``input_ids``, ``attention_mask``, …) already on the model's device. Under data parallelism every
-        rank must call it with the same number of batches: r is the token mean over all ranks' batches (one
-        all-reduce per layer and batch). A batch with NaN/Inf hidden states raises (``on_nonfinite="raise"``) or
-        is left out with a warning (``"skip"``).
-        """
-        if not self.attached:
-            self.attach(model)
-        self.base_mean.clear()
-        stack = self.stack
-        hooks = []
-        current_mask: list[torch.Tensor | None] = [None]
-
-        def pre(module, args, kwargs):
-            inputs = bind_forward_inputs(module, args, kwargs)
-            shape = batch_shape(inputs)
-            current_mask[0] = token_mask(inputs, shape, self.config.mask) if shape else None
-
-        def make(index):
-            def hook(module, args, output):
-                h = layer_hidden(output)
-                if self.directions is not None and index in self.directions:
-                    u = self.directions[index].to(device=h.device, dtype=torch.float32)
-                    self.base_mean.record(index, h, current_mask[0], u, self.step)
-                if self.config.units == "base" and self.config.cov_weight > 0:
-                    rows = selected_index(None if current_mask[0] is None else current_mask[0].to(h.device))
-                    self.base_mean.record_covariance(index, covariance_from_index(h, rows, gather=self.config.gather))
-
-            return hook
-
-        hooks.append(stack.lm.register_forward_pre_hook(pre, with_kwargs=True))
-        hooks += [stack.layers[i].register_forward_hook(make(i)) for i in self.layer_indices]
-        was_training = stack.lm.training
-        try:
-            stack.lm.eval()
-            with torch.no_grad():
-                for batch in batches:
-                    model(**batch)
-        finally:
-            for h in hooks:
-                h.remove()
-            stack.lm.train(was_training)
-        if not self.base_reference:
-            raise ValueError("calibration saw no tokens: the calibration batches are empty, all padding, or NaN/Inf")
-        self.base_mean.finish()
+        """Records the base model's statistics (r for ``anchor="base_mean"``, the base units) on a calibration set;
+        see ``orthoreg.base_statistics.calibrate``."""
+        calibrate(self, model, batches)
 
     def _reference_hidden_states(
         self, lm: nn.Module, args: tuple, kwargs: dict, transform=None
@@ -509,50 +456,30 @@ class OrthoRegularizer:
 
     # ------------------------------------------------------------------ metrics and state
     def _reset_metrics(self) -> None:
-        self._metric_sums: dict[str, torch.Tensor] = {}
-        self._metric_count: torch.Tensor | int = 0
+        self.metrics = PenaltyMetrics()
         self._skipped = 0
 
     def _accumulate_metrics(self, values: dict[str, torch.Tensor], weighted_total: torch.Tensor,
                             keep: torch.Tensor | float = 1.0) -> None:
-        # Kept as tensors so no device sync happens on the training path; read only at logging steps. ``keep`` is 0
-        # for a micro-batch whose penalty was dropped as non-finite: it does not count toward the means.
-        totals: dict[str, torch.Tensor] = {"total": weighted_total}
-        for name, value in values.items():
-            kind = name.split("/")[0]
-            totals[kind] = totals[kind] + value if kind in totals else value
-        totals.update(values)
-        for name, value in totals.items():
-            self._metric_sums[name] = self._metric_sums[name] + value if name in self._metric_sums else value
-        self._metric_count = self._metric_count + keep
+        self.metrics.add(values, weighted_total, keep)
 
     def pop_metrics(self, per_layer: bool | None = None) -> dict[str, float]:
         """Mean of each penalty over the micro-batches since the last call, then resets the running sums.
 
-        Keys: ``cov`` and ``proj`` (summed over guarded layers, unweighted), ``total`` (weighted, with warm-up),
-        ``cov/layer_i``/``proj/layer_i`` when ``per_layer``, ``skipped`` when non-finite batches were dropped.
+        Keys: ``cov`` and ``proj`` (summed over guarded layers, unweighted; means with ``units="base"``), ``total``
+        (weighted, with warm-up), ``cov/layer_i``/``proj/layer_i`` when ``per_layer``, ``skipped`` when non-finite
+        batches were dropped.
         """
-        per_layer = self.config.per_layer_metrics if per_layer is None else per_layer
-        names = [n for n in self._metric_sums if per_layer or "/layer_" not in n]
-        out: dict[str, float] = {}
-        count = float(self._metric_count)
-        if names and count > 0:
-            sums = torch.stack([self._metric_sums[n].float().reshape(()) for n in names]).tolist()  # one transfer
-            out = {name: value / count for name, value in zip(names, sums, strict=True)}
+        out = self.metrics.pop(self.config.per_layer_metrics if per_layer is None else per_layer)
         if self._skipped:
             out["skipped"] = float(self._skipped)
-        self._reset_metrics()
+        self._skipped = 0
         return out
 
     def pop_metric_tensors(self) -> dict[str, torch.Tensor]:
         """``pop_metrics(per_layer=True)`` as 0-dim tensors, without a host sync (``OrthoLoRA`` reads it after every
         forward); ``skipped`` is not included (see ``check_step``)."""
-        count, sums = self._metric_count, self._metric_sums
-        self._reset_metrics()
-        if isinstance(count, (int, float)) and count == 0:
-            return {}
-        denominator = count.clamp_min(1.0) if isinstance(count, torch.Tensor) else count
-        return {name: value / denominator for name, value in sums.items()}
+        return self.metrics.pop_tensors()
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: recorded references and calibration progress (floats are exact in JSON)."""
@@ -578,15 +505,6 @@ def _replace_first_tensor(output: Any, fn) -> Any:
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
         return (fn(output[0]),) + tuple(output[1:])
     raise TypeError(f"cannot find the hidden states in a decoder stack output of type {type(output).__name__}")
-
-
-def batch_shape(inputs: dict[str, Any]) -> tuple[int, int] | None:
-    """(B, T) of a forward call's batch, from its ``input_ids``/``inputs_embeds``/``attention_mask``/``labels``."""
-    for key in ("input_ids", "inputs_embeds", "attention_mask", "labels"):
-        value = inputs.get(key)
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
-            return int(value.shape[0]), int(value.shape[1])
-    return None
 
 
 # Names the baselines imported before these helpers became public in their owning modules.
