@@ -22,7 +22,6 @@ on the output. Under FSDP the whole decoder layer is unsharded around its forwar
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -40,6 +39,7 @@ from .config import OrthoRegConfig
 from .directions import DirectionsError, HarmfulDirections
 from .health import StepHealth
 from .injection import PenaltyScale, inject_penalty
+from .lora_io import load_ortholora, save_ortholora
 from .lora_writers import (
     RESIDUAL_WRITER_NAMES,
     LoraWriter,
@@ -51,7 +51,6 @@ from .lora_writers import (
 )
 from .metrics import metric_names
 from .penalties import lora_weight_penalty
-from .reader import InputSubspaces
 from .reader_wiring import reader_penalty_for
 from .regularizer import OrthoRegularizer
 
@@ -59,10 +58,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["OrthoLoRA", "LoraWriter", "find_residual_writers", "RESIDUAL_WRITER_NAMES"]
 
-CONFIG_NAME = "orthoreg_config.json"
-DIRECTIONS_NAME = "orthoreg_directions.safetensors"
-SUBSPACES_NAME = "orthoreg_input_subspaces.safetensors"
-FORMAT_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------------------- session
 @dataclass
@@ -494,120 +489,18 @@ class OrthoLoRA(nn.Module):
         if state.get("regularizer") is not None and self.regularizer is not None:
             self.regularizer.load_state_dict(state["regularizer"])
 
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        *,
-        is_main_process: bool | None = None,
-        state_dict: dict[str, torch.Tensor] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Writes the PEFT adapter (``adapter_model.safetensors``, ``adapter_config.json``) and, next to it,
-        ``orthoreg_config.json`` (the config, the step and the regulariser's recorded references) and
-        ``orthoreg_directions.safetensors``.
-
-        Under ZeRO-3 or FSDP call it on every rank with ``state_dict=accelerator.get_state_dict(model)`` (a
-        collective; ZeRO-3 needs ``stage3_gather_16bit_weights_on_model_save``); the ``model.`` prefix OrthoLoRA
-        adds to the keys is removed. Only the main process writes; saving sharded LoRA parameters without a
-        gathered ``state_dict`` raises instead of writing empty tensors.
-
-        Args:
-            save_directory: output folder (created).
-            is_main_process (`bool`, *optional*): defaults to ``accelerator.is_main_process``, else rank 0.
-            state_dict (`dict`, *optional*): a full state dict of this OrthoLoRA or of its PEFT model.
-            kwargs: passed to ``PeftModel.save_pretrained`` (``safe_serialization`` is always ``True``).
-        """
-        if is_main_process is None:
-            if self.accelerator is not None:
-                is_main_process = self.accelerator.is_main_process
-            else:
-                dist = torch.distributed
-                is_main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-        if not is_main_process:
-            return  # nothing is written here (accelerate's gathered state dict exists on the main process only)
-        if state_dict is None and any(is_sharded(p) for n, p in self.model.named_parameters() if "lora_" in n):
-            raise ValueError(
-                "the LoRA parameters are sharded (DeepSpeed ZeRO-3 or FSDP), so saving them directly would write "
-                "empty or partial tensors. Call `save_pretrained(dir, state_dict=accelerator.get_state_dict(model))` "
-                "on every rank (for ZeRO-3 with `stage3_gather_16bit_weights_on_model_save: true`)."
-            )
-        if state_dict is not None and state_dict and all(k.startswith("model.") for k in state_dict):
-            state_dict = {k[len("model."):]: v for k, v in state_dict.items()}
-        kwargs["safe_serialization"] = True
-        self.model.save_pretrained(save_directory, is_main_process=True, state_dict=state_dict, **kwargs)
-        os.makedirs(save_directory, exist_ok=True)
-        payload = {
-            "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "state": self.state_dict_orthoreg(),
-            "penalized_modules": self.penalized_modules,
-        }
-        path = os.path.join(save_directory, CONFIG_NAME)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-        if self.directions is not None:
-            self.directions.save(os.path.join(save_directory, DIRECTIONS_NAME))
-        if self.input_subspaces is not None:
-            self.input_subspaces.save(os.path.join(save_directory, SUBSPACES_NAME))
+    def save_pretrained(self, save_directory: str | os.PathLike, *, is_main_process: bool | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
+        """Writes the adapter and orthoreg's files next to it; see ``orthoreg.lora_io.save_ortholora``."""
+        save_ortholora(self, save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        base_model: nn.Module,
-        pretrained_path: str | os.PathLike,
-        accelerator: Any = None,
-        *,
-        is_trainable: bool = True,
-        writer_modules: Sequence[str] | None = None,
-        **peft_kwargs: Any,
-    ) -> OrthoLoRA:
-        """Restores an OrthoLoRA written by ``save_pretrained``: the adapter (``PeftModel.from_pretrained`` on
-        ``base_model``), the ``OrthoRegConfig``, the directions, the step and the recorded references. Reads only
-        safetensors and JSON.
-
-        Args:
-            base_model: the same base model the adapter was trained on.
-            pretrained_path: the folder ``save_pretrained`` wrote.
-            accelerator: as in ``OrthoLoRA``.
-            is_trainable (`bool`, *optional*, defaults to `True`): load the adapter trainable (to resume training);
-                ``False`` freezes it (PEFT's inference mode).
-            peft_kwargs: passed to ``PeftModel.from_pretrained`` (``adapter_name``, ``revision``, …).
-
-        Raises:
-            FileNotFoundError: a required file is missing (including a pickle-only ``adapter_model.bin`` adapter).
-        """
-        from peft import PeftModel
-
-        folder = os.fspath(pretrained_path)
-        config_path = os.path.join(folder, CONFIG_NAME)
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(
-                f"no {CONFIG_NAME} in {folder!r}; it is not a folder written by OrthoLoRA.save_pretrained (for a plain "
-                "PEFT adapter use PeftModel.from_pretrained and build OrthoLoRA around it)"
-            )
-        if not os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
-            raise FileNotFoundError(
-                f"no adapter_model.safetensors in {folder!r}; OrthoLoRA loads adapters from safetensors only (never "
-                "pickle). Re-save the adapter with `save_pretrained(..., safe_serialization=True)`."
-            )
-        with open(config_path) as handle:
-            payload = json.load(handle)
-        if payload.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{config_path!r} has format {payload.get('format_version')!r}; this orthoreg reads {FORMAT_VERSION}"
-            )
-        config = OrthoRegConfig.from_dict(payload["config"])
-        directions_path = os.path.join(folder, DIRECTIONS_NAME)
-        directions = HarmfulDirections.load(directions_path) if os.path.isfile(directions_path) else None
-        subspaces_path = os.path.join(folder, SUBSPACES_NAME)
-        subspaces = InputSubspaces.load(subspaces_path) if os.path.isfile(subspaces_path) else None
-        peft_model = PeftModel.from_pretrained(base_model, folder, is_trainable=is_trainable, **peft_kwargs)
-        ortho = cls(peft_model, config, directions, accelerator, writer_modules=writer_modules,
-                    input_subspaces=subspaces)
-        ortho.load_state_dict_orthoreg(payload.get("state", {}))
-        return ortho
+    def from_pretrained(cls, base_model: nn.Module, pretrained_path: str | os.PathLike, accelerator: Any = None, *,
+                        is_trainable: bool = True, writer_modules: Sequence[str] | None = None,
+                        **peft_kwargs: Any) -> OrthoLoRA:
+        """Restores an OrthoLoRA written by ``save_pretrained``; see ``orthoreg.lora_io.load_ortholora``."""
+        return load_ortholora(cls, base_model, pretrained_path, accelerator, is_trainable=is_trainable,
+                              writer_modules=writer_modules, **peft_kwargs)
 
 
 def _to_floats(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
