@@ -32,6 +32,7 @@ from torch import nn
 
 from .capture import unwrap_model
 from .injection import PenaltyScale, inject_penalty
+from .lora_writers import check_adapter_state
 from .reader_extraction import extract_input_subspaces
 from .reader_subspaces import InputSubspaces, InputSubspacesError, _is_lora_layer, is_conv1d
 
@@ -127,17 +128,9 @@ def active_lora_adapter(name: str, module: nn.Module) -> str | None:
         NotImplementedError: DoRA / another ``lora_variant``, ``lora_bias``, or lora_A/lora_B that are not
             ``nn.Linear`` — forms whose update is not ΔW = s·B·A.
     """
-    if getattr(module, "merged", False):
-        raise ValueError(
-            f"the LoRA adapter of {name!r} is merged into the base weights; a merged adapter has no separate A and "
-            "B to regularise. Call `peft_model.unmerge_adapter()` first."
-        )
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) > 1:
-        raise ValueError(f"{name!r} has several active LoRA adapters {active}; activate one with `set_adapter(name)`")
-    if not active:
+    adapter = check_adapter_state(name, module)  # merged or several active adapters: refused there
+    if adapter is None:
         return None
-    adapter = active[0]
     if getattr(module, "lora_variant", {}).get(adapter) is not None:
         raise NotImplementedError(
             f"{name!r} uses the LoRA variant {type(module.lora_variant[adapter]).__name__} (e.g. DoRA): its update "

@@ -54,3 +54,11 @@ def word_text(g, n: int, vocab_size: int = 99) -> str:
     import torch
 
     return " ".join(f"w{int(i)}" for i in torch.randint(3, vocab_size, (n,), generator=g))
+
+
+def random_directions(layers=(1, 2), d: int = 32, k: int = 1, seed: int = 0):
+    """Seeded random (k, d) harmful directions per layer (``HarmfulDirections`` orthonormalises them)."""
+    from orthoreg import HarmfulDirections
+
+    g = torch.Generator().manual_seed(seed)
+    return HarmfulDirections({i: torch.randn(k, d, generator=g) for i in layers})

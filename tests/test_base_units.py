@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
-from orthoreg import HarmfulDirections, OrthoRegCallback, OrthoRegConfig
+from orthoreg import OrthoRegCallback, OrthoRegConfig
 from orthoreg.regularizer import OrthoRegularizer
-from tests.models import tiny_model
+from tests.models import random_directions, tiny_model
 from tests.trainer_harness import (
     assert_grads_close,
     capture_layers,
@@ -25,8 +25,7 @@ from tests.trainer_harness import (
 
 
 def dirs(layers=(1, 2), d=32, k=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return HarmfulDirections({i: torch.randn(k, d, generator=g) for i in layers})
+    return random_directions(layers, d, k, seed)
 
 
 def base_unit_penalty_grads(model, batches, config, directions, ga):
@@ -67,34 +66,29 @@ def test_base_units_gradients_equal_float64_reference(tmp_path, ga):
     assert_grads_close(got, {n: plain[n] + penalty.get(n, 0) for n in plain})
 
 
+def step_zero_metrics(config: OrthoRegConfig, scale: float) -> dict[str, float]:
+    """The regulariser's metrics on one training forward of a model whose hidden states are scaled by ``scale``
+    after the first layer (as a massive-activation model's are)."""
+    model = tiny_model()
+    model.train()
+    if scale != 1.0:
+        model.model.layers[0].register_forward_hook(
+            lambda m, a, o: (o[0] * scale, *o[1:]) if isinstance(o, tuple) else o * scale)
+    reg = OrthoRegularizer(config, dirs()).attach(model)
+    model(**{k: torch.tensor(v) for k, v in padded_dataset(n=4)[:].items()})
+    return reg.pop_metrics()
+
+
 def test_each_term_starts_at_one_on_the_calibration_batch_whatever_the_scale():
     """The point of base units: the same λ gives the same step-0 penalty on a model whose activations are 1000×
-    larger (here literally the same model with its hidden states scaled, as massive activations do)."""
-    readings = []
+    larger."""
+    base = OrthoRegConfig(layers=[1, 2], cov_weight=1.0, proj_weight=1.0, anchor="base_mean", units="base")
     for scale in (1.0, 1e3):
-        model = tiny_model()
-        model.train()
-        if scale != 1.0:
-            model.model.layers[0].register_forward_hook(
-                lambda m, a, o, s=scale: (o[0] * s, *o[1:]) if isinstance(o, tuple) else o * s)
-        config = OrthoRegConfig(layers=[1, 2], cov_weight=1.0, proj_weight=1.0, anchor="base_mean", units="base")
-        reg = OrthoRegularizer(config, dirs()).attach(model)
-        model(**{k: torch.tensor(v) for k, v in padded_dataset(n=4)[:].items()})
-        readings.append(reg.pop_metrics())
-    for metrics in readings:
+        metrics = step_zero_metrics(base, scale)
         assert metrics["proj"] == pytest.approx(1.0, rel=1e-5)  # r is this batch's mean: proj = its variance
         assert metrics["cov"] == pytest.approx(1.0, rel=1e-5)
     absolute = OrthoRegConfig(layers=[1, 2], cov_weight=1.0, proj_weight=1.0, anchor="base_mean")
-    values = []
-    for scale in (1.0, 1e3):
-        model = tiny_model()
-        model.train()
-        if scale != 1.0:
-            model.model.layers[0].register_forward_hook(
-                lambda m, a, o, s=scale: (o[0] * s, *o[1:]) if isinstance(o, tuple) else o * s)
-        reg = OrthoRegularizer(absolute, dirs()).attach(model)
-        model(**{k: torch.tensor(v) for k, v in padded_dataset(n=4)[:].items()})
-        values.append(reg.pop_metrics()["total"])
+    values = [step_zero_metrics(absolute, scale)["total"] for scale in (1.0, 1e3)]
     assert values[1] / values[0] > 1e3  # the absolute form is not comparable across scales
 
 

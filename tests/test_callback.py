@@ -10,11 +10,11 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
-from orthoreg import HarmfulDirections, OrthoRegCallback, OrthoRegConfig
+from orthoreg import OrthoRegCallback, OrthoRegConfig
 from orthoreg.capture import UnsupportedArchitectureError
 from orthoreg.directions import DirectionsError
 from orthoreg.regularizer import NonFiniteHiddenStateError
-from tests.models import tiny_model, tiny_tokenizer, word_text
+from tests.models import random_directions, tiny_model, tiny_tokenizer, word_text
 from tests.trainer_harness import (
     LogRecorder,
     assert_grads_close,
@@ -26,8 +26,7 @@ from tests.trainer_harness import (
 
 
 def dirs(layers=(1, 2), d=32, k=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return HarmfulDirections({i: torch.randn(k, d, generator=g) for i in layers})
+    return random_directions(layers, d, k, seed)
 
 
 def test_metrics_reach_reporters_registered_before_the_callback(tmp_path):

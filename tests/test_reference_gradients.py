@@ -13,9 +13,9 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
-from orthoreg import HarmfulDirections, OrthoLoRA, OrthoRegCallback, OrthoRegConfig
+from orthoreg import OrthoLoRA, OrthoRegCallback, OrthoRegConfig
 from orthoreg.capture import layer_hidden
-from tests.models import tiny_model, tiny_tokenizer, word_text
+from tests.models import random_directions, tiny_model, tiny_tokenizer, word_text
 from tests.trainer_harness import (
     assert_grads_close,
     make_trainer,
@@ -28,8 +28,7 @@ from tests.trainer_harness import (
 
 
 def dirs(layers=(1, 2), d=32, k=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return HarmfulDirections({i: torch.randn(k, d, generator=g) for i in layers})
+    return random_directions(layers, d, k, seed)
 
 
 def test_dpo_step_gradient_equals_plain_dpo_plus_float64_penalty_gradient(tmp_path):

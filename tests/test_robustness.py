@@ -13,17 +13,16 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from orthoreg import HarmfulDirections, OrthoLoRA, OrthoRegCallback, OrthoRegConfig
+from orthoreg import OrthoLoRA, OrthoRegCallback, OrthoRegConfig
 from orthoreg.capture import UnsupportedArchitectureError, find_decoder_stack, token_mask
 from orthoreg.health import NonFiniteHiddenStateError
 from orthoreg.regularizer import OrthoRegularizer
-from tests.models import tiny_model
+from tests.models import random_directions, tiny_model
 from tests.trainer_harness import make_trainer, padded_dataset
 
 
 def dirs(layers=(1, 2), d=32, k=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return HarmfulDirections({i: torch.randn(k, d, generator=g) for i in layers})
+    return random_directions(layers, d, k, seed)
 
 
 def poison_first_forward(model, value: float, layer: int = 1):
