@@ -158,7 +158,19 @@ def load_train_dataset(script_args, dataset_args):
             raise ValueError(f"--dataset_name {name!r} is a file of an unknown format; use one of "
                              f"{sorted(LOCAL_DATA_BUILDERS)} or a dataset folder / Hub name")
         return load_dataset(builder, data_files=name, streaming=script_args.dataset_streaming)
+    check_dataset_name(script_args, dataset_args)
     return load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+
+
+def check_dataset_name(script_args, dataset_args) -> None:
+    """Refuses a ``--dataset_name`` that reads as a local path but does not exist, before anything loads (offline,
+    ``load_dataset`` would otherwise try it as a Hub name and fail with a connection error)."""
+    name = script_args.dataset_name
+    if dataset_args.datasets or not name or os.path.exists(name):
+        return
+    if Path(name).suffix.lower() in LOCAL_DATA_BUILDERS or name.startswith((".", "/", "~")):
+        raise ValueError(f"--dataset_name {name!r} looks like a local file or folder but does not exist (a Hub name "
+                         "has the form org/name); check the path")
 
 
 def _split(dataset, split: str, flag: str):
@@ -343,8 +355,9 @@ def run(argv: list[str] | None = None, prog: str | None = "orthoreg sft") -> int
     parser = make_parser(prog=prog)
     try:
         parsed = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
-        _, training_args, model_args, _, orthoreg_args = parsed
+        script_args, training_args, model_args, dataset_args, orthoreg_args = parsed
         check_combination(training_args, model_args, orthoreg_args)
+        check_dataset_name(script_args, dataset_args)
     except ValueError as err:
         print(f"{prog or 'orthoreg.sft'}: error: {err}", file=sys.stderr)
         return 2

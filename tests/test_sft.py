@@ -177,3 +177,9 @@ def test_reader_weight_without_subspaces_fails_before_anything_loads(tmp_path, c
     code = orthoreg_main(["sft", "--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", "x",
                           "--output_dir", str(tmp_path / "out"), "--use_cpu", "--orthoreg_reader_weight", "1"])
     assert code == 2 and "--orthoreg_input_subspaces" in capsys.readouterr().err
+
+
+def test_a_missing_local_dataset_is_named_before_anything_loads(tmp_path, capsys):
+    code = orthoreg_main(["sft", "--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name",
+                          str(tmp_path / "task.jsonl"), "--output_dir", str(tmp_path / "out"), "--use_cpu"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
