@@ -72,6 +72,9 @@ def run_jobs(args, config: TaskBenchConfig, prep: dict[str, Any], run_dir: Path)
     done_keys = {(r["task"], r["seed"]) for r in rows}
     jobs = [(prep["aligned_folder"], prep["answers_path"], t, s, config, prep["ppl_limit"])
             for s in args.seeds for t in args.tasks if (t, s) not in done_keys]
+    if args.only_done:  # summarise what an interrupted run finished; run nothing new
+        log(f"--only-done: {len(jobs)} (task, seed) runs are missing and are not run")
+        jobs = []
     log(f"{len(jobs)} fine-tunes to run ({len(rows)} resumed)")
 
     def done(row: dict[str, Any]) -> None:
@@ -206,8 +209,10 @@ def readme_section(result: dict[str, Any]) -> str:
             "|---|---|---|---|---|"]
     for p, v in preds.items():
         sel, conf = v.get("spearman_selection_seeds"), v.get("spearman_confirmation_seeds")
+        n_sel, n_conf = v.get("n_tasks_selection_seeds"), v.get("n_tasks_confirmation_seeds")
         rows.append(f"| {p} | {v['spearman']:+.2f} | [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] | "
-                    f"{'–' if sel is None else f'{sel:+.2f}'} | {'–' if conf is None else f'{conf:+.2f}'} |")
+                    f"{'–' if sel is None else f'{sel:+.2f} ({n_sel} tasks)'} | "
+                    f"{'–' if conf is None else f'{conf:+.2f} ({n_conf} tasks)'} |")
     parts.append("\n".join(rows))
     judge = summ.get("judge")
     if judge:
@@ -257,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--cache-dir", default=DEFAULT_CACHE)
     ap.add_argument("--run-dir", default=None, help="where rows.jsonl is appended (default: next to --out)")
     ap.add_argument("--resume", action="store_true", help="skip (task, seed) runs already in rows.jsonl")
+    ap.add_argument("--only-done", action="store_true",
+                    help="with --resume: summarise the rows already in rows.jsonl, run no new fine-tune")
     ap.add_argument("--labels", default=str(LABELS), help="hand labels (JSONL) for the judge's κ")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "smollm2_tasks.json"))
     ap.add_argument("--no-plot", action="store_true")

@@ -171,8 +171,10 @@ def summarise(rows: list[dict[str, Any]], prep: dict[str, Any], selection_seeds:
                     vals = [v for s, v in zip(tasks[n]["seeds"], tasks[n]["rise"], strict=True)
                             if (s in seeds if seeds is not None else s not in set(selection_seeds))]
                     per.append(statistics.fmean(vals) if vals else None)
-                if all(v is not None for v in per):
-                    entry[f"spearman_{label}_seeds"] = spearman(xs, per)
+                have = [(x, v) for x, v in zip(xs, per, strict=True) if v is not None]
+                if len(have) >= 3:  # over the tasks that have runs with these seeds
+                    entry[f"spearman_{label}_seeds"] = spearman([x for x, _ in have], [v for _, v in have])
+                    entry[f"n_tasks_{label}_seeds"] = len(have)
             predictors[p] = entry
     means = [tasks[n]["rise_stats"]["mean"] for n in names]
     return {"tasks": tasks, "predictors": predictors,
