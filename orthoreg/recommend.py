@@ -44,7 +44,8 @@ class Recommendation:
         anchor: ``"base_mean"`` or ``"paired"``.
         action: ``"adapt"`` (budget mode) or ``"warn"`` (monitor only).
         max_drift: the budget (``"adapt"``) or warning threshold (``"warn"``), σ units.
-        proj_weight: λ_proj: the controller's initial weight in budget mode.
+        proj_weight: λ_proj: the controller's initial weight in budget mode (absolute units, as the firewall's
+            controller was tuned); without a firewall the recommended setting is ``OrthoRegConfig.recommended()``.
         reasons: one line per rule applied, with the measured numbers.
     """
 
@@ -60,8 +61,10 @@ class Recommendation:
         lines = [
             "from orthoreg import HarmfulDirections, OrthoRegConfig",
             "from orthoreg.firewall import FirewallConfig, budget_callbacks",
-            f"directions = HarmfulDirections.load({directions_path!r})",
+            f"directions = HarmfulDirections.from_pretrained({directions_path!r})  # a file, folder or Hub repo id",
             f"config = OrthoRegConfig(layers={self.layers!r}, proj_weight={self.proj_weight!r}, "
+            f"anchor={self.anchor!r})  # λ: the budget controller's starting weight",
+            f"# without the firewall: config = OrthoRegConfig.recommended(layers={self.layers!r}, "
             f"anchor={self.anchor!r})",
             f"firewall = FirewallConfig(max_drift={self.max_drift!r}, action={self.action!r})",
             "callbacks = budget_callbacks(config, directions, firewall)  # Trainer(..., callbacks=callbacks)",
