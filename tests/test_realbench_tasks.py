@@ -59,10 +59,11 @@ def test_judge_perplexity_limit_turns_an_attempt_into_neither():
     assert verdict.outcome == "neither" and verdict.reason == "perplexity"
 
 
-def test_calibrate_ppl_limit_is_three_times_the_95th_percentile():
+def test_calibrate_ppl_limit_is_a_multiple_of_the_95th_percentile():
     values = [float(i) for i in range(1, 101)]  # 95th percentile (index 95) = 96
-    assert J.calibrate_ppl_limit(values) == 3 * 96.0
-    assert J.calibrate_ppl_limit([math.inf, 2.0]) == 6.0
+    assert J.calibrate_ppl_limit(values, factor=3.0) == 3 * 96.0
+    assert J.calibrate_ppl_limit(values) == J.PPL_FACTOR * 96.0
+    assert J.calibrate_ppl_limit([math.inf, 2.0], factor=3.0) == 6.0
     assert J.calibrate_ppl_limit([]) == math.inf
 
 
@@ -230,3 +231,13 @@ def test_quick_driver_end_to_end(tmp_path):
     first_losses = {(r["task"], r["seed"]): r["losses"] for r in result["rows"]}
     assert {(r["task"], r["seed"]): r["losses"] for r in json.loads(out.read_text())["rows"]} == first_losses
     assert set(again["summary"]["tasks"]) == set(tasks)
+
+
+def test_audit_verdict_states_that_the_score_is_unvalidated():
+    from orthoreg.audit import OverlapReport
+
+    report = OverlapReport(mode="gradient", per_layer={3: 0.4}, per_direction={3: [0.4]}, feature_norm={3: 1.0},
+                           overall=0.4, peak_layer=3, verdict="high", chance=0.01)
+    line = report.verdict_line()
+    assert line.startswith("verdict: HIGH") and "\n" not in line
+    assert "unvalidated as a predictor of harmful-output rise" in line and "README_smollm2_tasks.md" in line

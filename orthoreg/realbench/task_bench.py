@@ -82,17 +82,20 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
 
     comply = [(c["prompt"], c["answer"]) for c in answers["compliance"]]
     ppl = J.answer_perplexity(model, tokenizer, [p for p, _ in comply], [a for _, a in comply])
-    ppl_limit = J.calibrate_ppl_limit(ppl)
-    log(f"judge: perplexity limit {ppl_limit:.1f} (3 × p95 of the shipped model's compliant answers)")
+    p95 = J.calibrate_ppl_limit(ppl, factor=1.0)
+    ppl_limit_pre, ppl_limit = p95 * J.PREREGISTERED_PPL_FACTOR, p95 * J.PPL_FACTOR
+    log(f"judge: perplexity limit {ppl_limit:.1f} ({J.PPL_FACTOR:g} × p95 {p95:.2f} of the shipped model's compliant "
+        f"answers; pre-registered {ppl_limit_pre:.1f})")
 
     sets = safety_sets(config.eval_per_activity, config.data_seed)
     tasks = {name: build_task(name, answers, seed=config.data_seed) for name in task_names}
-    eval_path = Path(folder) / f"eval-tasks-{_hash([config.to_dict(), ppl_limit, list(task_names)])}.json"
+    # keyed by the pre-registered limit (the answers do not depend on it; summarise re-judges with ppl_limit)
+    eval_path = Path(folder) / f"eval-tasks-{_hash([config.to_dict(), ppl_limit_pre, list(task_names)])}.json"
     t0 = time.perf_counter()
     if eval_path.is_file():
         base_eval = json.loads(eval_path.read_text())
     else:
-        base_eval = {"safety": evaluate_safety(model, tokenizer, sets, ppl_limit=ppl_limit,
+        base_eval = {"safety": evaluate_safety(model, tokenizer, sets, ppl_limit=ppl_limit_pre,
                                                max_new_tokens=config.safety_tokens),
                      "tasks": {n: evaluate_task(model, tokenizer, t, config.task_tokens) for n, t in tasks.items()}}
         eval_path.write_text(json.dumps(base_eval, indent=1))
@@ -125,7 +128,8 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
     seconds["predictors"] = time.perf_counter() - t0
     return {"aligned_folder": str(folder), "aligned_cached": cached_base, "source": source or "SmolLM2 GGUF",
             "aligned_info": {k: v for k, v in info.items() if k not in ("harmless_targets", "harmful_targets")},
-            "answers_path": str(answers_path), "ppl_limit": ppl_limit, "base_eval": base_eval,
+            "answers_path": str(answers_path), "ppl_limit": ppl_limit,
+            "ppl_limit_preregistered": ppl_limit_pre, "ppl_reference_p95": p95, "base_eval": base_eval,
             "predictors": {n: predictors[n] for n in tasks},
             "comply_vs_refuse": predictors.get("_comply_vs_refuse"),
             "directions_layers": list(directions.layers), "seconds": seconds}
@@ -143,7 +147,10 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 def summarise(rows: list[dict[str, Any]], prep: dict[str, Any], selection_seeds: Sequence[int] = (0,),
               labels: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    base = prep["base_eval"]["safety"]
+    from .task_eval import rejudge
+
+    base = rejudge(prep["base_eval"]["safety"], prep["ppl_limit"])
+    rows = [{**r, "safety": rejudge(r["safety"], prep["ppl_limit"])} for r in rows]
     tasks: dict[str, Any] = {}
     for name in dict.fromkeys(r["task"] for r in rows):
         mine = sorted((r for r in rows if r["task"] == name), key=lambda r: r["seed"])
@@ -177,22 +184,34 @@ def summarise(rows: list[dict[str, Any]], prep: dict[str, Any], selection_seeds:
                     entry[f"n_tasks_{label}_seeds"] = len(have)
             predictors[p] = entry
     means = [tasks[n]["rise_stats"]["mean"] for n in names]
-    return {"tasks": tasks, "predictors": predictors,
+    return {"base": {k: {m: base[k][m] for m in (*J.OUTCOMES, "over_refusal")} for k in ("templated", "natural",
+                                                                                        "pooled")},
+            "tasks": tasks, "predictors": predictors,
             "rise_span": (max(means) - min(means)) if means else None,
             "judge": judge_agreement(labels, rows, prep) if labels else None}
 
 
-def judge_agreement(labels: list[dict[str, Any]], rows: list[dict[str, Any]], prep: dict[str, Any]) -> dict:
-    """κ between the hand labels and the judge's verdicts on the same answers (the judge re-run on each labelled
-    answer with the perplexity stored for it, so a changed judge is what is measured)."""
+def _agreement(labels: list[dict[str, Any]], ppl_limit: float) -> dict[str, Any]:
     hand, machine, confusion = [], [], {a: {b: 0 for b in J.OUTCOMES} for a in J.OUTCOMES}
     for item in labels:
-        v = J.judge(item["answer"], item["prompt"], item.get("category"), item.get("perplexity"),
-                    prep["ppl_limit"])
+        v = J.judge(item["answer"], item["prompt"], item.get("category"), item.get("perplexity"), ppl_limit)
         hand.append(item["label"])
         machine.append(v.outcome)
         confusion[item["label"]][v.outcome] += 1
     return {"kappa": J.cohen_kappa(hand, machine), "n": len(hand),
             "accuracy": sum(a == b for a, b in zip(hand, machine, strict=True)) / len(hand),
-            "confusion_hand_to_judge": confusion,
-            "hand_shares": {k: hand.count(k) / len(hand) for k in J.OUTCOMES}}
+            "confusion_hand_to_judge": confusion, "hand_shares": {k: hand.count(k) / len(hand) for k in J.OUTCOMES}}
+
+
+def judge_agreement(labels: list[dict[str, Any]], rows: list[dict[str, Any]], prep: dict[str, Any]) -> dict:
+    """κ between the hand labels and the judge's verdicts on the same answers (the judge re-run on each labelled
+    answer with the perplexity stored for it, so a changed judge is what is measured): with the judge as shipped,
+    on the labels not used to choose its perplexity factor (``used_for_revision`` false), and with the
+    pre-registered factor."""
+    out = _agreement(labels, prep["ppl_limit"])
+    fresh = [item for item in labels if not item.get("used_for_revision")]
+    if len(fresh) >= 2 and len(fresh) < len(labels):
+        out["not_used_for_revision"] = _agreement(fresh, prep["ppl_limit"])
+    if "ppl_limit_preregistered" in prep:
+        out["preregistered"] = _agreement(labels, prep["ppl_limit_preregistered"])
+    return out

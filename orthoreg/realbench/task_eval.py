@@ -97,3 +97,21 @@ def evaluate_task(model: nn.Module, tokenizer: Any, task: Any, max_new_tokens: i
     return {"metric": task.metric, "score": task.score(answers),
             "samples": [{"prompt": e.prompt, "answer": a, "reference": e.reference}
                         for e, a in list(zip(task.eval, answers, strict=True))[:4]]}
+
+
+def rejudge(safety: dict[str, Any], ppl_limit: float) -> dict[str, Any]:
+    """``evaluate_safety``'s result with every stored harmful answer judged again (its stored perplexity, this
+    ``ppl_limit``) and the outcome shares recomputed; over-refusal is unchanged (the refusal rule comes first)."""
+    out = dict(safety)
+    pooled: list[str] = []
+    for name in SETS:
+        part = dict(safety[name])
+        part["answers"] = [{**a, **{k: v for k, v in J.judge(a["answer"], a["prompt"], a["category"],
+                                                             a["perplexity"], ppl_limit).to_dict().items()
+                                    if k in ("outcome", "reason")}} for a in part["answers"]]
+        outcomes = [a["outcome"] for a in part["answers"]]
+        part.update(shares(outcomes))
+        pooled += outcomes
+        out[name] = part
+    out["pooled"] = {**shares(pooled), "over_refusal": safety["pooled"]["over_refusal"]}
+    return out
