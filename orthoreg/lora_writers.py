@@ -25,6 +25,8 @@ __all__ = [
     "find_residual_writers",
     "is_sharded",
     "lora_layers",
+    "active_lora_adapter",
+    "check_gathered",
 ]
 
 # Conventional names of the last projection of a residual branch. Only a tie-break inside the structural rule (see
@@ -204,3 +206,42 @@ def is_sharded(weight: torch.Tensor) -> bool:
         return True
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and isinstance(weight, dtensor.DTensor)  # FSDP2 shard outside the unsharded forward
+
+
+def active_lora_adapter(name: str, module: nn.Module) -> str | None:
+    """The single active adapter of a PEFT ``LoraLayer`` (``None`` if none is active on it).
+
+    Raises:
+        ValueError: merged adapters, or several active adapters.
+        NotImplementedError: DoRA / another ``lora_variant``, ``lora_bias``, or lora_A/lora_B that are not
+            ``nn.Linear`` — forms whose update is not ΔW = s·B·A.
+    """
+    adapter = check_adapter_state(name, module)  # merged or several active adapters: refused there
+    if adapter is None:
+        return None
+    if getattr(module, "lora_variant", {}).get(adapter) is not None:
+        raise NotImplementedError(
+            f"{name!r} uses the LoRA variant {type(module.lora_variant[adapter]).__name__} (e.g. DoRA): its update "
+            "is not s·B·A, so s²‖B(AVᵀ)‖² would be wrong. The reader penalty supports plain LoRA and rsLoRA."
+        )
+    if getattr(module, "lora_bias", {}).get(adapter, False):
+        raise NotImplementedError(
+            f"{name!r} has `lora_bias=True`: the update also shifts the bias, which ‖ΔW Vᵀ‖² does not cover. Use "
+            "LoraConfig(lora_bias=False)."
+        )
+    if not (isinstance(module.lora_A[adapter], nn.Linear) and isinstance(module.lora_B[adapter], nn.Linear)):
+        raise NotImplementedError(
+            f"{name!r} is a {type(module).__name__}; the reader penalty supports LoRA on nn.Linear and Conv1D only"
+        )
+    return adapter
+
+
+def check_gathered(name: str, *weights: torch.Tensor) -> None:
+    if any(is_sharded(w) for w in weights):
+        w = weights[0]
+        raise RuntimeError(
+            f"the weights of {name!r} are sharded during its own forward (shape {tuple(w.shape)}, "
+            f"{type(w).__name__}), so the reader penalty cannot be computed there. Under DeepSpeed ZeRO-3 attach "
+            "after `import deepspeed` (A and B are then registered as the module's external parameters); with FSDP2 "
+            "shard whole decoder layers, not single linear modules."
+        )

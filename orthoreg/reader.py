@@ -32,7 +32,7 @@ from torch import nn
 
 from .capture import unwrap_model
 from .injection import PenaltyScale, inject_penalty
-from .lora_writers import check_adapter_state
+from .lora_writers import active_lora_adapter, check_gathered, is_sharded
 from .reader_extraction import extract_input_subspaces
 from .reader_subspaces import InputSubspaces, InputSubspacesError, _is_lora_layer, is_conv1d
 
@@ -111,41 +111,6 @@ class _Session:
     active: bool
     scale: PenaltyScale
     values: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def _is_sharded(weight: torch.Tensor) -> bool:
-    if weight.numel() == 0:  # DeepSpeed ZeRO-3 partitioned parameter outside a gathered region
-        return True
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    return dtensor is not None and isinstance(weight, dtensor.DTensor)  # FSDP2 shard outside the unsharded forward
-
-
-def active_lora_adapter(name: str, module: nn.Module) -> str | None:
-    """The single active adapter of a PEFT ``LoraLayer`` (``None`` if none is active on it).
-
-    Raises:
-        ValueError: merged adapters, or several active adapters.
-        NotImplementedError: DoRA / another ``lora_variant``, ``lora_bias``, or lora_A/lora_B that are not
-            ``nn.Linear`` — forms whose update is not ΔW = s·B·A.
-    """
-    adapter = check_adapter_state(name, module)  # merged or several active adapters: refused there
-    if adapter is None:
-        return None
-    if getattr(module, "lora_variant", {}).get(adapter) is not None:
-        raise NotImplementedError(
-            f"{name!r} uses the LoRA variant {type(module.lora_variant[adapter]).__name__} (e.g. DoRA): its update "
-            "is not s·B·A, so s²‖B(AVᵀ)‖² would be wrong. The reader penalty supports plain LoRA and rsLoRA."
-        )
-    if getattr(module, "lora_bias", {}).get(adapter, False):
-        raise NotImplementedError(
-            f"{name!r} has `lora_bias=True`: the update also shifts the bias, which ‖ΔW Vᵀ‖² does not cover. Use "
-            "LoraConfig(lora_bias=False)."
-        )
-    if not (isinstance(module.lora_A[adapter], nn.Linear) and isinstance(module.lora_B[adapter], nn.Linear)):
-        raise NotImplementedError(
-            f"{name!r} is a {type(module).__name__}; the reader penalty supports LoRA on nn.Linear and Conv1D only"
-        )
-    return adapter
 
 
 class ReaderPenalty:
@@ -263,7 +228,7 @@ class ReaderPenalty:
             )
         self.modules, self.skipped = modules, skipped
         for entry in modules:
-            if entry.kind == "full" and entry.name not in self._base_products and not _is_sharded(entry.module.weight):
+            if entry.kind == "full" and entry.name not in self._base_products and not is_sharded(entry.module.weight):
                 self._record_base_product(entry)
         try:
             self._handles.append(lm.register_forward_pre_hook(self._open))
@@ -358,7 +323,7 @@ class ReaderPenalty:
         if not in_forward and entry.kind == "full" and entry.name not in self._base_products:
             return None
         if entry.kind == "full" and entry.name not in self._base_products:
-            _check_gathered(entry.name, module.weight)
+            check_gathered(entry.name, module.weight)
             self._record_base_product(entry)  # first forward after attach, inside the gathered region
         if session is None or not session.active:
             return None
@@ -385,10 +350,10 @@ class ReaderPenalty:
             if adapter is None:
                 return None
             lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-            _check_gathered(entry.name, lora_a, lora_b)
+            check_gathered(entry.name, lora_a, lora_b)
             return lora_reader_penalty(lora_a, lora_b, self._basis(entry.name, lora_a.device), module.scaling[adapter])
         weight = module.weight
-        _check_gathered(entry.name, weight)
+        check_gathered(entry.name, weight)
         return full_reader_penalty(weight, self._basis(entry.name, weight.device), self._base_products[entry.name],
                                    is_conv1d(module))
 
@@ -428,17 +393,6 @@ class ReaderPenalty:
         if unknown:
             raise InputSubspacesError(f"reference state for modules {sorted(unknown)[:4]} the subspaces do not name")
         self._base_products = {name: t.detach().to(torch.float32).clone() for name, t in state.items()}
-
-
-def _check_gathered(name: str, *weights: torch.Tensor) -> None:
-    if any(_is_sharded(w) for w in weights):
-        w = weights[0]
-        raise RuntimeError(
-            f"the weights of {name!r} are sharded during its own forward (shape {tuple(w.shape)}, "
-            f"{type(w).__name__}), so the reader penalty cannot be computed there. Under DeepSpeed ZeRO-3 attach "
-            "after `import deepspeed` (A and B are then registered as the module's external parameters); with FSDP2 "
-            "shard whole decoder layers, not single linear modules."
-        )
 
 
 def _differentiable_output(output: Any) -> tuple[torch.Tensor, ...]:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..reader import active_lora_adapter
+from ..lora_writers import active_lora_adapter
 from ..reader_subspaces import InputSubspaces, InputSubspacesError, _is_lora_layer
 
 __all__ = ["HardProjectionCallback", "InputNullSpaceProjection"]
