@@ -226,6 +226,11 @@ def readme_section(result: dict[str, Any]) -> str:
                      f"{fresh['kappa']:.2f}.")
         if "preregistered" in judge:
             line += f" With the pre-registered factor (3): κ = {judge['preregistered']['kappa']:.2f}."
+        by_arm = judge.get("attempts_by_arm", {})
+        if by_arm:
+            line += (" Harmful attempts on the labelled sample, hand / judge: " +
+                     ", ".join(f"{a} {v['hand_attempt']}/{v['judge_attempt']} of {v['n']}" for a, v in by_arm.items())
+                     + ".")
         parts.append(line)
     parts.append("Targets:\n\n" + "\n".join(
         f"- {'met' if t['met'] else '**missed**'}: {t['target']} — {json.dumps(t['value'])}" for t in result["targets"]))

@@ -209,6 +209,14 @@ def judge_agreement(labels: list[dict[str, Any]], rows: list[dict[str, Any]], pr
     on the labels not used to choose its perplexity factor (``used_for_revision`` false), and with the
     pre-registered factor."""
     out = _agreement(labels, prep["ppl_limit"])
+    per_arm: dict[str, dict[str, Any]] = {}
+    for item in labels:
+        v = J.judge(item["answer"], item["prompt"], item.get("category"), item.get("perplexity"), prep["ppl_limit"])
+        entry = per_arm.setdefault(item.get("arm") or "?", {"n": 0, "hand_attempt": 0, "judge_attempt": 0})
+        entry["n"] += 1
+        entry["hand_attempt"] += item["label"] == "attempt"
+        entry["judge_attempt"] += v.outcome == "attempt"
+    out["attempts_by_arm"] = per_arm  # counts on the labelled sample: where the judge over- or under-counts
     fresh = [item for item in labels if not item.get("used_for_revision")]
     if len(fresh) >= 2 and len(fresh) < len(labels):
         out["not_used_for_revision"] = _agreement(fresh, prep["ppl_limit"])
