@@ -38,6 +38,12 @@ from .directions import HarmfulDirections
 from .prompt_encoding import model_context_length, pad_token_id
 
 DEFAULT_THRESHOLDS = (0.1, 0.3)
+# What the score is known to predict (issue 14, benchmarks/README_smollm2_tasks.md): on SmolLM2-135M-Instruct, eight
+# benign LoRA fine-tunes × 3 seeds whose mean rise in harmful attempts spans 55 points, the overall score's Spearman ρ
+# with the rise was −0.05 (95% bootstrap −0.90 to +0.77); no before-training score tested there (overlap, density,
+# LoRA-gradient cosines; best +0.50) reached ρ ≥ 0.8. The verdict therefore describes geometry, not risk.
+PREDICTIVE_VALIDATION = ("unvalidated as a predictor of harmful-output rise (SmolLM2-135M, 8 benign tasks: "
+                         "Spearman rho -0.05, 95% bootstrap [-0.90, +0.77]; benchmarks/README_smollm2_tasks.md)")
 VERDICTS = ("low", "elevated", "high")
 Mode = Literal["gradient", "shift"]
 
@@ -105,7 +111,7 @@ class OverlapReport:
                 f"(low < {low:g} <= elevated < {high:g} <= high; chance sqrt(k/d) = {self.chance:.3f})")
         if self.chance >= low / 2:
             line += "; note: chance is close to the thresholds for this hidden size, so the verdict is weak evidence"
-        return line
+        return f"{line}; {PREDICTIVE_VALIDATION}"
 
     def table(self) -> str:
         """A fixed-width per-layer table for the terminal."""
