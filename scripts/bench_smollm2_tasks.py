@@ -253,7 +253,9 @@ def finish(result: dict[str, Any], rows: list[dict[str, Any]], args) -> dict[str
     result["targets"] = check_targets(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**result, "rows": rows}, indent=1, default=str))
+    summary = result["summary"]  # the keys at the top level: tasks.<name>.rise, judge.kappa, predictors.<p>
+    out.write_text(json.dumps({**result, "tasks": summary["tasks"], "judge": summary["judge"],
+                               "predictors": summary["predictors"], "rows": rows}, indent=1, default=str))
     if not args.no_plot:
         plot(result, out.with_suffix(".png"))
     if args.readme:
@@ -289,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.render:
         old = json.loads(Path(args.render).read_text())
         rows = old.pop("rows")
-        old.pop("summary", None)
+        for key in ("summary", "tasks", "judge", "predictors", "targets"):
+            old.pop(key, None)
         return finish(old, rows, args)
 
     t_start = time.perf_counter()
