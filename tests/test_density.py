@@ -90,10 +90,14 @@ def test_recommendation_rules(verdict, action, budget):
     assert "OrthoRegConfig(layers=[1, 2], proj_weight=1.0, anchor='base_mean')" in code
     assert f"FirewallConfig(max_drift={budget}, action='{action}')" in code
     namespace = {}
-    exec(code.replace("HarmfulDirections.load('d.safetensors')", "HarmfulDirections({1: torch.eye(32)[:1], "
-                                                                  "2: torch.eye(32)[1:2]})"), {"torch": torch},
-         namespace)  # ready to paste: it runs
+    exec(code.replace("HarmfulDirections.from_pretrained('d.safetensors')", "HarmfulDirections({1: torch.eye(32)[:1], "
+                                                                             "2: torch.eye(32)[1:2]})"),
+         {"torch": torch}, namespace)  # ready to paste: it runs
     assert namespace["config"].layers == [1, 2]
+    # the commented alternative for runs without the firewall runs too
+    alternative = next(line for line in code.splitlines() if line.startswith("# without the firewall: "))
+    exec(alternative.removeprefix("# without the firewall: "), namespace)
+    assert namespace["config"].units == "base" and namespace["config"].layers == [1, 2]
 
 
 def test_density_tightens_the_budget_and_adds_enriched_layers():
