@@ -112,12 +112,6 @@ def build_aligned(cache_dir: str | os.PathLike = DEFAULT_CACHE, config: AlignCon
     peft_model = add_lora(model, seed=config.seed, r=config.rank, alpha=config.alpha)
     report = train_lora(peft_model, tokenizer, examples, steps=config.steps, batch_size=config.batch_size,
                         lr=config.lr, seed=config.seed)
-    merged = peft_model.merge_and_unload()
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
     info = {
         "format": FORMAT,
         "key": folder.name,
@@ -131,11 +125,7 @@ def build_aligned(cache_dir: str | os.PathLike = DEFAULT_CACHE, config: AlignCon
         "harmless_targets": [{"prompt": r.prompt, "answer": a, "finished": f}
                              for r, a, f in zip(harmless, answers, finished, strict=True)],
     }
-    (tmp / "aligned_info.json").write_text(json.dumps(info, indent=1))
-    if folder.exists():  # another process finished first; keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
+    save_merged(peft_model, tokenizer, folder, info)
     log(f"[aligned] saved {folder} in {time.perf_counter() - t0:.0f} s")
     return folder
 
@@ -158,3 +148,20 @@ def load_aligned(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
 
 def aligned_info(folder: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(folder) / "aligned_info.json").read_text())
+
+
+def save_merged(peft_model: Any, tokenizer: Any, folder: Path, info: dict) -> None:
+    """Merges the safety-tune adapter into the weights and writes model, tokenizer and ``aligned_info.json`` into
+    ``folder`` atomically (a temporary folder renamed at the end); when another process finished first, its copy
+    is kept."""
+    merged = peft_model.merge_and_unload()
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "aligned_info.json").write_text(json.dumps(info, indent=1))
+    if folder.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)

