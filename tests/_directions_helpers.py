@@ -102,6 +102,36 @@ def principal_angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.arccos(cosines))
 
 
+def save_planted_assets(root, task_rows: list[dict], categories: bool = True):
+    """The CLI tests' files under ``root``: the planted model + chat tokenizer (``model/``), the paired prompts
+    (``pairs.jsonl``, with their categories when ``categories``) and ``task.jsonl`` of ``task_rows``."""
+    import json
+
+    model, _ = planted_model(1)
+    tok = make_tokenizer(chat_template=SIMPLE_TEMPLATE)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    harmful, harmless, names = planted_prompts(6)
+    with open(root / "pairs.jsonl", "w") as fh:
+        for h, b, c in zip(harmful, harmless, names, strict=True):
+            fh.write(json.dumps({"harmful": h, "harmless": b, **({"category": c} if categories else {})}) + "\n")
+    with open(root / "task.jsonl", "w") as fh:
+        for row in task_rows:
+            fh.write(json.dumps(row) + "\n")
+    return root
+
+
+def run_subcommand(module, argv):
+    """Runs one ``orthoreg`` subcommand module's parser and ``run`` on ``argv``, as the CLI dispatches it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="orthoreg")
+    module.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    assert args.func is module.run
+    return module.run(args)
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny models are dominated by per-op threading overhead: one intra-op thread is 10-50x faster on a busy CPU.

@@ -1,7 +1,6 @@
 """overlap_score: known answers, the gradient against a brute-force autograd reference, the shift mode, task data
 encoding, the report and plot, and the ``directions extract`` / ``audit`` commands end to end."""
 
-import argparse
 import copy
 import json
 import math
@@ -31,6 +30,8 @@ from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an a
     one_torch_thread,
     planted_model,
     planted_prompts,
+    run_subcommand,
+    save_planted_assets,
 )
 
 META = {"model_type": "llama", "num_layers": 3}
@@ -335,28 +336,13 @@ def test_plot_without_matplotlib_names_the_install(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny planted model + chat tokenizer on disk, a paired prompt file and a task file."""
-    root = tmp_path_factory.mktemp("cli")
-    model, _ = planted_model(1)
-    tok = make_tokenizer(chat_template=SIMPLE_TEMPLATE)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    harmful, harmless, categories = planted_prompts(6)
-    with open(root / "pairs.jsonl", "w") as fh:
-        for h, b, c in zip(harmful, harmless, categories, strict=True):
-            fh.write(json.dumps({"harmful": h, "harmless": b, "category": c}) + "\n")
-    with open(root / "task.jsonl", "w") as fh:
-        for example in TASK[1:] + [{"messages": [{"role": "user", "content": "reply to my friend"},
-                                                 {"role": "assistant", "content": "the thing now"}]}]:
-            fh.write(json.dumps(example if isinstance(example, dict) else {"text": example}) + "\n")
-    return root
+    rows = [e if isinstance(e, dict) else {"text": e} for e in TASK[1:]] + [
+        {"messages": [{"role": "user", "content": "reply to my friend"},
+                      {"role": "assistant", "content": "the thing now"}]}]
+    return save_planted_assets(tmp_path_factory.mktemp("cli"), rows)
 
 
-def _cli(module, argv):
-    parser = argparse.ArgumentParser(prog="orthoreg")
-    module.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    assert args.func is module.run
-    return module.run(args)
+_cli = run_subcommand
 
 
 def test_directions_extract_and_show_commands(saved, capsys):

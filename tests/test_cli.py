@@ -20,30 +20,19 @@ from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an a
     one_torch_thread,
     planted_model,
     planted_prompts,
+    run_subcommand,
+    save_planted_assets,
 )
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny planted model + chat tokenizer on disk, a paired prompt file and a task file."""
-    root = tmp_path_factory.mktemp("cli")
-    model, _ = planted_model(1)
-    tok = make_tokenizer(chat_template=SIMPLE_TEMPLATE)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    harmful, harmless, _ = planted_prompts(6)
-    with open(root / "pairs.jsonl", "w") as fh:
-        for h, b in zip(harmful, harmless, strict=True):
-            fh.write(json.dumps({"harmful": h, "harmless": b}) + "\n")
-    with open(root / "task.jsonl", "w") as fh:
-        fh.write(json.dumps({"prompt": "please explain h1", "completion": "the thing now"}) + "\n")
-    return root
+    return save_planted_assets(tmp_path_factory.mktemp("cli"),
+                               [{"prompt": "please explain h1", "completion": "the thing now"}], categories=False)
 
 
-def _cli(module, argv):
-    parser = argparse.ArgumentParser(prog="orthoreg")
-    module.add_parser(parser.add_subparsers(dest="command", required=True))
-    return module.run(parser.parse_args(argv))
+_cli = run_subcommand
 
 
 @pytest.fixture
