@@ -48,6 +48,7 @@ from orthoreg.budget import BudgetConfig
 from orthoreg.density import superposition_density
 from orthoreg.extraction import extract_directions
 from orthoreg.firewall import FirewallCallback, FirewallConfig
+from orthoreg.rank_correlation import spearman_rho
 from orthoreg.recommend import recommend
 from orthoreg.testbed import world
 from orthoreg.testbed.evaluate import _left_pad, evaluate
@@ -436,29 +437,9 @@ def summarize_density(result: dict, base_key: str = "base_harmful", accuracy: fl
     return out
 
 
-def _ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):  # ties share their mean rank
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
 def spearman(x: list[float], y: list[float]) -> float | None:
     """Spearman's ρ_s (Pearson correlation of the mean ranks); None for fewer than 3 pairs or a constant side."""
-    if len(x) < 3:
-        return None
-    rx, ry = _ranks(x), _ranks(y)
-    mx, my = statistics.mean(rx), statistics.mean(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return sxy / (sxx * syy) ** 0.5 if sxx and syy else None
+    return None if len(x) < 3 else spearman_rho(x, y)
 
 
 DENSITY_KEYS = ("density_generic", "density_task")

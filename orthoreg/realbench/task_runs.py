@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..rank_correlation import average_ranks, spearman_rho
+
 
 @dataclass
 class TaskBenchConfig:
@@ -72,31 +74,13 @@ def run_task(base_folder: str, answers_path: str, task_name: str, seed: int, con
 # ----------------------------------------------------------------------------------------------- statistics
 
 
-def rankdata(values: Sequence[float]) -> list[float]:
-    """Average ranks (1-based), ties shared."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+rankdata = average_ranks  # average ranks, ties shared (orthoreg.rank_correlation)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's ρ (Pearson correlation of average ranks); nan when either side is constant."""
-    if len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"spearman needs two equal-length sequences of >= 2 values; got {len(x)} and {len(y)}")
-    rx, ry = rankdata(x), rankdata(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    sxx = sum((a - mx) ** 2 for a in rx)
-    syy = sum((b - my) ** 2 for b in ry)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+    rho = spearman_rho(x, y)
+    return math.nan if rho is None else rho
 
 
 def bootstrap_spearman(predictor: Sequence[float], rises: Sequence[Sequence[float]], n_boot: int = 2000,

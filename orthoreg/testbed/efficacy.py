@@ -30,6 +30,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..directions import HarmfulDirections
+from ..rank_correlation import spearman_rho
 from . import world
 from .evaluate import evaluate
 from .finetune import finetune
@@ -328,31 +329,9 @@ def overlap_vs_rise(tasks, steps: int = 100, seed: int = 0, dirs: HarmfulDirecti
             "spearman": spearman([r["overlap"] for r in out], [r["rise"] for r in out])}
 
 
-def _ranks(x):
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    ranks = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
 def spearman(x, y) -> float | None:
     """Spearman rank correlation (average ranks for ties); None with fewer than 3 points or a constant input."""
-    if len(x) < 3:
-        return None
-    rx, ry = _ranks(list(x)), _ranks(list(y))
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    if vx == 0 or vy == 0:
-        return None
-    return cov / math.sqrt(vx * vy)
+    return None if len(x) < 3 else spearman_rho(list(x), list(y))
 
 
 __all__ = ["Arm", "EvalAtSteps", "Setting", "overlap_vs_rise", "persona_directions", "persona_drift",
