@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from orthoreg.realbench import data as D
 from orthoreg.realbench import detect
+from orthoreg.realbench.tiny import bpe_tokenizer, tiny_llama  # the task benchmark's --quick model serves here too
 
 # ----------------------------------------------------------------------------------------------- detector
 
@@ -151,51 +151,6 @@ def test_eval_activities_not_in_builtin_contrast_set():
 
 
 # ----------------------------------------------------------------------------------------------- pipeline smoke run
-
-
-def _corpus() -> list[str]:
-    from orthoreg.prompts import load_builtin
-
-    texts = []
-    for split, templates in (("train", D.TRAIN_TEMPLATES), ("eval", D.EVAL_TEMPLATES)):
-        harmful, harmless = D.harm_requests(split, per_activity=len(templates))
-        texts += [r.prompt for r in harmful + harmless]
-    texts += [form.format(reason=r) for form in D.REFUSAL_FORMS for r in D.REFUSAL_REASONS.values()]
-    texts += [f"{t.prompt} {t.answer}" for t in D.task_examples("train", 120) + D.task_examples("eval", 30)]
-    builtin = load_builtin("all")
-    return texts + list(D.NEUTRAL_TEXT) + builtin.harmful + builtin.harmless
-
-
-def bpe_tokenizer(vocab_size: int = 600):
-    """A byte-level BPE tokenizer trained in code on the benchmark's own text, with SmolLM2's special tokens and the
-    benchmark's chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from orthoreg.realbench.model import CHAT_TEMPLATE
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    backend = Tokenizer(models.BPE(unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(_corpus(), trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  bos_token="<|im_start|>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def tiny_llama(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
 
 
 def test_bpe_tokenizer_round_trips():
