@@ -12,8 +12,8 @@ The engine shared by ``OrthoRegCallback`` (Trainer/TRL) and ``OrthoLoRA`` (custo
    the checkpoint returns it);
 3. a forward hook on the module that runs the layers (``LlamaModel``, ``GPT2Model``, …) closes the session: it
    runs once, outside any checkpoint, with grad enabled, computes the penalties in float32, and either *injects*
-   their gradient into the graph (``mode="inject"``: the output is passed through ``_InjectPenalty``, the identity
-   forward whose backward also sends ``coef`` into the penalty, exactly as if ``coef · penalty`` had been added to
+   their gradient into the graph (``mode="inject"``: the output is passed through ``orthoreg.injection.inject_penalty``, the
+   identity forward whose backward also sends ``coef`` into the penalty, exactly as if ``coef · penalty`` had been added to
    the loss) or keeps the weighted penalty for the caller to add to its loss (``mode="return"``).
 
 Injection is what makes a plain ``TrainerCallback`` work unchanged in ``Trainer``, ``SFTTrainer`` and
@@ -47,6 +47,7 @@ from .capture import (
 from .config import OrthoRegConfig
 from .directions import DirectionsError, HarmfulDirections
 from .health import IllConditionedPenaltyError, NonFiniteHiddenStateError, StepHealth
+from .injection import PenaltyScale, inject_penalty
 from .metrics import PenaltyMetrics
 from .penalties import (
     all_reduce_sum,
@@ -82,24 +83,6 @@ __all__ = [
 
 # The regularisers attached to each LM (by id), to find the hooks of a training run that ended by an exception.
 _ATTACHED: dict[int, list[weakref.ref]] = {}
-
-
-class _InjectPenalty(torch.autograd.Function):
-    """Identity on ``x``; backward returns ``grad_x`` unchanged and a gradient of exactly 1 for ``penalty``.
-
-    With ``penalty = coef · p`` the parameters receive ``coef · ∂p/∂θ`` on top of the task gradient: the same as
-    backpropagating ``task_loss + coef · p``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-        ctx.penalty_meta = (penalty.shape, penalty.dtype, penalty.device)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape, dtype, device = ctx.penalty_meta
-        return grad_x, torch.ones(shape, dtype=dtype, device=device)
 
 
 @dataclass
@@ -284,7 +267,8 @@ class OrthoRegularizer:
         if self.mode == "return":
             self.pending_penalty = penalty if self.pending_penalty is None else self.pending_penalty + penalty
             return None
-        return _replace_first_tensor(output, lambda x: _InjectPenalty.apply(x, penalty * self.grad_scale))
+        scale = PenaltyScale(self.grad_scale)
+        return _replace_first_tensor(output, lambda x: inject_penalty(x, penalty, scale))
 
     def check_step(self) -> int:
         """Checks the numerical health of every micro-batch since the last check (one host sync); see

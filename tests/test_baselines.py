@@ -35,7 +35,7 @@ from orthoreg.baselines import (
 )
 from orthoreg.capture import find_decoder_stack, layer_hidden
 from orthoreg.directions import DirectionsError
-from orthoreg.regularizer import _InjectPenalty
+from orthoreg.injection import PenaltyScale, inject_penalty
 from tests.models import tiny_model
 from tests.trainer_harness import assert_grads_close, capture_layers, padded_dataset, train_one_step
 
@@ -239,7 +239,7 @@ def test_wrapping_output_logits_would_lose_the_term(tmp_path):
 
     def wrap(module, args, output):
         if module.training and torch.is_grad_enabled():
-            output.logits = _InjectPenalty.apply(output.logits, 1e3 * output.logits.float().square().mean())
+            output.logits = inject_penalty(output.logits, 1e3 * output.logits.float().square().mean(), PenaltyScale(1.0))
         return output
 
     handle = lm.register_forward_hook(wrap)
