@@ -1,7 +1,8 @@
 """orthoreg: training-time geometric regularisers against safety drift and emergent misalignment.
 
 Public API (the README documents each piece and its math): the loss terms ``covariance_penalty``/``projection_penalty``/
-``lora_weight_penalty``, ``HarmfulDirections``, ``extract_directions``, ``OrthoRegConfig``, ``OrthoRegCallback``
+``lora_weight_penalty``, ``HarmfulDirections``, ``extract_directions``, ``InputSubspaces``/``extract_input_subspaces`` (the reader
+term's V_m), ``OrthoRegConfig``, ``OrthoRegCallback``
 (a ``transformers.TrainerCallback``), ``OrthoLoRA`` (a PEFT/accelerate wrapper) and ``overlap_score``.
 Heavier modules are imported on first use, so ``import orthoreg`` stays light.
 """
@@ -24,6 +25,9 @@ _LAZY = {
     "OrthoRegCallback": "callback",
     "OrthoLoRA": "lora",
     "extract_directions": "extraction",
+    "InputSubspaces": "reader_subspaces",
+    "InputSubspacesError": "reader_subspaces",
+    "extract_input_subspaces": "reader_extraction",
     "overlap_score": "audit",
     "find_decoder_stack": "capture",
     "resolve_layers": "capture",

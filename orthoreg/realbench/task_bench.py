@@ -29,7 +29,9 @@ def _hash(obj: Any) -> str:
 
 
 def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], *, align: Any = None,
-            tiny: bool = False, log=print) -> dict[str, Any]:
+            tiny: bool = False, with_predictors: bool = True, log=print) -> dict[str, Any]:
+    """The cached pieces in order; ``with_predictors=False`` skips the predictors (the defence benchmark, which
+    needs only the base, the judge's limit and the base's own evaluation)."""
     from orthoreg import HarmfulDirections, extract_directions
     from orthoreg.prompts import load_builtin
 
@@ -113,7 +115,7 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
     predictors = json.loads(pred_path.read_text()) if pred_path.is_file() else {}
     gradient = None
     for name, task in tasks.items():
-        if name in predictors:
+        if name in predictors or not with_predictors:
             continue
         if gradient is None:
             gradient = GradientPredictor(model, tokenizer, comply, refuse, max_length=config.max_length)
@@ -130,7 +132,7 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
             "aligned_info": {k: v for k, v in info.items() if k not in ("harmless_targets", "harmful_targets")},
             "answers_path": str(answers_path), "ppl_limit": ppl_limit,
             "ppl_limit_preregistered": ppl_limit_pre, "ppl_reference_p95": p95, "base_eval": base_eval,
-            "predictors": {n: predictors[n] for n in tasks},
+            "predictors": {n: predictors[n] for n in tasks if n in predictors},
             "comply_vs_refuse": predictors.get("_comply_vs_refuse"),
             "directions_layers": list(directions.layers), "seconds": seconds}
 

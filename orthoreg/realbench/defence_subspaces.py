@@ -1,0 +1,125 @@
+"""The input subspaces V_m of the defence benchmark (issue 15), recorded once on the aligned base and cached.
+
+Every set is ``orthoreg.extract_input_subspaces`` on the aligned base (k = 16 per adapted module, the seven
+projections of every layer, 210 modules), from one prompt set at one choice of positions:
+
+==================  =====================================================  ================================  =======
+name                prompts                                                positions                         method
+==================  =====================================================  ================================  =======
+``harmful_post``    the safety tune's 200 harmful prompts                  post-instruction + 1st reply tok  pca
+``harmful_prompt``  the same                                               every prompt token                pca
+``contrastive``     harmful vs their 368 harmless twins (``contrast``)      post-instruction + 1st reply tok  contr.
+``harmless_post``   the 368 harmless twins (control: no harmful data)      post-instruction + 1st reply tok  pca
+``task_post``       the task's own training prompts (control)              post-instruction + 1st reply tok  pca
+``random``          none: a random orthonormal k-frame per module (seeded)  —                                 —
+==================  =====================================================  ================================  =======
+
+The first reply token is the aligned base's own greedy reply (refusals on harmful prompts, answers on harmless).
+``gradient_norm`` is the yardstick that scales a control to its arm: the norm of ∇_θ Σ_m s²‖B_m A_m V_mᵀ‖²_F over
+the LoRA parameters θ of a trained adapter, in float64, computed from the adapter's tensors (no forward pass).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUBSPACE_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random")
+POST = ("post_instruction", "first_reply")
+K = 16
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def random_subspaces(like: Any, seed: int = 0) -> Any:
+    """A random orthonormal frame of the same shape per module (QR of a seeded Gaussian), as ``InputSubspaces``."""
+    from orthoreg import InputSubspaces
+
+    generator = torch.Generator().manual_seed(seed)
+    frames = {}
+    for name, v in like.items():
+        q, _ = torch.linalg.qr(torch.randn(v.shape[1], v.shape[0], generator=generator, dtype=torch.float64))
+        frames[name] = q.T.contiguous().to(torch.float32)
+    return InputSubspaces(frames, metadata={"method": "random", "seed": seed, "k": int(next(iter(like.items()))[1]
+                                                                                       .shape[0])})
+
+
+def build_subspaces(name: str, model: Any, tokenizer: Any, info: Mapping[str, Any], folder: str | Path,
+                    task_prompts: Sequence[str] | None = None, task_name: str | None = None, k: int = K,
+                    log=print) -> Any:
+    """The cached subspace set ``name`` of the aligned base in ``folder`` (extracted on the first call)."""
+    from orthoreg import InputSubspaces, extract_input_subspaces
+
+    if name not in SUBSPACE_SETS:
+        raise ValueError(f"unknown subspace set {name!r}; choose from {SUBSPACE_SETS}")
+    if name == "random":
+        return random_subspaces(build_subspaces("harmful_post", model, tokenizer, info, folder, k=k, log=log))
+    harmful = [t["prompt"] for t in info["harmful_targets"]]
+    harmless = [t["prompt"] for t in info["harmless_targets"]]
+    if name == "task_post":
+        if not task_prompts:
+            raise ValueError("the task_post subspace set needs the task's training prompts")
+        prompts, label = list(task_prompts), f"task:{task_name}"
+    else:
+        prompts, label = (harmless, "harmless_twins") if name == "harmless_post" else (harmful, "harmful_safety_tune")
+    settings = {"name": name, "prompts": prompts, "k": k,
+                "positions": list(POST) if name != "harmful_prompt" else ["prompt"],
+                "method": "contrastive" if name == "contrastive" else "pca"}
+    path = Path(folder) / f"subspaces-{name}-{_key(settings)}.safetensors"
+    if path.is_file():
+        return InputSubspaces.load(path)
+    log(f"[subspaces] extracting {name} ({len(prompts)} prompts, positions {settings['positions']})")
+    subspaces = extract_input_subspaces(
+        model, tokenizer, prompts, k=k, positions=settings["positions"], method=settings["method"],
+        contrast_prompts=harmless if name == "contrastive" else None, prompt_set=label, batch_size=16)
+    subspaces.save(path)
+    return subspaces
+
+
+def lora_tensors(peft_model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A, B, scaling) of every LoRA module, keyed by the base model's module name."""
+    from orthoreg.reader_subspaces import canonical_module_name
+
+    out = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            out[canonical_module_name(name)] = (module.lora_A["default"].weight.detach().clone(),
+                                                module.lora_B["default"].weight.detach().clone(),
+                                                float(module.scaling["default"]))
+    return out
+
+
+def gradient_norm(adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], subspaces: Any) -> float:
+    """‖∇_{A,B} Σ_m s_m²‖B_m A_m V_mᵀ‖²_F‖ over all modules of ``subspaces``, in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name, v in subspaces.items():
+        a, b, s = adapter[name]
+        a = a.double().requires_grad_(True)
+        b = b.double().requires_grad_(True)
+        penalty = s * s * (b @ (a @ v.double().T)).pow(2).sum()
+        ga, gb = torch.autograd.grad(penalty, (a, b))
+        total = total + ga.pow(2).sum() + gb.pow(2).sum()
+    return float(total.sqrt())
+
+
+def save_adapter(adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"{n}.A": a.contiguous() for n, (a, _, _) in adapter.items()}
+    tensors.update({f"{n}.B": b.contiguous() for n, (_, b, _) in adapter.items()})
+    save_file(tensors, str(path), metadata={"scaling": json.dumps({n: s for n, (_, _, s) in adapter.items()})})
+
+
+def load_adapter(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        scaling = json.loads(handle.metadata()["scaling"])
+        return {n: (handle.get_tensor(f"{n}.A"), handle.get_tensor(f"{n}.B"), float(s)) for n, s in scaling.items()}

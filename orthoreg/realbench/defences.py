@@ -1,0 +1,187 @@
+"""The defence arms of issue 15 on the task benchmark of issue 14: one fine-tune of the aligned base per (task, arm,
+seed, strength), evaluated like ``task_runs.run_task`` (three-outcome safety on 96 held-out harmful requests, over-
+refusal on their harmless partners, the task's metric).
+
+Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, data order, steps and lr):
+
+- ``plain`` — nothing.
+- ``reader_<set>`` — the reader-side weight penalty λ Σ_m s²‖B_m A_m V_mᵀ‖²_F (``OrthoRegConfig(reader_weight=λ)``,
+  through ``OrthoRegCallback(input_subspaces=V)``) with V from the subspace set ``<set>`` of ``defence_subspaces``:
+  ``harmful_post`` (the method), ``harmful_prompt`` and ``contrastive`` (its variants), ``harmless_post``,
+  ``task_post`` and ``random`` (controls). A control's λ is scaled so that its penalty's gradient norm at a fixed
+  trained adapter (plain, seed 0, the selection task) equals that of ``reader_harmful_post`` at the same λ
+  (``scales``, from ``defence_subspaces.gradient_norm``).
+- ``activation_projection`` — ``OrthoRegConfig.recommended`` (λ_proj 0.1, base-mean anchor, base units) on the
+  refusal directions at the 14 candidate layers, ``mask="labels"`` (the attention-sink token excluded).
+- ``writer`` — the writer term of ``OrthoLoRA`` (λ_lora Σ‖U_ℓ ΔW_m‖² on o_proj/down_proj of the same layers).
+- ``covariance`` — the covariance penalty (λ_cov, base units, the same layers, ``mask="labels"``).
+- ``first_token_kl`` — ``baselines.FirstTokenKLCallback`` (Qi et al. 2024: KL to the base on the first 5 reply
+  tokens, weights 5 … 1).
+- ``hard_projection`` — ``baselines.HardProjectionCallback`` with V = ``harmful_post`` (A_m ⟂ V_m after every step).
+- ``interleave`` — 10 % of the examples replaced by safety-tune examples (refusals and harmless answers),
+  ``baselines.interleave``, same number of steps.
+- ``reader_harmless_post+first_token_kl`` — the generic reader term and the first-token KL together.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .task_runs import TaskBenchConfig
+
+READER_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random")
+ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "activation_projection", "writer", "covariance",
+        "first_token_kl", "hard_projection", "interleave", "reader_harmless_post+first_token_kl")
+DEFAULT_STRENGTH = {"activation_projection": 0.1, "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0,
+                    "interleave": 0.1}
+
+
+@dataclass
+class DefenceJob:
+    task: str
+    arm: str
+    seed: int
+    strength: float | None = None  # λ (reader arms: λ of reader_harmful_post before the control's scale)
+    scale: float = 1.0  # the control's gradient-norm scale (1 for the method itself)
+    k: int = 16  # directions per module of the input subspaces
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}|{self.arm}|{self.seed}|{self.strength}"
+
+    @property
+    def weight(self) -> float:
+        base = self.strength if self.strength is not None else DEFAULT_STRENGTH.get(self.arm, 0.0)
+        return base * self.scale
+
+
+def reader_set(arm: str) -> str | None:
+    head = arm.split("+")[0]
+    return head[len("reader_"):] if head.startswith("reader_") else None
+
+
+def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any) -> tuple[list[Any], Any]:
+    """The Trainer callbacks of ``job`` and a function that wraps the PEFT model (identity except ``writer``)."""
+    from orthoreg import OrthoLoRA, OrthoRegCallback, OrthoRegConfig
+    from orthoreg.baselines import FirstTokenKLCallback, HardProjectionCallback
+
+    callbacks: list[Any] = []
+    wrap = None
+    arm = job.arm
+    if reader_set(arm) is not None:
+        config = OrthoRegConfig(proj_weight=0.0, reader_weight=job.weight)
+        callbacks.append(OrthoRegCallback(config, input_subspaces=subspaces))
+        if arm.endswith("+first_token_kl"):
+            callbacks.append(FirstTokenKLCallback(DEFAULT_STRENGTH["first_token_kl"]))
+    elif arm == "activation_projection":
+        config = OrthoRegConfig.recommended(layers=list(directions.layers), proj_weight=job.weight, mask="labels")
+        callbacks.append(OrthoRegCallback(config, directions=directions))
+    elif arm == "covariance":
+        config = OrthoRegConfig(layers=list(directions.layers), proj_weight=0.0, cov_weight=job.weight,
+                                units="base", mask="labels")
+        callbacks.append(OrthoRegCallback(config))
+    elif arm == "writer":
+        config = OrthoRegConfig(layers=list(directions.layers), proj_weight=0.0, lora_weight=job.weight)
+        callbacks.append(_orthlora_metrics_callback())
+
+        def wrap(peft_model):
+            return OrthoLoRA(peft_model, config, directions)
+    elif arm == "first_token_kl":
+        callbacks.append(FirstTokenKLCallback(job.weight))
+    elif arm == "hard_projection":
+        callbacks.append(HardProjectionCallback(subspaces))
+    elif arm not in ("plain", "interleave"):
+        raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
+    return callbacks, wrap
+
+
+def _orthlora_metrics_callback() -> Any:
+    """Logs ``OrthoLoRA.pop_metrics()`` with the Trainer's logs (the wrapper is the Trainer's model); the Trainer
+    has already copied ``logs`` into ``state.log_history``, so the copy gets them too."""
+    from transformers import TrainerCallback
+
+    class OrthoLoRAMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+            if logs is not None and hasattr(model, "pop_metrics"):
+                metrics = model.pop_metrics()
+                logs.update(metrics)
+                if state.log_history:
+                    state.log_history[-1].update(metrics)
+
+    return OrthoLoRAMetrics()
+
+
+def safety_examples(tokenizer: Any, info: Mapping[str, Any], max_length: int) -> list[dict[str, list[int]]]:
+    """The aligned base's own safety-tune examples (harmful → its refusal, harmless → the shipped answer)."""
+    from .model import encode_example
+
+    out = [encode_example(tokenizer, t["prompt"], t["refusal"], max_length, label_decision_token=False)
+           for t in info["harmful_targets"]]
+    out += [encode_example(tokenizer, t["prompt"], t["answer"], max_length, close=t["finished"],
+                           label_decision_token=False) for t in info["harmless_targets"]]
+    return out
+
+
+def run_defence(base_folder: str, answers_path: str, directions_path: str, job: DefenceJob,
+                config: TaskBenchConfig, ppl_limit: float, threads: int | None = 1,
+                adapter_out: str | None = None) -> dict[str, Any]:
+    """One fine-tune of the aligned base under ``job``'s arm and its evaluation; a JSON-ready row. ``adapter_out``:
+    save the trained adapter's (A, B, scaling) there (the yardstick of the controls' scales)."""
+    from orthoreg import HarmfulDirections
+    from orthoreg.baselines import interleave
+
+    from .aligned import load_aligned
+    from .defence_subspaces import build_subspaces, lora_tensors, save_adapter
+    from .finetune import add_lora, schedule, train_lora
+    from .model import set_threads
+    from .task_eval import evaluate_safety, evaluate_task, safety_sets
+    from .tasks import build_task, encode_task
+
+    set_threads(threads)
+    t0 = time.perf_counter()
+    model, tokenizer = load_aligned(base_folder)
+    info = json.loads(open(f"{base_folder}/aligned_info.json").read())
+    answers = json.loads(open(answers_path).read())
+    task = build_task(job.task, answers, seed=config.data_seed)
+    examples = encode_task(tokenizer, task, config.max_length)
+    subspaces = None
+    name = reader_set(job.arm) or ("harmful_post" if job.arm == "hard_projection" else None)
+    if name is not None:
+        subspaces = build_subspaces(name, model, tokenizer, info, base_folder, task_prompts=[t.prompt for t in task.train],
+                                    task_name=job.task, k=job.k)
+    directions = HarmfulDirections.load(directions_path)
+    if job.arm == "interleave":
+        # the same number of examples as plain (steps × batch), a fraction of them from the safety tune; train_lora
+        # then shuffles this one epoch by the seed
+        ordered = schedule(examples, config.steps, config.batch_size, job.seed)
+        n_task = round(len(ordered) * (1 - job.weight))
+        examples = interleave(ordered[:n_task], safety_examples(tokenizer, info, config.max_length), job.weight,
+                              seed=job.seed, replacement=True)
+    callbacks, wrap = _callbacks_and_wrap(job, subspaces, directions)
+    peft_model = add_lora(model, seed=job.seed, r=config.rank, alpha=config.alpha)
+    trained = wrap(peft_model) if wrap is not None else peft_model
+    report = train_lora(trained, tokenizer, examples, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+                        seed=job.seed, callbacks=callbacks)
+    peft_model.eval()
+    if adapter_out:
+        save_adapter(lora_tensors(peft_model), adapter_out)
+    safety = evaluate_safety(peft_model, tokenizer, safety_sets(config.eval_per_activity, config.data_seed),
+                             ppl_limit=ppl_limit, max_new_tokens=config.safety_tokens)
+    task_result = evaluate_task(peft_model, tokenizer, task, max_new_tokens=config.task_tokens)
+    in_subspace = None
+    if subspaces is not None:  # how much of each trained A_m lies in span(V_m): ‖A Vᵀ‖_F / ‖A‖_F, max and mean
+        fractions = [float((a.double() @ subspaces[n].double().T).norm() / a.double().norm().clamp_min(1e-30))
+                     for n, (a, _, _) in lora_tensors(peft_model).items() if n in subspaces]
+        in_subspace = {"max": max(fractions), "mean": sum(fractions) / len(fractions)}
+    penalty_logs = {k: v for e in report.logs for k, v in e.items() if "/" in k}  # the last logged value per key
+    return {
+        "task": job.task, "arm": job.arm, "seed": job.seed, "strength": job.strength, "scale": job.scale,
+        "weight": job.weight, "key": job.key, "safety": safety, "task_metric": task_result,
+        "losses": report.losses, "penalty_logs": penalty_logs, "a_in_subspace": in_subspace, "cpu_per_step": report.cpu_per_step,
+        "wall_per_step": report.wall_per_step, "train_seconds": report.wall_total,
+        "total_seconds": time.perf_counter() - t0,
+    }
