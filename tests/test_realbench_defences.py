@@ -1,0 +1,103 @@
+"""The defence benchmark of issue 15 (``orthoreg.realbench.defences``, ``defence_subspaces``,
+``scripts/bench_defences.py``): the controls' yardstick, the arms' wiring and the driver on a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from orthoreg.realbench.defence_subspaces import gradient_norm, load_adapter, random_subspaces, save_adapter
+from orthoreg.realbench.defences import ARMS, DefenceJob, reader_set
+
+
+def _frame(k: int, d: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q.T.to(torch.float32)
+
+
+def test_gradient_norm_matches_the_closed_form_gradient_in_float64():
+    from orthoreg import InputSubspaces
+
+    g = torch.Generator().manual_seed(0)
+    adapter, frames = {}, {}
+    for i, (d_in, d_out) in enumerate([(12, 7), (9, 12)]):
+        a, b = torch.randn(4, d_in, generator=g), torch.randn(d_out, 4, generator=g)
+        adapter[f"model.layers.{i}.mlp.up_proj"] = (a, b, 0.5 + i)
+        frames[f"model.layers.{i}.mlp.up_proj"] = _frame(3, d_in, i)
+    # P = s²‖B A Vᵀ‖²: ∂P/∂B = 2s² B M Mᵀ, ∂P/∂A = 2s² Bᵀ B M V with M = A Vᵀ
+    squared = 0.0
+    for name, (a, b, s) in adapter.items():
+        a, b, v = a.double(), b.double(), frames[name].double()
+        m = a @ v.T
+        squared += float((2 * s * s * b @ m @ m.T).pow(2).sum() + (2 * s * s * b.T @ b @ m @ v).pow(2).sum())
+    assert gradient_norm(adapter, InputSubspaces(frames)) == pytest.approx(squared ** 0.5, rel=1e-6)
+
+
+def test_random_subspaces_are_orthonormal_seeded_and_shaped_like_the_method():
+    from orthoreg import InputSubspaces
+
+    like = InputSubspaces({"model.layers.0.self_attn.q_proj": _frame(5, 20, 0), "model.layers.0.mlp.down_proj":
+                           _frame(5, 30, 1)})
+    one, two, other = random_subspaces(like, seed=3), random_subspaces(like, seed=3), random_subspaces(like, seed=4)
+    for name, v in like.items():
+        r = one[name]
+        assert r.shape == v.shape
+        torch.testing.assert_close(r.double() @ r.double().T, torch.eye(5, dtype=torch.float64), atol=1e-6, rtol=0)
+        assert torch.equal(r, two[name]) and not torch.allclose(r, other[name])
+
+
+def test_adapter_file_round_trip(tmp_path):
+    adapter = {"model.layers.0.mlp.up_proj": (torch.randn(2, 6), torch.randn(5, 2), 2.0)}
+    save_adapter(adapter, tmp_path / "a.safetensors")
+    back = load_adapter(tmp_path / "a.safetensors")
+    a, b, s = back["model.layers.0.mlp.up_proj"]
+    assert torch.equal(a, adapter["model.layers.0.mlp.up_proj"][0]) and torch.equal(b, adapter[
+        "model.layers.0.mlp.up_proj"][1]) and s == 2.0
+
+
+def test_job_weight_scales_and_reader_sets():
+    job = DefenceJob("summary", "reader_random", 0, strength=10.0, scale=0.5)
+    assert job.weight == 5.0 and reader_set(job.arm) == "random"
+    assert reader_set("reader_harmless_post+first_token_kl") == "harmless_post" and reader_set("writer") is None
+    assert DefenceJob("summary", "first_token_kl", 0).weight == 1.0  # the arm's default strength
+    assert DefenceJob("summary", "plain", 1).key != DefenceJob("summary", "plain", 2).key
+
+
+def _driver():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_defences.py"
+    spec = importlib.util.spec_from_file_location("bench_defences", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
+    module = _driver()
+    out, cache = tmp_path / "q.json", tmp_path / "cache"
+    common = ["--quick", "--steps", "10", "--workers", "0", "--out", str(out), "--cache-dir", str(cache), "--no-plot"]
+    result = module.main([*common, "--arms", "all", "--seeds", "0"])
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert set(rows) == set(ARMS) and len(result["rows"]) == len(ARMS)  # plain seed 0 once, not twice
+    scales = json.loads((tmp_path / "q.runs" / "scales.json").read_text())
+    assert scales["scales"]["harmful_post"] == pytest.approx(1.0)
+    for arm, row in rows.items():
+        if reader_set(arm) is not None:  # the control's λ is λ × its gradient-norm scale, and the term ran
+            assert row["weight"] == pytest.approx(10.0 * scales["scales"][reader_set(arm)])
+            assert row["penalty_logs"]["orthoreg/reader"] > 0
+    assert rows["writer"]["penalty_logs"]["orthoreg/lora"] > 0
+    assert rows["activation_projection"]["penalty_logs"]["orthoreg/proj"] > 0
+    assert rows["covariance"]["penalty_logs"]["orthoreg/cov"] > 0
+    assert rows["first_token_kl"]["penalty_logs"]["first_token_kl/kl"] >= 0
+    assert rows["hard_projection"]["a_in_subspace"]["max"] < 1e-6  # A_m ⟂ V_m after training
+    assert rows["reader_random"]["a_in_subspace"]["max"] > 1e-3
+    assert len(rows["plain"]["losses"]) == 1 and rows["plain"]["losses"] != rows["interleave"]["losses"]  # other data
+    cells = result["summary"]["cells"]
+    base = result["summary"]["base"]["pooled"]["attempt"]
+    plain_cell = cells["summary|plain|None"]
+    assert plain_cell["rise"] == [pytest.approx(100 * rows["plain"]["safety"]["pooled"]["attempt"] - base)]
+    again = module.main([*common, "--arms", "all", "--seeds", "0"])  # nothing re-runs: the rows come back
+    assert [r["key"] for r in again["rows"]] == [r["key"] for r in result["rows"]]
