@@ -22,10 +22,15 @@ What is measured, per configuration (model × {full, LoRA} × activation checkpo
   gradient (backward).
 
 Arms: ``plain``; ``cov``; ``proj_absolute``/``proj_base_mean``/``proj_paired`` (paired: LoRA only);
-``lora_w`` (the weight-space term, LoRA only); ``cov+proj`` (base_mean anchor) and ``cov+proj_paired`` (LoRA);
-``all`` (cov + proj + lora_w, LoRA); ``kl`` (KL(p_θ ‖ p_base) on the logits; full: a frozen copy of the model,
-LoRA: the same model with the adapter disabled, both under no_grad). Full fine-tuning goes through
-``OrthoRegularizer`` in inject mode (the engine of ``OrthoRegCallback``), LoRA through ``OrthoLoRA``.
+``lora_w`` (the weight-space term, LoRA only); ``reader`` (the reader-side weight term alone, ``orthoreg.reader``,
+with ``READER_K`` = 16 random orthonormal input rows V_m per linear module of every layer — q, k, v, o, gate, up,
+down: LoRA λ·Σ s²‖B(AV_mᵀ)‖², full fine-tuning λ·Σ ‖W_mV_mᵀ − W₀V_mᵀ‖²); ``cov+proj`` (base_mean anchor) and
+``cov+proj_paired`` (LoRA); ``all`` (cov + proj + lora_w, LoRA); ``kl`` (KL(p_θ ‖ p_base) on the logits; full: a
+frozen copy of the model, LoRA: the same model with the adapter disabled, both under no_grad). Full fine-tuning goes
+through ``OrthoRegularizer`` in inject mode (the engine of ``OrthoRegCallback``; the reader arm through
+``ReaderPenalty`` in inject mode, the callback's reader engine), LoRA through ``OrthoLoRA``
+(``input_subspaces=`` for the reader arm). The printed ``Weight terms`` lines (and the JSON's ``weight_terms``)
+give the ``lora_w`` and ``reader`` median per-round ratios with their IQR.
 
 Usage::
 
@@ -110,9 +115,12 @@ def model_specs(quick: bool) -> dict[str, ModelSpec]:
     }
 
 
-ARMS_FULL = ["plain", "cov", "proj_absolute", "proj_base_mean", "cov+proj", "kl"]
-ARMS_LORA = ["plain", "cov", "proj_absolute", "proj_base_mean", "proj_paired", "lora_w", "cov+proj",
+ARMS_FULL = ["plain", "cov", "proj_absolute", "proj_base_mean", "reader", "cov+proj", "kl"]
+ARMS_LORA = ["plain", "cov", "proj_absolute", "proj_base_mean", "proj_paired", "lora_w", "reader", "cov+proj",
              "cov+proj_paired", "all", "kl"]
+WEIGHT_ARMS = ("lora_w", "reader")
+READER_K = 16  # rows of V_m per module (the reader arm)
+READER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_ARMS = sorted(set(ARMS_FULL) | set(ARMS_LORA))
 
 
@@ -126,6 +134,7 @@ def arm_config(arm: str, guarded: list[int]):
         "proj_base_mean": dict(proj_weight=1.0, anchor="base_mean"),
         "proj_paired": dict(proj_weight=1.0, anchor="paired"),
         "lora_w": dict(proj_weight=0.0, lora_weight=1.0),
+        "reader": dict(proj_weight=0.0, reader_weight=1.0),
         "cov+proj": dict(cov_weight=1.0, proj_weight=1.0, anchor="base_mean"),
         "cov+proj_paired": dict(cov_weight=1.0, proj_weight=1.0, anchor="paired"),
         "all": dict(cov_weight=1.0, proj_weight=1.0, lora_weight=1.0, anchor="base_mean"),
@@ -185,6 +194,20 @@ def make_directions(spec: ModelSpec, seed: int = 0):
                              metadata={"source": "bench_overhead random directions"})
 
 
+def make_input_subspaces(model, k: int = READER_K, seed: int = 0):
+    """``InputSubspaces`` of k random orthonormal rows for every ``READER_MODULES`` linear module of every layer (the
+    reader arm's V_m; module names as in the base model, so they fit it bare or PEFT-wrapped)."""
+    from orthoreg.reader_subspaces import InputSubspaces, module_in_features, named_input_modules
+
+    g = torch.Generator().manual_seed(seed + 2)
+    bases = {}
+    for name, module in named_input_modules(model).items():
+        if name.rsplit(".", 1)[-1] in READER_MODULES:
+            d_in = module_in_features(module)
+            bases[name] = torch.linalg.qr(torch.randn(d_in, k, generator=g, dtype=torch.float64)).Q.T.float()
+    return InputSubspaces(bases, metadata={"source": "bench_overhead random orthonormal rows", "k": k})
+
+
 def count_params(model) -> dict[str, int]:
     from orthoreg.capture import find_decoder_stack
 
@@ -233,6 +256,25 @@ class OrthoFullArm(Arm):
         self.reg.pop_metrics()
 
 
+class ReaderFullArm(Arm):
+    """Full fine-tuning, reader term alone: ``ReaderPenalty`` in inject mode (what ``OrthoRegCallback`` builds for
+    ``reader_weight > 0``). W₀V_mᵀ is recorded at the first attach, outside the timed steps, and kept across blocks."""
+
+    def __init__(self, name, ctx, config):
+        super().__init__(name, ctx)
+        from orthoreg.reader_wiring import reader_penalty_for
+
+        self.reader = reader_penalty_for(config, make_input_subspaces(ctx.model, seed=ctx.seed), mode="inject")
+
+    def setup(self):
+        self.reader.attach(self.ctx.model)
+        self.reader.grad_scale = 1.0
+
+    def teardown(self):
+        self.reader.detach()
+        self.reader.pop_metrics()
+
+
 class OrthoLoRAArm(Arm):
     """LoRA: ``OrthoLoRA`` (activation terms in return mode + the in-module weight-space term)."""
 
@@ -241,6 +283,7 @@ class OrthoLoRAArm(Arm):
         self.config = config
         self.state = None
         self.wrapper = None
+        self.subspaces = make_input_subspaces(ctx.model, seed=ctx.seed) if config.reader_weight > 0 else None
         if config.anchor == "base_mean" and config.proj_weight > 0:
             self.setup()
             self.wrapper.regularizer.calibrate(ctx.model, [ctx.batch_no_labels])
@@ -253,7 +296,8 @@ class OrthoLoRAArm(Arm):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unguarded writers
-            self.wrapper = OrthoLoRA(self.ctx.model, self.config, self.ctx.directions)
+            self.wrapper = OrthoLoRA(self.ctx.model, self.config, self.ctx.directions,
+                                     input_subspaces=self.subspaces)
         if self.state is not None:
             self.wrapper.load_state_dict_orthoreg(self.state)
         self.wrapper.train()
@@ -330,6 +374,7 @@ class Context:
     batch_no_labels: dict
     directions: Any
     optimizer: Any
+    seed: int = 0
 
 
 def make_arm(name: str, ctx: Context) -> Arm:
@@ -338,6 +383,8 @@ def make_arm(name: str, ctx: Context) -> Arm:
     if name == "kl":
         return KLArm(name, ctx)
     config = arm_config(name, ctx.spec.guarded)
+    if ctx.mode == "full" and config.reader_weight > 0:
+        return ReaderFullArm(name, ctx, config)
     return (OrthoLoRAArm if ctx.mode == "lora" else OrthoFullArm)(name, ctx, config)
 
 
@@ -394,6 +441,10 @@ def _live_static_bytes(arm: Arm, ctx: Context) -> int:
         tensors += list(arm.ref.parameters()) + list(arm.ref.buffers())
     if ctx.directions is not None:
         tensors += list(ctx.directions.directions.values())
+    reader = getattr(arm, "reader", None) or getattr(getattr(arm, "wrapper", None), "reader", None)
+    if reader is not None:  # V_m, their device copies and (full fine-tuning) W₀V_mᵀ
+        tensors += list(reader.subspaces.subspaces.values()) + list(reader._basis_cache.values())
+        tensors += list(reader._base_products.values())
     return _storage_bytes(tensors)
 
 
@@ -442,8 +493,9 @@ def isolated_cost(name: str, ctx: Context, reps: int, clock: str) -> float | Non
 
     A low-noise complement to the end-to-end ratio: no model forward, nothing else on the clock. Covers the
     activation terms through the engine's own ``_penalty`` (selection, both terms, metric accumulation, the
-    finiteness check) and the weight-space term through ``lora_weight_penalty`` on every penalised writer. ``None``
-    for arms with a second forward (paired, kl) and for plain.
+    finiteness check), the weight-space term through ``lora_weight_penalty`` on every penalised writer and the reader
+    term through ``lora_reader_penalty`` / ``full_reader_penalty`` on every module with a V_m. ``None`` for arms with
+    a second forward (paired, kl) and for plain.
     """
     from orthoreg.capture import find_decoder_stack
     from orthoreg.regularizer import OrthoRegularizer, _Session
@@ -495,6 +547,30 @@ def isolated_cost(name: str, ctx: Context, reps: int, clock: str) -> float | Non
             total.backward()
 
         work.append(weight_terms)
+    if config.reader_weight > 0:
+        from orthoreg.reader import full_reader_penalty, lora_reader_penalty, weight_times_basis
+        from orthoreg.reader_subspaces import is_conv1d
+
+        subspaces = make_input_subspaces(ctx.model, seed=ctx.seed)
+        modules = subspaces.resolve(ctx.model)
+        bases = {n: subspaces[n].to(ctx.device) for n in modules}
+        if ctx.mode == "full":
+            with torch.no_grad():
+                base = {n: weight_times_basis(m.weight, bases[n], is_conv1d(m)) for n, m in modules.items()}
+
+        def reader_terms():
+            total = None
+            for n, m in modules.items():
+                if ctx.mode == "lora":
+                    adapter = m.active_adapters[0]
+                    p = lora_reader_penalty(m.lora_A[adapter].weight, m.lora_B[adapter].weight, bases[n],
+                                            m.scaling[adapter])
+                else:
+                    p = full_reader_penalty(m.weight, bases[n], base[n], is_conv1d(m))
+                total = p if total is None else total + p
+            total.backward()
+
+        work.append(reader_terms)
     if not work:
         return None
     samples = []
@@ -506,7 +582,7 @@ def isolated_cost(name: str, ctx: Context, reps: int, clock: str) -> float | Non
         _sync(ctx.device)
         if rep:  # the first is a warm-up
             samples.append(tick() - start)
-    ctx.optimizer.zero_grad(set_to_none=True)  # the weight term left gradients on the LoRA weights
+    ctx.optimizer.zero_grad(set_to_none=True)  # the weight terms left gradients on the weights
     return statistics.median(samples)
 
 
@@ -547,6 +623,17 @@ def regularizer_flops(arm: str, spec: ModelSpec, params: dict[str, int], mode: s
         i = spec.intermediate_size
         per_module = lambda fan_in: 3 * (2.0 * k * d * r + 2.0 * r * r * fan_in + 2.0 * k * r * r)  # noqa: E731
         flops += L * (per_module(d) + per_module(i))  # o_proj (in = d) and down_proj (in = intermediate)
+    if arm == "reader":
+        # Every READER_MODULES module of every layer, K = READER_K rows: (d_in, d_out) per module.
+        i, K = spec.intermediate_size, READER_K
+        kv = d * spec.num_kv_heads // spec.num_heads
+        shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, i), (d, i), (i, d)]  # q k v o gate up down
+        if mode == "lora":
+            # A Vᵀ (2·r·d_in·K) and B (AVᵀ) (2·d_out·r·K) forward; backward: ∂A (2·r·K·d_in), ∂B and ∂(AVᵀ)
+            per_module = lambda d_in, d_out: 2 * (2.0 * r * d_in * K) + 3 * (2.0 * d_out * r * K)  # noqa: E731
+        else:
+            per_module = lambda d_in, d_out: 2 * (2.0 * d_out * d_in * K)  # noqa: E731  W Vᵀ forward, ∂W backward
+        flops += spec.num_layers * sum(per_module(a, b) for a, b in shapes)
     if arm == "kl":
         flops += 2.0 * (params["matmul"] * spec.tokens + 2.0 * spec.num_layers * spec.batch * spec.seq ** 2 * d)
     return flops
@@ -641,7 +728,7 @@ def run_config(spec: ModelSpec, mode: str, checkpointing: bool, device: str, dty
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-6, foreach=False if device == "cpu" else None)
     ctx = Context(spec, mode, checkpointing, device, model, batch,
-                  {k: v for k, v in batch.items() if k != "labels"}, directions, optimizer)
+                  {k: v for k, v in batch.items() if k != "labels"}, directions, optimizer, seed=args.seed)
     names = arms_for(mode, args.arms)
     arms = {name: make_arm(name, ctx) for name in names}
     rng = random.Random(args.seed)
@@ -761,7 +848,8 @@ def rss_child(payload: str) -> None:
     batch = make_batch(spec, "cpu", seed=job["seed"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, foreach=False)
     ctx = Context(spec, job["mode"], job["checkpointing"], "cpu", model, batch,
-                  {k: v for k, v in batch.items() if k != "labels"}, make_directions(spec, job["seed"]), optimizer)
+                  {k: v for k, v in batch.items() if k != "labels"}, make_directions(spec, job["seed"]), optimizer,
+                  seed=job["seed"])
     arm = make_arm(job["arm"], ctx)
     arm.setup()
     for _ in range(2):
@@ -851,14 +939,39 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 TARGETS = [
-    # (model, arm, metric, limit %)
+    # (model, arm, metric, limit %); the reader's: "the weight terms cost ≤ 0.5 % step time"
     ("small", "cov+proj", "time_overhead_pct", 3.0),
     ("small", "cov+proj", "memory_overhead_pct", 3.0),
     ("small", "lora_w", "time_overhead_pct", 1.0),
     ("small", "lora_w", "memory_overhead_pct", 1.0),
+    ("small", "reader", "time_overhead_pct", 0.5),
     ("llama3-8b", "cov+proj", "time_overhead_pct", 2.0),
     ("llama3-8b", "all", "time_overhead_pct", 2.0),
 ]
+
+
+def weight_terms(results: list[ConfigResult]) -> list[dict[str, Any]]:
+    """Per configuration, the weight-term arms' median per-round ratio to plain and its IQR (and the isolated cost)."""
+    out = []
+    for res in results:
+        for arm in WEIGHT_ARMS:
+            if arm in res.arms:
+                a = res.arms[arm]
+                out.append({"model": res.model, "mode": res.mode, "checkpointing": res.checkpointing, "arm": arm,
+                            "ratio_to_plain_median": a["ratio_to_plain_median"],
+                            "ratio_to_plain_iqr": [a["ratio_to_plain_q25"], a["ratio_to_plain_q75"]],
+                            "time_overhead_pct": a["time_overhead_pct"],
+                            "isolated_pct_of_plain": a["isolated_pct_of_plain"], "rounds": res.rounds})
+    return out
+
+
+def format_weight_terms(rows: list[dict[str, Any]]) -> str:
+    lines = ["Weight terms (median per-round ratio to plain [IQR]; isolated % of plain):"]
+    for w in rows:
+        q25, q75 = w["ratio_to_plain_iqr"]
+        lines.append(f"  {w['model']} {w['mode']} ckpt={'on' if w['checkpointing'] else 'off'} {w['arm']:<7} "
+                     f"{w['ratio_to_plain_median']:.4f} [{q25:.4f}, {q75:.4f}]  isolated {_pct(w['isolated_pct_of_plain'])}")
+    return "\n".join(lines)
 
 
 def evaluate_targets(results: list[ConfigResult]) -> list[dict[str, Any]]:
@@ -1032,11 +1145,13 @@ def main(argv=None) -> dict[str, Any]:
         "configs": [asdict(r) for r in results],
         "skipped": skipped,
         "targets": evaluate_targets(results),
+        "weight_terms": weight_terms(results),
     }
     report["machine"]["loadavg_start"], report["machine"]["loadavg_end"] = load_start, _loadavg()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=1)
+    print("\n" + format_weight_terms(report["weight_terms"]))
     print("\nTargets:")
     for t in report["targets"]:
         print(f"  {t['model']} {t['mode']} ckpt={'on' if t['checkpointing'] else 'off'} {t['arm']} "
