@@ -53,6 +53,7 @@ from .metrics import metric_names
 from .penalties import lora_weight_penalty
 from .reader_wiring import reader_penalty_for
 from .regularizer import OrthoRegularizer
+from .zero3 import register_external_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -284,14 +285,10 @@ class OrthoLoRA(nn.Module):
         uses_deepspeed = accelerator is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None
         if not self.writers or not (uses_deepspeed or "deepspeed" in sys.modules):
             return
-        try:
-            from deepspeed.zero import register_external_parameter
-        except ImportError:
-            return
         for writer in self.writers:
-            for adapter in writer.module.lora_A:
-                register_external_parameter(writer.module, writer.module.lora_A[adapter].weight)
-                register_external_parameter(writer.module, writer.module.lora_B[adapter].weight)
+            register_external_parameters(writer.module, [
+                p for adapter in writer.module.lora_A
+                for p in (writer.module.lora_A[adapter].weight, writer.module.lora_B[adapter].weight)])
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:

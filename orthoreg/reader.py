@@ -35,6 +35,7 @@ from .injection import PenaltyScale, inject_penalty
 from .lora_writers import active_lora_adapter, check_gathered, is_sharded
 from .reader_extraction import extract_input_subspaces
 from .reader_subspaces import InputSubspaces, InputSubspacesError, _is_lora_layer, is_conv1d
+from .zero3 import register_external_parameters
 
 __all__ = [
     "InputSubspaces",
@@ -261,15 +262,11 @@ class ReaderPenalty:
         # and are re-gathered for its backward. A full-FT weight is the module's own parameter already.
         if "deepspeed" not in sys.modules:
             return
-        try:
-            from deepspeed.zero import register_external_parameter
-        except ImportError:
-            return
         for entry in self.modules:
             if entry.kind == "lora":
-                for adapter in entry.module.lora_A:
-                    register_external_parameter(entry.module, entry.module.lora_A[adapter].weight)
-                    register_external_parameter(entry.module, entry.module.lora_B[adapter].weight)
+                register_external_parameters(entry.module, [
+                    p for adapter in entry.module.lora_A
+                    for p in (entry.module.lora_A[adapter].weight, entry.module.lora_B[adapter].weight)])
 
     @torch.no_grad()
     def _record_base_product(self, entry: ReaderModule) -> None:

@@ -151,6 +151,7 @@ def test_lora_reader_value_and_gradients_are_exact(request, backend):
                 assert_close(grads, want, f"{backend} rank {rank} {tag} {step or 'step0.'}gradients")
     if backend == "zero3":
         assert result.json[0]["zero3.engine"] == "DeepSpeedEngine" and result.json[0]["zero3.stage"] == 3
+        assert result.json[0]["zero3.lora.registered"]  # A, B: external parameters of their LoraLayer
 
 
 # ---------------------------------------------------------------------------------------------- full fine-tuning

@@ -121,6 +121,7 @@ def test_sharded_weight_penalty_and_gradients_equal_unsharded(request, backend, 
             assert _max_diff(got, want) <= TOL, (rank, step)
     if backend == "zero3":
         assert info["zero3.engine"] == "DeepSpeedEngine" and info["zero3.stage"] == 3
+        assert info["zero3.writers_registered"]
 
 
 def test_zero3_save_pretrained_round_trip(zero3):

@@ -155,6 +155,9 @@ def run_zero3(tensors: dict, info: dict, out_dir: str) -> None:
         engine, optimizer = accelerator.prepare(model, optimizer)
         info["zero3.engine"] = type(engine).__name__
         info["zero3.stage"] = engine.zero_optimization_stage()
+        info["zero3.writers_registered"] = all(  # the writers' A and B: ZeRO-3 external parameters of their layer
+            {id(w.module.lora_A["default"].weight), id(w.module.lora_B["default"].weight)}
+            <= set(getattr(w.module, "_external_params", {})) for w in model.writers)
         params = lora_params(peft_model)
         # Partitioned outside a forward: an empty local tensor (the full shape is in ds_shape).
         info[f"zero3.{tag}.sharded"] = all(p.numel() == 0 for p in params.values())

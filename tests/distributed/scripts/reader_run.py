@@ -22,10 +22,10 @@ What each backend records (``<backend>.<form>.<what>``):
   A and B are partitioned outside their module's forward — recorded), lr = 0, the same two backward passes at the
   first step (ZeRO recording its trace) and the third (prefetching by the recorded trace), via
   ``deepspeed.utils.safe_get_full_grad``; the returned and logged penalties, the gathered A and B, the scalings.
-  (With deepspeed 0.19.8 A and B reach the LoraLayer's hook gathered through DeepSpeed's own discovery of external
-  parameters inside ``engine.forward`` — ``ZeROOrderedDict.__getitem__`` gathers and registers them —: the explicit
-  ``register_external_parameter`` in ``ReaderPenalty`` imports ``from deepspeed.zero``, which is an attribute and not
-  an importable module there, so that ``ImportError`` branch silently registers nothing.)
+  Also records whether A and B are registered as the LoraLayer's ZeRO-3 external parameters
+  (``orthoreg.zero3.register_external_parameters``; before that helper, ``from deepspeed.zero import …`` raised
+  ImportError in deepspeed 0.19.8 and nothing was registered — the term stayed exact only through DeepSpeed's own
+  discovery of external parameters inside ``engine.forward``).
 - ``zero3.full``: HF ``Trainer`` + ``OrthoRegCallback(config, input_subspaces=...)`` (reader term only) under
   ZeRO-3, full fine-tuning, two SGD steps, each rank its own half of the data (``callback_common``), and the same
   two steps without the callback (``zero3.task``). Records the gathered weights before, after step 1 and after
@@ -194,6 +194,9 @@ def _zero3_lora(tensors: dict, info: dict) -> None:
         model = OrthoLoRA(peft_model, OrthoRegConfig(**READER_ONLY), input_subspaces=reader_subspaces(),
                           accelerator=accelerator)
         scalings = {name: float(m.scaling["default"]) for name, m in _lora_modules(peft_model).items()}
+        info["zero3.lora.registered"] = all(  # A and B are the LoraLayer's ZeRO-3 external parameters
+            {id(m.lora_A["default"].weight), id(m.lora_B["default"].weight)} <= set(getattr(m, "_external_params", {}))
+            for m in _lora_modules(peft_model).values())
         # lr = 0: the parameters stay at their initial values, so every step has the same reference.
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
         engine, optimizer = accelerator.prepare(model, optimizer)
