@@ -239,7 +239,9 @@ def _top_eigenvectors(matrix: torch.Tensor, k: int, name: str) -> torch.Tensor:
     if values[0] <= 0 or values[k - 1] <= _RANK_RTOL * values[0]:
         raise InputSubspacesError(
             f"{name}: the inputs at the chosen positions span fewer than k={k} dimensions; use a smaller k, more "
-            "prompts or more positions"
+            "prompts or more positions. (In the first decoder layer a module's input is a function of the token "
+            "alone, so fixed template positions give only as many directions as distinct tokens there: leave that "
+            "layer out with `modules=`.)"
         )
     v = vectors[:, :k].T  # (k, d_in)
     signs = torch.sign(v.gather(1, v.abs().argmax(dim=1, keepdim=True)))  # deterministic: largest entry positive

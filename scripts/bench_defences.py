@@ -101,20 +101,29 @@ def controls_scales(prep: dict[str, Any], run_dir: Path, task: str, k: int = 16,
     return scales
 
 
-def plan(args, scales: dict[str, float] | None) -> list[DefenceJob]:
-    """The jobs of the command line; reader arms only when ``scales`` is given (they need the controls' scales)."""
-    arms = list(ARMS) if args.arms == ["all"] else args.arms
+def plan(args, scales: dict[str, float] | None, others: bool = True) -> list[DefenceJob]:
+    """The jobs of the command line: the reader arms only when ``scales`` is given (they need the controls' scales),
+    the other arms only with ``others``."""
+    arms = list(ARMS) if args.arms == ["all"] else [] if args.arms == ["jobs"] else args.arms
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown arms {unknown}; choose from {ARMS}")
     jobs = []
-    for task in args.tasks:
+    for spec in args.jobs or []:  # explicit "task:arm:seed[:strength]", in this order
+        task, arm, seed, *rest = spec.split(":")
+        strength = float(rest[0]) if rest else (args.reader_strength if reader_set(arm) is not None else None)
+        if arm not in ARMS:
+            raise SystemExit(f"unknown arm {arm!r} in --jobs {spec!r}; choose from {ARMS}")
+        if (scales is not None) if reader_set(arm) is not None else others:
+            jobs.append(DefenceJob(task, arm, int(seed), strength, scales[reader_set(arm)] if scales else 1.0,
+                                   k=args.k))
+    for task in args.tasks if args.arms != ["jobs"] else []:
         for arm in arms:
             if reader_set(arm) is not None:
                 if scales is not None:
                     jobs += [DefenceJob(task, arm, seed, strength, scales[reader_set(arm)], k=args.k)
                              for strength in args.strengths or [args.reader_strength] for seed in args.seeds]
-            elif scales is None:
+            elif others:
                 strength = args.strengths[0] if (args.strengths and arm != "plain" and len(arms) == 1) else None
                 jobs += [DefenceJob(task, arm, seed, strength, k=args.k) for seed in args.seeds]
     return jobs
@@ -157,13 +166,15 @@ def run_jobs(args, config: TaskBenchConfig, prep: dict[str, Any], run_dir: Path)
 
     if not args.arms:
         return rows
-    wants_reader = any(reader_set(a) is not None for a in (ARMS if args.arms == ["all"] else args.arms))
+    wanted = [*(ARMS if args.arms == ["all"] else args.arms), *(j.split(":")[1] for j in args.jobs or [])]
+    wants_reader = any(reader_set(a) is not None for a in wanted if a in ARMS)
+    if not wants_reader or (run_dir / "scales.json").is_file():  # one queue, in the command line's order
+        run(plan(args, controls_scales(prep, run_dir, scale_task, k=args.k) if wants_reader else None))
+        return rows
     first = plan(args, None)
-    if wants_reader and not (run_dir / "scales.json").is_file():
-        first.insert(0, DefenceJob(scale_task, "plain", 0, k=args.k))
+    first.insert(0, DefenceJob(scale_task, "plain", 0, k=args.k))
     run(first)
-    if wants_reader:
-        run(plan(args, controls_scales(prep, run_dir, scale_task, k=args.k)))
+    run(plan(args, controls_scales(prep, run_dir, scale_task, k=args.k), others=False))
     return rows
 
 
@@ -302,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tasks", nargs="+", default=["summary"])
     ap.add_argument("--arms", nargs="+", default=None, help=f"arms to run ('all' = {', '.join(ARMS)}); none: render")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--jobs", nargs="+", default=None, help="explicit task:arm:seed[:strength] jobs, run in this "
+                    "order (with --arms jobs)")
     ap.add_argument("--strengths", nargs="+", type=float, default=None,
                     help="λ grid (reader arms; or the one non-reader arm given)")
     ap.add_argument("--reader-strength", type=float, default=10.0, help="λ of the reader arms without --strengths")

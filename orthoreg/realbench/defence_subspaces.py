@@ -1,7 +1,8 @@
 """The input subspaces V_m of the defence benchmark (issue 15), recorded once on the aligned base and cached.
 
-Every set is ``orthoreg.extract_input_subspaces`` on the aligned base (k = 16 per adapted module, the seven
-projections of every layer, 210 modules), from one prompt set at one choice of positions:
+Every set is ``orthoreg.extract_input_subspaces`` on the aligned base (k = 16 per module, the seven projections of
+every layer but the first, 203 modules of SmolLM2; see ``adapted_modules``), from one prompt set at one choice of
+positions:
 
 ==================  =====================================================  ================================  =======
 name                prompts                                                positions                         method
@@ -51,6 +52,16 @@ def random_subspaces(like: Any, seed: int = 0) -> Any:
                                                                                        .shape[0])})
 
 
+def adapted_modules(model: Any) -> list[str]:
+    """The seven projections of every decoder layer but the first: there a module's input is the token's own
+    (normalised) embedding, so the few fixed template tokens at the post-instruction positions span fewer than k
+    directions, and the reader term cannot constrain how layer 0 reads anything but those tokens anyway."""
+    from .finetune import LORA_TARGETS
+
+    names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in LORA_TARGETS]
+    return [n for n in names if ".layers.0." not in f".{n}"]
+
+
 def build_subspaces(name: str, model: Any, tokenizer: Any, info: Mapping[str, Any], folder: str | Path,
                     task_prompts: Sequence[str] | None = None, task_name: str | None = None, k: int = K,
                     log=print) -> Any:
@@ -69,7 +80,7 @@ def build_subspaces(name: str, model: Any, tokenizer: Any, info: Mapping[str, An
         prompts, label = list(task_prompts), f"task:{task_name}"
     else:
         prompts, label = (harmless, "harmless_twins") if name == "harmless_post" else (harmful, "harmful_safety_tune")
-    settings = {"name": name, "prompts": prompts, "k": k,
+    settings = {"name": name, "prompts": prompts, "k": k, "modules": adapted_modules(model),
                 "positions": list(POST) if name != "harmful_prompt" else ["prompt"],
                 "method": "contrastive" if name == "contrastive" else "pca"}
     path = Path(folder) / f"subspaces-{name}-{_key(settings)}.safetensors"
@@ -77,7 +88,8 @@ def build_subspaces(name: str, model: Any, tokenizer: Any, info: Mapping[str, An
         return InputSubspaces.load(path)
     log(f"[subspaces] extracting {name} ({len(prompts)} prompts, positions {settings['positions']})")
     subspaces = extract_input_subspaces(
-        model, tokenizer, prompts, k=k, positions=settings["positions"], method=settings["method"],
+        model, tokenizer, prompts, modules=adapted_modules(model), k=k, positions=settings["positions"],
+        method=settings["method"],
         contrast_prompts=harmless if name == "contrastive" else None, prompt_set=label, batch_size=16)
     subspaces.save(path)
     return subspaces
