@@ -28,6 +28,7 @@ _LAZY = {
     "InputSubspaces": "reader_subspaces",
     "InputSubspacesError": "reader_subspaces",
     "extract_input_subspaces": "reader_extraction",
+    "extract_template_subspaces": "template_reader",
     "overlap_score": "audit",
     "find_decoder_stack": "capture",
     "resolve_layers": "capture",

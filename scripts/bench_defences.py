@@ -115,8 +115,8 @@ def plan(args, scales: dict[str, float] | None, others: bool = True) -> list[Def
         if arm not in ARMS:
             raise SystemExit(f"unknown arm {arm!r} in --jobs {spec!r}; choose from {ARMS}")
         if (scales is not None) if reader_set(arm) is not None else others:
-            jobs.append(DefenceJob(task, arm, int(seed), strength, scales[reader_set(arm)] if scales else 1.0,
-                                   k=args.k))
+            scale = scales[reader_set(arm)] if reader_set(arm) is not None else 1.0
+            jobs.append(DefenceJob(task, arm, int(seed), strength, scale, k=args.k))
     for task in args.tasks if args.arms != ["jobs"] else []:
         for arm in arms:
             if reader_set(arm) is not None:

@@ -101,3 +101,8 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
     assert plain_cell["rise"] == [pytest.approx(100 * rows["plain"]["safety"]["pooled"]["attempt"] - base)]
     again = module.main([*common, "--arms", "all", "--seeds", "0"])  # nothing re-runs: the rows come back
     assert [r["key"] for r in again["rows"]] == [r["key"] for r in result["rows"]]
+    # explicit jobs, reader and other arms mixed, once the scales exist: run in the order given, at the λ given
+    mixed = module.main([*common, "--arms", "jobs", "--jobs", "summary:reader_random:1:2.5", "summary:plain:1"])
+    new = mixed["rows"][len(result["rows"]):]
+    assert [(r["arm"], r["seed"]) for r in new] == [("reader_random", 1), ("plain", 1)]
+    assert new[0]["weight"] == pytest.approx(2.5 * scales["scales"]["random"])
