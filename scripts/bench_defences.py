@@ -81,8 +81,9 @@ def controls_scales(prep: dict[str, Any], run_dir: Path, task: str, k: int = 16,
     from orthoreg.realbench.tasks import build_task
 
     path = run_dir / "scales.json"
-    if path.is_file():
-        return json.loads(path.read_text())["scales"]
+    cached = json.loads(path.read_text()) if path.is_file() else None
+    if cached is not None and set(cached["scales"]) >= set(READER_SETS):
+        return cached["scales"]
     adapter_path = run_dir / f"adapter-{task}-plain-0.safetensors"
     if not adapter_path.is_file():
         raise FileNotFoundError(f"{adapter_path} is missing: run `--tasks {task} --arms plain --seeds 0` first")
@@ -91,9 +92,11 @@ def controls_scales(prep: dict[str, Any], run_dir: Path, task: str, k: int = 16,
     info = json.loads((Path(prep["aligned_folder"]) / "aligned_info.json").read_text())
     answers = json.loads(Path(prep["answers_path"]).read_text())
     prompts = [t.prompt for t in build_task(task, answers).train]
-    norms = {s: gradient_norm(adapter, build_subspaces(s, model, tokenizer, info, prep["aligned_folder"],
-                                                       task_prompts=prompts, task_name=task, k=k, log=log))
-             for s in READER_SETS}
+    norms = dict(cached["gradient_norms"]) if cached is not None else {}  # a set added later: only its norm
+    for s in READER_SETS:
+        if s not in norms:
+            norms[s] = gradient_norm(adapter, build_subspaces(s, model, tokenizer, info, prep["aligned_folder"],
+                                                              task_prompts=prompts, task_name=task, k=k, log=log))
     scales = {s: norms["harmful_post"] / n for s, n in norms.items()}
     path.write_text(json.dumps({"task": task, "adapter": adapter_path.name, "gradient_norms": norms,
                                 "scales": scales}, indent=1))

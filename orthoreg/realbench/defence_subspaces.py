@@ -13,7 +13,11 @@ name                prompts                                                posit
 ``harmless_post``   the 368 harmless twins (control: no harmful data)      post-instruction + 1st reply tok  pca
 ``task_post``       the task's own training prompts (control)              post-instruction + 1st reply tok  pca
 ``random``          none: a random orthonormal k-frame per module (seeded)  —                                 —
+``builtin_harml…``  orthoreg's own 200 built-in harmless requests (train)   post-instruction + 1st reply tok  pca
 ==================  =====================================================  ================================  =======
+
+``builtin_harmless_post`` is what a user has with no data of their own: the harmless side of the contrast set that
+ships with the library (``orthoreg.prompts.load_builtin("train").harmless``), none of it seen by the fine-tunes.
 
 The first reply token is the aligned base's own greedy reply (refusals on harmful prompts, answers on harmless).
 ``gradient_norm`` is the yardstick that scales a control to its arm: the norm of ∇_θ Σ_m s²‖B_m A_m V_mᵀ‖²_F over
@@ -30,7 +34,8 @@ from typing import Any
 
 import torch
 
-SUBSPACE_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random")
+SUBSPACE_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random",
+                 "builtin_harmless_post")
 POST = ("post_instruction", "first_reply")
 K = 16
 
@@ -74,7 +79,11 @@ def build_subspaces(name: str, model: Any, tokenizer: Any, info: Mapping[str, An
         return random_subspaces(build_subspaces("harmful_post", model, tokenizer, info, folder, k=k, log=log))
     harmful = [t["prompt"] for t in info["harmful_targets"]]
     harmless = [t["prompt"] for t in info["harmless_targets"]]
-    if name == "task_post":
+    if name == "builtin_harmless_post":
+        from orthoreg.prompts import load_builtin
+
+        prompts, label = list(load_builtin("train").harmless), "orthoreg_builtin_harmless_train"
+    elif name == "task_post":
         if not task_prompts:
             raise ValueError("the task_post subspace set needs the task's training prompts")
         prompts, label = list(task_prompts), f"task:{task_name}"

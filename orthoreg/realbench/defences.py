@@ -8,7 +8,8 @@ Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, dat
 - ``reader_<set>`` — the reader-side weight penalty λ Σ_m s²‖B_m A_m V_mᵀ‖²_F (``OrthoRegConfig(reader_weight=λ)``,
   through ``OrthoRegCallback(input_subspaces=V)``) with V from the subspace set ``<set>`` of ``defence_subspaces``:
   ``harmful_post`` (the method), ``harmful_prompt`` and ``contrastive`` (its variants), ``harmless_post``,
-  ``task_post`` and ``random`` (controls). A control's λ is scaled so that its penalty's gradient norm at a fixed
+  ``task_post`` and ``random`` (controls), ``builtin_harmless_post`` (the library's own harmless prompts: no data
+  from the user). A control's λ is scaled so that its penalty's gradient norm at a fixed
   trained adapter (plain, seed 0, the selection task) equals that of ``reader_harmful_post`` at the same λ
   (``scales``, from ``defence_subspaces.gradient_norm``).
 - ``activation_projection`` — ``OrthoRegConfig.recommended`` (λ_proj 0.1, base-mean anchor, base units) on the
@@ -33,7 +34,8 @@ from typing import Any
 
 from .task_runs import TaskBenchConfig
 
-READER_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random")
+READER_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random",
+               "builtin_harmless_post")
 ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "activation_projection", "writer", "covariance",
         "first_token_kl", "hard_projection", "interleave", "reader_harmless_post+first_token_kl")
 DEFAULT_STRENGTH = {"activation_projection": 0.1, "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0,
