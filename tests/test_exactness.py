@@ -187,7 +187,7 @@ def test_base_mean_reference_is_recorded_in_float32_under_bf16_autocast():
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
 def test_paired_anchor_is_exactly_zero_for_an_untrained_adapter_under_dropout(lora_dropout):
     """GPT-2 with dropout 0.1 everywhere and a fresh adapter (B = 0): the model *is* the base model, so the paired
-    projection must be exactly 0 — the reference forward has to see the training forward's dropout masks (and,
+    projection must be 0 up to rounding — the reference forward has to see the training forward's dropout masks (and,
     with LoRA dropout, consume the same random numbers). Before: 5.7e-4 with lora_dropout=0."""
     model = tiny_model("gpt2", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"],
@@ -202,4 +202,6 @@ def test_paired_anchor_is_exactly_zero_for_an_untrained_adapter_under_dropout(lo
         torch.manual_seed(1234)
         peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         metrics = reg.pop_metrics(per_layer=True)
-        assert metrics["proj"] == 0.0, metrics
+        # Bit-exact on some CPUs, ~5e-18 on others (the no-grad reference forward may take other kernels); a
+        # mismatched dropout mask gives ~5.7e-4.
+        assert metrics["proj"] < 1e-12, metrics
