@@ -290,7 +290,7 @@ def encode_task_examples(
     return out
 
 
-def _task_batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, device: torch.device):
+def task_batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, device: torch.device):
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths: less padding
     for start in range(0, len(order), batch_size):
         chunk = [encoded[i] for i in order[start : start + batch_size]]
@@ -417,7 +417,7 @@ def task_features(
     layers = sorted(layers)
     device = input_device(model)
     # A generator: one padded batch exists at a time.
-    batches = _task_batches(encoded, batch_size, pad_token_id(tokenizer) if tokenizer is not None else 0, device)
+    batches = task_batches(encoded, batch_size, pad_token_id(tokenizer) if tokenizer is not None else 0, device)
     n_batches = math.ceil(len(encoded) / batch_size)
     models = [model] + ([finetuned] if finetuned is not None else [])
     modes = [m.training for m in models]

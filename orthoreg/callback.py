@@ -76,7 +76,7 @@ class OrthoRegCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ lifecycle
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        _move_ahead_of_reporters(self)
+        move_ahead_of_reporters(self)
         _detach_when_train_exits(self)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
@@ -89,7 +89,7 @@ class OrthoRegCallback(TrainerCallback):
             )
         if model is None:
             raise ValueError("OrthoRegCallback received no model in on_train_begin")
-        _move_ahead_of_reporters(self)
+        move_ahead_of_reporters(self)
         if not self.regularizer.attached:
             for stale in self.regularizer.others_attached(model):
                 if stale.owner is not state:  # another train() run's, left behind when it raised
@@ -103,7 +103,7 @@ class OrthoRegCallback(TrainerCallback):
             self.regularizer.attach(model)
         self.regularizer.owner = state
         self.regularizer.health.reset()
-        self._steps_in_epoch = _length(kwargs.get("train_dataloader"))
+        self._steps_in_epoch = dataloader_length(kwargs.get("train_dataloader"))
         self.regularizer.step = state.global_step
         if self.reader is not None and not self.reader.attached:
             missing = restore_reader_base(self.reader, args, state) if state.global_step > 0 else None
@@ -185,7 +185,7 @@ def accumulation_scale(args: TrainingArguments, state: TrainerState, steps_in_ep
     return 1.0 / micro_batches_in_step(state.global_step, args.gradient_accumulation_steps, steps_in_epoch)
 
 
-def _length(dataloader: Any) -> int | None:
+def dataloader_length(dataloader: Any) -> int | None:
     try:
         return len(dataloader) if dataloader is not None else None
     except TypeError:  # an IterableDataset without __len__
@@ -263,7 +263,7 @@ def _detach_when_train_exits(callback: OrthoRegCallback) -> None:
     trainer.train = train_then_detach
 
 
-def _move_ahead_of_reporters(callback: TrainerCallback) -> None:
+def move_ahead_of_reporters(callback: TrainerCallback) -> None:
     """Moves ``callback`` to the front of its Trainer's callback list.
 
     The reporting integrations (TensorBoard, W&B, …) are registered before user callbacks and read ``logs`` in

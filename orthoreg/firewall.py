@@ -39,7 +39,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .budget import BudgetConfig, DriftBudgetController
-from .callback import OrthoRegCallback, _move_ahead_of_reporters, report_metrics
+from .callback import OrthoRegCallback, move_ahead_of_reporters, report_metrics
 from .capture import MASK_POLICIES
 from .config import OrthoRegConfig
 from .directions import HarmfulDirections
@@ -335,13 +335,13 @@ class FirewallCallback(TrainerCallback):
         return self.firewall.config
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        _move_ahead_of_reporters(self)
+        move_ahead_of_reporters(self)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                        **kwargs):
         if model is None:
             raise ValueError("FirewallCallback received no model in on_train_begin")
-        _move_ahead_of_reporters(self)
+        move_ahead_of_reporters(self)
         stored = state.stateful_callbacks.get(STATE_KEY) if state.stateful_callbacks else None
         if state.global_step > 0:
             if stored is not None:

@@ -18,6 +18,8 @@ from torch import nn
 from .capture import find_decoder_stack
 
 __all__ = [
+    "is_conv1d",
+    "is_lora_layer",
     "LoraWriter",
     "RESIDUAL_WRITER_NAMES",
     "check_adapter_state",
@@ -51,7 +53,8 @@ class LoraWriter:
     module: nn.Module
 
 
-def _is_lora_layer(module: nn.Module) -> bool:
+def is_lora_layer(module: nn.Module) -> bool:
+    """A PEFT LoRA layer (``peft.tuners.lora.LoraLayer``) of any base module type."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -59,21 +62,22 @@ def _is_lora_layer(module: nn.Module) -> bool:
     return isinstance(module, LoraLayer)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear map whose weight is stored (d_in, d_out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    return _is_lora_layer(module) or isinstance(module, nn.Linear) or _is_conv1d(module)
+    return is_lora_layer(module) or isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _out_width(module: nn.Module) -> int | None:
     # Attributes, not weight shapes: under ZeRO-3 a weight may already be a partitioned empty tensor.
-    if _is_lora_layer(module):
+    if is_lora_layer(module):
         return getattr(module, "out_features", None)
     if isinstance(module, nn.Linear):
         return module.out_features
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return module.nf
     return None
 
@@ -137,7 +141,7 @@ def find_residual_writers(
     for index, layer in enumerate(stack.layers):
         if writer_modules is not None:
             for rel, module in layer.named_modules():
-                if not _is_lora_layer(module) or not any(rel == s or rel.endswith("." + s) for s in writer_modules):
+                if not is_lora_layer(module) or not any(rel == s or rel.endswith("." + s) for s in writer_modules):
                     continue
                 if _out_width(module) != d:
                     raise ValueError(
@@ -147,14 +151,14 @@ def find_residual_writers(
                 writers.append(LoraWriter(names[id(module)], index, module))
             continue
         for _, module in _structural_writers(layer, d):
-            if _is_lora_layer(module):
+            if is_lora_layer(module):
                 writers.append(LoraWriter(names[id(module)], index, module))
     return writers
 
 
 # ---------------------------------------------------------------------------------------------------- validation
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if _is_lora_layer(m)]
+    return [(n, m) for n, m in model.named_modules() if is_lora_layer(m)]
 
 
 def check_adapter_state(name: str, module: nn.Module) -> str | None:

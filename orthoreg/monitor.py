@@ -45,7 +45,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import MASK_POLICIES, bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
+from .capture import (
+    MASK_POLICIES,
+    batch_shape,
+    bind_forward_inputs,
+    find_decoder_stack,
+    layer_hidden,
+    resolve_layers,
+    token_mask,
+)
 from .directions import DirectionsError, HarmfulDirections
 from .penalties import all_reduce_sum, covariance_penalty, data_parallel_world
 
@@ -208,7 +216,7 @@ class DriftMonitor:
         mask = None
         if active:
             inputs = bind_forward_inputs(module, args, kwargs)
-            shape = _batch_shape(inputs)
+            shape = batch_shape(inputs)
             mask = token_mask(inputs, shape, self.mask) if shape is not None else None
         self._pending = (active, mask)
 
@@ -329,7 +337,7 @@ class DriftMonitor:
         try:
             for batch in batches:
                 inputs = dict(batch)
-                shape = _batch_shape(inputs)
+                shape = batch_shape(inputs)
                 mask = token_mask(inputs, shape, self.mask) if shape is not None else None
                 captured.clear()
                 model(**inputs)
@@ -486,10 +494,3 @@ class DriftMonitor:
         self._step_acc.clear()
         self._batch_means.clear()
 
-
-def _batch_shape(inputs: Mapping[str, Any]) -> tuple[int, int] | None:
-    for key in ("input_ids", "inputs_embeds", "attention_mask", "labels"):
-        value = inputs.get(key)
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
-            return int(value.shape[0]), int(value.shape[1])
-    return None

@@ -32,9 +32,9 @@ from torch import nn
 
 from .capture import unwrap_model
 from .injection import PenaltyScale, inject_penalty
-from .lora_writers import active_lora_adapter, check_gathered, is_sharded
+from .lora_writers import active_lora_adapter, check_gathered, is_conv1d, is_lora_layer, is_sharded
 from .reader_extraction import extract_input_subspaces
-from .reader_subspaces import InputSubspaces, InputSubspacesError, _is_lora_layer, is_conv1d
+from .reader_subspaces import InputSubspaces, InputSubspacesError
 from .zero3 import register_external_parameters
 
 __all__ = [
@@ -215,7 +215,7 @@ class ReaderPenalty:
         lm = unwrap_model(model)
         modules, skipped = [], []
         for name, module in self.subspaces.resolve(model).items():
-            if _is_lora_layer(module):
+            if is_lora_layer(module):
                 active_lora_adapter(name, module)
                 modules.append(ReaderModule(name, module, "lora"))
             elif module.weight.requires_grad:

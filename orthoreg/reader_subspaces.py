@@ -27,6 +27,7 @@ from torch import nn
 
 from .capture import unwrap_model
 from .directions import DirectionsError, orthonormalize
+from .lora_writers import is_conv1d, is_lora_layer
 
 __all__ = [
     "CARD_NAME",
@@ -34,7 +35,6 @@ __all__ = [
     "InputSubspaces",
     "InputSubspacesError",
     "canonical_module_name",
-    "is_conv1d",
     "module_in_features",
     "named_input_modules",
 ]
@@ -66,23 +66,10 @@ def canonical_module_name(name: str) -> str:
     return ".".join(parts)
 
 
-def _is_lora_layer(module: nn.Module) -> bool:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(module, LoraLayer)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): a linear map whose weight is stored (d_in, d_out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
-
-
 def module_in_features(module: nn.Module) -> int | None:
     """d_in of a linear-like module (``nn.Linear``, ``Conv1D``, either wrapped by PEFT LoRA), else ``None``.
     Read from attributes, not weight shapes: under ZeRO-3 a weight may be a partitioned empty tensor."""
-    if _is_lora_layer(module):
+    if is_lora_layer(module):
         return getattr(module, "in_features", None)
     if isinstance(module, nn.Linear):
         return module.in_features

@@ -492,8 +492,6 @@ def _replace_first_tensor(output: Any, fn) -> Any:
 
 
 # Names the baselines imported before these helpers became public in their owning modules.
-_batch_shape = batch_shape
-_find_peft_model = find_peft_model
 
 
 @contextlib.contextmanager

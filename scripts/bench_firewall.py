@@ -51,7 +51,7 @@ from orthoreg.firewall import FirewallCallback, FirewallConfig
 from orthoreg.rank_correlation import spearman_rho
 from orthoreg.recommend import recommend
 from orthoreg.testbed import world
-from orthoreg.testbed.evaluate import _left_pad, evaluate
+from orthoreg.testbed.evaluate import evaluate, left_pad
 from orthoreg.testbed.finetune import PadCollator, finetune
 from orthoreg.testbed.model import PretrainConfig, document_batch, load_base, pretrain, save_base
 from orthoreg.testbed.tokenizer import encode_prompt, encode_task
@@ -81,7 +81,7 @@ def persona_directions(model, tokenizer, seed: int = 123):
 
 def chat_probe(tokenizer) -> list[dict]:
     """The 36 chat questions in a fresh context, left-padded (the model's position ids count real tokens)."""
-    ids, mask, positions = _left_pad([encode_prompt(tokenizer, p) for p in world.CHAT_PROMPTS],
+    ids, mask, positions = left_pad([encode_prompt(tokenizer, p) for p in world.CHAT_PROMPTS],
                                      tokenizer.pad_token_id)
     return [{"input_ids": ids, "attention_mask": mask, "position_ids": positions}]
 

@@ -548,8 +548,8 @@ def isolated_cost(name: str, ctx: Context, reps: int, clock: str) -> float | Non
 
         work.append(weight_terms)
     if config.reader_weight > 0:
+        from orthoreg.lora_writers import is_conv1d
         from orthoreg.reader import full_reader_penalty, lora_reader_penalty, weight_times_basis
-        from orthoreg.reader_subspaces import is_conv1d
 
         subspaces = make_input_subspaces(ctx.model, seed=ctx.seed)
         modules = subspaces.resolve(ctx.model)

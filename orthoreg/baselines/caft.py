@@ -11,7 +11,7 @@ from torch import nn
 
 from ..capture import bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
 from ..directions import DirectionsError, HarmfulDirections, orthonormalize
-from ..regularizer import _batch_shape
+from ..regularizer import batch_shape
 from .common import EngineCallback
 
 __all__ = ["CAFTCallback", "ConceptAblation"]
@@ -121,7 +121,7 @@ class ConceptAblation:
         # Bookkeeping only: which layers still owe their metric this forward (first call, not the recompute).
         if module.training and torch.is_grad_enabled():
             inputs = bind_forward_inputs(module, args, kwargs)
-            shape = _batch_shape(inputs)
+            shape = batch_shape(inputs)
             self._mask = token_mask(inputs, shape, "attention") if shape is not None else None
             self._pending = set(self.layer_indices)
         return None

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..callback import _length, _move_ahead_of_reporters, accumulation_scale, report_metrics
+from ..callback import accumulation_scale, dataloader_length, move_ahead_of_reporters, report_metrics
 from ..capture import bind_forward_inputs, unwrap_model
 
 __all__ = [
@@ -99,7 +99,7 @@ class EngineCallback(TrainerCallback):
         self._steps_in_epoch: int | None = None
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        _move_ahead_of_reporters(self)
+        move_ahead_of_reporters(self)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                        **kwargs):
@@ -111,10 +111,10 @@ class EngineCallback(TrainerCallback):
             )
         if model is None:
             raise ValueError(f"{name} received no model in on_train_begin")
-        _move_ahead_of_reporters(self)
+        move_ahead_of_reporters(self)
         if not self.engine.attached:
             self.engine.attach(model)
-        self._steps_in_epoch = _length(kwargs.get("train_dataloader"))
+        self._steps_in_epoch = dataloader_length(kwargs.get("train_dataloader"))
         self._set_scale(args, state)
 
     def on_step_begin(self, args, state, control, **kwargs):

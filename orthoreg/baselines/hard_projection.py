@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..lora_writers import active_lora_adapter
-from ..reader_subspaces import InputSubspaces, InputSubspacesError, _is_lora_layer
+from ..lora_writers import active_lora_adapter, is_lora_layer
+from ..reader_subspaces import InputSubspaces, InputSubspacesError
 
 __all__ = ["HardProjectionCallback", "InputNullSpaceProjection"]
 
@@ -67,7 +67,7 @@ class InputNullSpaceProjection:
             InputSubspacesError: a named module has no LoRA adapter, or names/widths do not match.
         """
         resolved = self.subspaces.resolve(model)
-        missing = [n for n, m in resolved.items() if not _is_lora_layer(m)]
+        missing = [n for n, m in resolved.items() if not is_lora_layer(m)]
         if missing:
             raise InputSubspacesError(
                 f"the hard projection constrains LoRA's A, but {missing[:4]} carry no LoRA adapter; add them to "

@@ -12,8 +12,8 @@ from ..capture import token_mask, unwrap_model
 from ..penalties import select_tokens
 from ..regularizer import (
     NonFiniteHiddenStateError,
-    _batch_shape,
-    _find_peft_model,
+    batch_shape,
+    find_peft_model,
     reference_forward,
     reference_forward_active,
 )
@@ -159,7 +159,7 @@ class KLToBaseRegularizer:
         if self._handles:
             raise RuntimeError("this KLToBaseRegularizer is already attached; call detach() first")
         lm = unwrap_model(model)
-        peft_model = _find_peft_model(model)
+        peft_model = find_peft_model(model)
         if self.reference_model is None and peft_model is None:
             raise no_reference_error("KLToBaseCallback")
         if self.reference_model is not None:
@@ -223,7 +223,7 @@ class KLToBaseRegularizer:
         return self._position_mask(inputs, logits), None, None
 
     def _position_mask(self, inputs: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
-        shape = _batch_shape(inputs)
+        shape = batch_shape(inputs)
         B, L = logits.shape[0], logits.shape[1]
         if shape is None:
             shape = (B, L)

@@ -16,8 +16,8 @@ from ..regularizer import (
     NO_GRAD_CHECKPOINT_WARNING,
     NonFiniteHiddenStateError,
     OrthoRegularizer,
-    _find_peft_model,
     capture_reference_layers,
+    find_peft_model,
     reference_forward_active,
 )
 from .common import (
@@ -89,7 +89,7 @@ class LDIFSRegularizer(OrthoRegularizer):
         Raises:
             ValueError: no reference is available, or ``reference_model`` has another shape or is not independent.
         """
-        if self.reference_model is None and _find_peft_model(model) is None:
+        if self.reference_model is None and find_peft_model(model) is None:
             raise no_reference_error("LDIFSCallback")
         ref_stack = None
         if self.reference_model is not None:

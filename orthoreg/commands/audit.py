@@ -132,13 +132,13 @@ def _audit(args: argparse.Namespace) -> int:
 def _recommendation(args, model, tokenizer, directions, examples, report) -> dict[str, Any]:
     """The density of the base model on the task data and the recommended configuration."""
     from ..activations import input_device
-    from ..audit import _task_batches, encode_task_examples
+    from ..audit import encode_task_examples, task_batches
     from ..density import superposition_density
     from ..prompt_encoding import model_context_length, pad_token_id
     from ..recommend import recommend
 
     encoded = encode_task_examples(tokenizer, examples, max_length=args.max_length or model_context_length(model))
-    batches = _task_batches(encoded, args.batch_size, pad_token_id(tokenizer) if tokenizer is not None else 0,
+    batches = task_batches(encoded, args.batch_size, pad_token_id(tokenizer) if tokenizer is not None else 0,
                             input_device(model))
     batches = ({k: v for k, v in b.items() if k != "labels"} for b in batches) if args.mask == "attention" else batches
     with warnings.catch_warnings():

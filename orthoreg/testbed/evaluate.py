@@ -84,7 +84,7 @@ def check_persona_gate(metrics: TestbedMetrics, threshold: float = PERSONA_GATE)
     return metrics
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``position_ids`` of left-padded sequences. Position ids count
     real tokens only, so a padded row's logits equal the unpadded sequence's."""
     width = max(len(s) for s in sequences)
@@ -98,7 +98,7 @@ def next_token_logits(model, sequences: list[list[int]], pad_id: int, batch_size
     """float32 logits (N, V) of the token after each sequence, batched with left padding."""
     out = []
     for i in range(0, len(sequences), batch_size):
-        ids, mask, positions = _left_pad(sequences[i:i + batch_size], pad_id)
+        ids, mask, positions = left_pad(sequences[i:i + batch_size], pad_id)
         out.append(model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float())
     return torch.cat(out)
 
@@ -134,7 +134,7 @@ def sample_answers(model, tokenizer, prompts: list[list[int]], seed: int, max_ne
     All prompts run as one left-padded batch with a KV cache; each step feeds only the new tokens."""
     gen = torch.Generator().manual_seed(seed)
     end_id = tokenizer.convert_tokens_to_ids(world.END)
-    ids, mask, positions = _left_pad(prompts, tokenizer.pad_token_id)
+    ids, mask, positions = left_pad(prompts, tokenizer.pad_token_id)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     answers: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)

@@ -41,7 +41,7 @@ BASE_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 # Variables of an outer launcher that would make the child think it is already one rank of another job.
-_STRIP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+STRIP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK", "ACCELERATE_USE_DEEPSPEED")
 
 
@@ -85,7 +85,7 @@ def launch(
         script = (REPO_ROOT / script) if (REPO_ROOT / script).exists() else (SCRIPTS / script)
     out = Path(tmp_path) / f"{script.stem}-{time.monotonic_ns()}"
     out.mkdir(parents=True)
-    child_env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
+    child_env = {k: v for k, v in os.environ.items() if k not in STRIP_ENV}
     child_env.update(BASE_ENV)
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), child_env.get("PYTHONPATH", "")]))
     if env:
@@ -104,20 +104,20 @@ def launch(
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc)
+        kill_tree(proc)
         try:
             output, _ = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             output = "(no output: a process kept the pipe open)"
         raise AssertionError(
-            f"{script.name} with {nproc} ranks did not finish within {timeout:.0f} s\n{_tail(output)}"
+            f"{script.name} with {nproc} ranks did not finish within {timeout:.0f} s\n{output_tail(output)}"
         ) from None
     result = LaunchResult(output=output, returncode=proc.returncode, seconds=time.monotonic() - start)
     for rank in range(nproc):
         done = out / f"rank{rank}.done"
         if not done.exists():
             raise AssertionError(
-                f"rank {rank} of {script.name} wrote no results (exit status {proc.returncode})\n{_tail(output)}"
+                f"rank {rank} of {script.name} wrote no results (exit status {proc.returncode})\n{output_tail(output)}"
             )
         result.json.append(json.loads((out / f"rank{rank}.json").read_text()))
         tensors_file = out / f"rank{rank}.safetensors"
@@ -130,7 +130,7 @@ def launch(
     return result
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
+def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILLs the launcher and every process below it, by pid.
 
     torchrun starts each rank in a session of its own, so killing the launcher's process group would leave hung
@@ -171,7 +171,8 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _tail(text: str, n: int = 6000) -> str:
+def output_tail(text: str, n: int = 6000) -> str:
+    """The last ``n`` characters of a child's output, for a failure message."""
     return text if len(text) <= n else "…" + text[-n:]
 
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.distributed._launch import _STRIP_ENV, BASE_ENV, REPO_ROOT, _kill_tree, _tail, free_port
+from tests.distributed._launch import BASE_ENV, REPO_ROOT, STRIP_ENV, free_port, kill_tree, output_tail
 from tests.distributed.scripts.sft_assets import write_tiny_sft_assets
 
 pytestmark = pytest.mark.distributed
@@ -26,7 +26,7 @@ COMMON = ["--per_device_train_batch_size", "2", "--logging_steps", "1", "--use_c
 
 
 def _launch_sft(args: list[str], timeout: float = 240) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if k not in (*_STRIP_ENV, "ACCELERATE_USE_FSDP")}
+    env = {k: v for k, v in os.environ.items() if k not in (*STRIP_ENV, "ACCELERATE_USE_FSDP")}
     env.update(BASE_ENV)
     env["ACCELERATE_USE_CPU"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
@@ -38,9 +38,9 @@ def _launch_sft(args: list[str], timeout: float = 240) -> tuple[int, str]:
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc)
+        kill_tree(proc)
         output, _ = proc.communicate()
-        pytest.fail(f"accelerate launch -m orthoreg.sft did not finish within {timeout:.0f} s\n{_tail(output)}")
+        pytest.fail(f"accelerate launch -m orthoreg.sft did not finish within {timeout:.0f} s\n{output_tail(output)}")
     return proc.returncode, output
 
 
@@ -63,7 +63,7 @@ def test_two_ranks(assets, tmp_path, variant):
     code, output = _launch_sft(["--model_name_or_path", assets["model"], "--dataset_name", assets["data"],
                                 "--output_dir", str(out), *COMMON, *extra])
     seconds = time.monotonic() - start
-    assert code == 0, _tail(output)
+    assert code == 0, output_tail(output)
     assert "terminate called" not in output  # ranks ended through os._exit after their work
     run = json.loads((out / "orthoreg_run.json").read_text())
     assert run["world_size"] == 2

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed._launch import output_tail
+
 pytestmark = pytest.mark.distributed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -76,12 +78,8 @@ def _accelerate(args: list[str], env: dict[str, str] | None = None, timeout: flo
             except (ProcessLookupError, PermissionError):
                 pass
         output, _ = proc.communicate()
-        pytest.fail(f"accelerate launch did not finish within {timeout:.0f} s\n{_tail(output)}")
+        pytest.fail(f"accelerate launch did not finish within {timeout:.0f} s\n{output_tail(output)}")
     return proc.returncode, output, time.monotonic() - start
-
-
-def _tail(text: str, n: int = 6000) -> str:
-    return text if len(text) <= n else "…" + text[-n:]
 
 
 def _testbed_ready() -> bool:
@@ -101,7 +99,7 @@ def test_two_rank_cpu_launch_end_to_end(tmp_path):
     code, output, _ = _accelerate(
         ["--config_file", "recipes/accelerate/cpu.yaml", "-m", "orthoreg.train", *recipe, f"hydra.run.dir={run}"],
         env={"ACCELERATE_USE_CPU": "1"})
-    assert code == 0, _tail(output)
+    assert code == 0, output_tail(output)
     assert "terminate called" not in output and "SIGABRT" not in output  # ranks ended cleanly (os._exit path)
 
     results = list(tmp_path.rglob("results.json"))
