@@ -332,3 +332,18 @@ class HarmfulDirections:
             stack = find_decoder_stack(model)
             result.check_compatible(stack.hidden_size, stack.num_layers, stack.model_type)
         return result
+
+
+class DirectionsOnDevice:
+    """U_ℓ as float32 on a device, cached per (layer, device): the hooks read one layer's directions per forward
+    without a copy each time, and whatever the training dtype the penalties are computed in float32."""
+
+    def __init__(self, directions: HarmfulDirections):
+        self.directions = directions
+        self._cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __call__(self, layer: int, device: torch.device) -> torch.Tensor:
+        key = (layer, device)
+        if key not in self._cache:
+            self._cache[key] = self.directions[layer].to(device=device, dtype=torch.float32)
+        return self._cache[key]

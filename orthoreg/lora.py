@@ -5,13 +5,13 @@ How the three terms get into the loss:
 
 - the activation terms (covariance, projection) come from ``OrthoRegularizer`` in ``mode="return"``: hooks on the
   decoder layers capture h_ℓ, and the weighted penalty is read after each forward and added to ``outputs.loss``;
-- the weight-space term s²‖(U_ℓ B) A‖²_F is computed **inside each residual-writer LoRA module's forward** (a forward
-  hook on the PEFT ``LoraLayer``), where DeepSpeed ZeRO-3 and FSDP have the full A and B gathered, and its gradient
-  enters the graph at that module's output (``orthoreg.injection.inject_penalty``). Its *value* is added to
-  ``outputs.loss`` through ``PenaltyScale.tap``, an identity whose backward records d(loss)/d(penalty); the
-  injection nodes read that number. So ``accelerator.backward(outputs.loss)`` scales the weight term exactly like the rest of the loss
-  (1/GA, fp16 loss scale, DeepSpeed's own scaling), and its backward runs while the owning module's parameters are
-  gathered for its own backward.
+- the weight-space term s²‖(U_ℓ B) A‖²_F (``orthoreg.lora_weight_term``) is computed **inside each residual-writer
+  LoRA module's forward** (a forward hook on the PEFT ``LoraLayer``), where DeepSpeed ZeRO-3 and FSDP have the full
+  A and B gathered, and its gradient enters the graph at that module's output (``orthoreg.injection.inject_penalty``).
+  Its *value* is added to ``outputs.loss`` through ``PenaltyScale.tap``, an identity whose backward records
+  d(loss)/d(penalty); the injection nodes read that number. So ``accelerator.backward(outputs.loss)`` scales the
+  weight term exactly like the rest of the loss (1/GA, fp16 loss scale, DeepSpeed's own scaling), and its backward
+  runs while the owning module's parameters are gathered for its own backward.
 
 Why a forward hook (prepended) rather than a pre-hook: DeepSpeed registers its gather (pre-forward) and release
 (post-forward) hooks when the model is prepared, usually after OrthoLoRA is built, so an earlier pre-hook would run
@@ -24,11 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -36,51 +32,18 @@ from torch import nn
 
 from .capture import find_decoder_stack, resolve_layers
 from .config import OrthoRegConfig
-from .directions import DirectionsError, HarmfulDirections
+from .directions import HarmfulDirections
 from .health import StepHealth
-from .injection import PenaltyScale, inject_penalty
 from .lora_io import load_ortholora, save_ortholora
-from .lora_writers import (
-    RESIDUAL_WRITER_NAMES,
-    LoraWriter,
-    check_adapter_state,
-    check_writer_supported,
-    find_residual_writers,
-    is_sharded,
-    lora_layers,
-)
+from .lora_weight_term import WriterPenaltyHooks, WriterSession, select_penalized_writers
+from .lora_writers import RESIDUAL_WRITER_NAMES, LoraWriter, check_adapter_state, find_residual_writers, lora_layers
 from .metrics import metric_names
-from .penalties import lora_weight_penalty
 from .reader_wiring import reader_penalty_for
 from .regularizer import OrthoRegularizer
-from .zero3 import register_external_parameters
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["OrthoLoRA", "LoraWriter", "find_residual_writers", "RESIDUAL_WRITER_NAMES"]
-
-
-# ---------------------------------------------------------------------------------------------------------- session
-@dataclass
-class _WeightSession:
-    """State of one OrthoLoRA forward for the weight-space penalty.
-
-    Attributes:
-        active: the forward is regularised (training, grad enabled, λ_lora·w(t) > 0).
-        scale: the multiplier of the injected gradient (``orthoreg.injection``): λ_lora · w(t) · d(loss)/d(tapped
-            value), recorded when the loss that carries the penalty is backpropagated (includes 1/GA and any loss
-            scale); its ``finished`` says that backward has ended, so later hook calls outside a forward are not
-            recomputes of this forward; its ``gate`` is 0 when the penalty was not finite.
-        values: writer name → unweighted penalty (detached), recorded once per writer per forward.
-        anchor: the decoder stack's output hidden states, downstream of every writer (the tap's zero-gradient edge,
-            so backward reaches the injection nodes even when only the penalty is backpropagated).
-    """
-
-    active: bool
-    scale: PenaltyScale
-    values: dict[str, torch.Tensor] = field(default_factory=dict)
-    layers: dict[str, int] = field(default_factory=dict)
-    anchor: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------------------- wrapper
@@ -202,62 +165,20 @@ class OrthoLoRA(nn.Module):
             directions.check_compatible(stack.hidden_size, stack.num_layers, stack.model_type)
         self.guarded_layers = resolve_layers(config.layers, stack.num_layers)
 
-        # Weight-space term: which writers carry it.
+        # Weight-space term (orthoreg.lora_weight_term): which writers carry it, and its hooks.
         self.writers: list[LoraWriter] = []
         self.unpenalized_writers: list[LoraWriter] = []
+        self._writer_hooks: WriterPenaltyHooks | None = None
         if config.lora_weight > 0:
-            all_writers = find_residual_writers(peft_model, writer_modules, config.layers_path)
-            covered_layers = set(self.guarded_layers) & set(directions.layers)
-            for writer in all_writers:
-                (self.writers if writer.layer in covered_layers else self.unpenalized_writers).append(writer)
-            if not all_writers:
-                raise ValueError(
-                    "lora_weight > 0 but no LoRA module writes into the residual stream: the adapters sit on "
-                    f"{sorted({n.rsplit('.', 1)[-1] for n, _ in adapted})}. Add the block output projections to "
-                    "LoraConfig(target_modules=...) (e.g. 'o_proj', 'down_proj'; GPT-2 'c_proj'; GPT-NeoX 'dense', "
-                    "'dense_4h_to_h'), pass `writer_modules=`, or set lora_weight=0."
-                )
-            if not self.writers:
-                raise DirectionsError(
-                    f"lora_weight > 0 but none of the residual-writer LoRA modules (in layers "
-                    f"{sorted({w.layer for w in all_writers})}) is in a guarded layer with directions (guarded "
-                    f"{self.guarded_layers}, directions for {directions.layers}); guard those layers "
-                    "(OrthoRegConfig(layers=...)) with directions for them, or set lora_weight=0"
-                )
-            if self.unpenalized_writers:
-                warnings.warn(
-                    f"{len(self.unpenalized_writers)} residual-writer LoRA modules are in layers without guarded "
-                    f"directions and get no weight-space penalty: "
-                    f"{[w.name for w in self.unpenalized_writers][:6]}{' …' if len(self.unpenalized_writers) > 6 else ''}"
-                    f" (guarded {self.guarded_layers}, directions for {directions.layers})",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            for writer in self.writers:
-                adapter = check_adapter_state(writer.name, writer.module)
-                if adapter is not None:
-                    check_writer_supported(writer.name, writer.module, adapter)
+            self.writers, self.unpenalized_writers = select_penalized_writers(
+                peft_model, [n for n, _ in adapted], self.guarded_layers, directions, writer_modules, config.layers_path)
+            self._writer_hooks = WriterPenaltyHooks(self.writers, directions, stack, accelerator)
 
         # Activation terms: the shared hook engine, returning its penalty instead of injecting it.
         self.regularizer: OrthoRegularizer | None = None
-        self._health = StepHealth(config.on_nonfinite)
         if config.cov_weight > 0 or config.proj_weight > 0:
             self.regularizer = OrthoRegularizer(config, directions, mode="return", check="step").attach(peft_model)
         self._health = StepHealth(config.on_nonfinite)
-
-        self._session: _WeightSession | None = None  # the forward in progress
-        self._last_session: _WeightSession | None = None  # the latest forward, for recomputes in its backward
-        self._u_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._handles = []
-        for writer in self.writers:
-            # prepend: run before any hook DeepSpeed adds later (its post-forward hook releases gathered parameters
-            # and wraps the output for its pre-backward gather, which must then sit *after* our injection node).
-            self._handles.append(
-                writer.module.register_forward_hook(partial(self._writer_hook, writer), prepend=True)
-            )
-        if self.writers:
-            self._handles.append(stack.stack.register_forward_hook(self._stack_hook))
-        self._register_zero3_external_parameters(accelerator)
         # Reader-side weight term (orthoreg.reader): inside each adapted module's forward, through the loss.
         self.input_subspaces = input_subspaces
         self.reader = reader_penalty_for(config, input_subspaces, mode="return")
@@ -278,36 +199,23 @@ class OrthoLoRA(nn.Module):
         """Names of the LoRA modules that carry the weight-space penalty."""
         return [w.name for w in self.writers]
 
-    def _register_zero3_external_parameters(self, accelerator: Any) -> None:
-        # Under ZeRO-3 a module's pre-forward gathers only its own parameters; A and B belong to the child modules
-        # lora_A/lora_B. Registering them as external parameters of the LoraLayer keeps them gathered for the whole
-        # LoraLayer forward (so in our hook) and makes DeepSpeed re-gather them for its backward. Harmless otherwise.
-        uses_deepspeed = accelerator is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None
-        if not self.writers or not (uses_deepspeed or "deepspeed" in sys.modules):
-            return
-        for writer in self.writers:
-            register_external_parameters(writer.module, [
-                p for adapter in writer.module.lora_A
-                for p in (writer.module.lora_A[adapter].weight, writer.module.lora_B[adapter].weight)])
-
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if "adapter_names" in kwargs:
             raise ValueError("OrthoLoRA regularises one adapter; mixed-adapter batches (`adapter_names=`) are not supported")
         active = self.training and torch.is_grad_enabled()
         coef = self.config.lora_weight * self.config.warmup_factor(self.step)
-        session = _WeightSession(active=active and bool(self.writers) and coef > 0,
-                                 scale=PenaltyScale(coef, tapped=True))
+        session = self._writer_hooks.open(coef, active) if self._writer_hooks is not None else None
         if self.regularizer is not None:
             self.regularizer.step = self.step
             self.regularizer.pending_penalty = None
-        self._session = self._last_session = session
         if self.reader is not None:
             self.reader.grad_scale = self.config.warmup_factor(self.step)
         try:
             outputs = self.model(*args, **kwargs)
         finally:
-            self._session = None
+            if self._writer_hooks is not None:
+                self._writer_hooks.close()
         activation = None
         if self.regularizer is not None:
             activation, self.regularizer.pending_penalty = self.regularizer.pending_penalty, None
@@ -316,7 +224,7 @@ class OrthoLoRA(nn.Module):
         if reader is not None:
             penalty = reader if penalty is None else penalty + reader
         weight_sum = None
-        if session.values:
+        if session is not None and session.values:
             weight_sum = torch.stack([v.float() for v in session.values.values()]).sum()
             # Gated in the graph, checked once per optimizer step (no host sync here): NaN/Inf LoRA weights raise
             # before the update (on_nonfinite="raise"), or their penalty is dropped from the loss ("skip"; the task
@@ -348,65 +256,8 @@ class OrthoLoRA(nn.Module):
                 outputs["loss"] = loss + penalty
         return outputs
 
-    def _writer_hook(self, writer: LoraWriter, module: nn.Module, args: tuple, output: Any) -> Any:
-        in_forward = self._session is not None
-        session = self._session if in_forward else self._last_session
-        # Outside a forward the only calls that matter are recomputes (activation checkpointing) during that
-        # forward's backward; calls after it (direct use of the PEFT model, generation) are ignored.
-        if session is None or not session.active or (not in_forward and session.scale.finished):
-            return None
-        if module.disable_adapters:  # paired reference forward, or adapters disabled by the user
-            return None
-        adapter = check_adapter_state(writer.name, module)
-        if adapter is None:
-            return None
-        first = writer.name not in session.values
-        if in_forward and not first:
-            return None  # a module called twice in one forward is counted and injected once
-        lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-        if is_sharded(lora_a) or is_sharded(lora_b):
-            raise RuntimeError(
-                f"the LoRA weights of {writer.name!r} are sharded during its own forward (shape "
-                f"{tuple(lora_a.shape)}, {type(lora_a).__name__}), so the weight-space penalty cannot be computed. "
-                "Under DeepSpeed ZeRO-3 build OrthoLoRA before `accelerator.prepare` and pass `accelerator=` (or "
-                "import deepspeed first) so A and B are registered as the module's external parameters; with FSDP2 "
-                "shard whole decoder layers, not LoRA submodules."
-            )
-        u = self._directions_on(writer.layer, lora_b.device)
-        penalty = lora_weight_penalty(lora_a, lora_b, u, module.scaling[adapter])
-        if in_forward:
-            session.values[writer.name] = penalty.detach()
-            session.layers[writer.name] = writer.layer
-        if torch.is_grad_enabled() and penalty.requires_grad:
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"{writer.name!r} returned {type(output).__name__}; expected a Tensor")
-            return inject_penalty(output, penalty, session.scale)
-        return None
-
-    def _stack_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        session = self._session
-        if session is None or not session.active or session.anchor is not None:
-            return None
-        hidden = None
-        if isinstance(output, torch.Tensor):
-            hidden = output
-        elif isinstance(getattr(output, "last_hidden_state", None), torch.Tensor):
-            hidden = output.last_hidden_state
-        elif isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            hidden = output[0]
-        # Only the differentiable pass: not a no-grad reference forward through the same stack (paired anchor).
-        if hidden is not None and hidden.requires_grad:
-            session.anchor = hidden
-        return None
-
-    def _directions_on(self, layer: int, device: torch.device) -> torch.Tensor:
-        key = (layer, device)
-        if key not in self._u_cache:
-            self._u_cache[key] = self.directions[layer].to(device=device, dtype=torch.float32)
-        return self._u_cache[key]
-
     # ------------------------------------------------------------------ metrics
-    def _record_metrics(self, session: _WeightSession, weight_sum: torch.Tensor | None, penalty: Any) -> None:
+    def _record_metrics(self, session: WriterSession | None, weight_sum: torch.Tensor | None, penalty: Any) -> None:
         # Tensors only: nothing here waits for the device. Values become floats when read (``pop_metrics``,
         # ``last_metrics``).
         metrics: dict[str, torch.Tensor] = {}
@@ -466,9 +317,8 @@ class OrthoLoRA(nn.Module):
     # ------------------------------------------------------------------ lifecycle
     def remove_hooks(self) -> None:
         """Removes every hook OrthoLoRA installed; the PEFT model is then a plain PEFT model again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        if self._writer_hooks is not None:
+            self._writer_hooks.remove()
         if self.regularizer is not None:
             self.regularizer.detach()
         if self.reader is not None:

@@ -54,7 +54,7 @@ from .capture import (
     resolve_layers,
     token_mask,
 )
-from .directions import DirectionsError, HarmfulDirections
+from .directions import DirectionsError, DirectionsOnDevice, HarmfulDirections
 from .penalties import all_reduce_sum, covariance_penalty, data_parallel_world
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class DriftMonitor:
         self._handles: list[Any] = []
         self._pending: tuple[bool, torch.Tensor | None] | None = None
         self._session: dict[str, Any] | None = None
-        self._u: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._directions_on = DirectionsOnDevice(directions)
 
     # ------------------------------------------------------------------ attachment
     def attach(self, model: nn.Module, layers_path: str | None = None, hooks: bool = True) -> DriftMonitor:
@@ -246,12 +246,6 @@ class DriftMonitor:
         return None
 
     # ------------------------------------------------------------------ accumulation
-    def _directions_on(self, layer: int, device: torch.device) -> torch.Tensor:
-        key = (layer, device)
-        if key not in self._u:
-            self._u[key] = self.directions[layer].to(device=device, dtype=torch.float32)
-        return self._u[key]
-
     @torch.no_grad()
     def _observe_layer(self, layer: int, h: torch.Tensor, mask: torch.Tensor | None) -> None:
         h = h.detach()
