@@ -11,7 +11,8 @@ The engine shared by ``OrthoRegCallback`` (Trainer/TRL) and ``OrthoLoRA`` (custo
    reentrant checkpointing the first call is under no_grad, and the captured tensor becomes differentiable when
    the checkpoint returns it);
 3. a forward hook on the module that runs the layers (``LlamaModel``, ``GPT2Model``, …) closes the session: it
-   runs once, outside any checkpoint, with grad enabled, computes the penalties in float32, and either *injects*
+   runs once, outside any checkpoint, with grad enabled, computes the penalties in float32 (the formula:
+   ``orthoreg.activation_terms``), and either *injects*
    their gradient into the graph (``mode="inject"``: the output is passed through ``orthoreg.injection.inject_penalty``, the
    identity forward whose backward also sends ``coef`` into the penalty, exactly as if ``coef · penalty`` had been added to
    the loss) or keeps the weighted penalty for the caller to add to its loss (``mode="return"``).
@@ -28,12 +29,12 @@ import logging
 import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .activation_terms import ActivationTerms, ForwardSession
 from .base_statistics import BaseStatistics, calibrate
 from .capture import (
     DecoderStack,
@@ -49,14 +50,6 @@ from .directions import DirectionsError, HarmfulDirections
 from .health import IllConditionedPenaltyError, NonFiniteHiddenStateError, StepHealth
 from .injection import PenaltyScale, inject_penalty
 from .metrics import PenaltyMetrics
-from .penalties import (
-    all_reduce_sum,
-    covariance_and_condition,
-    data_parallel_world,
-    no_autocast,
-    projection_from_index,
-    selected_index,
-)
 from .reference import (
     NO_GRAD_CHECKPOINT_WARNING,
     capture_reference_layers,
@@ -85,21 +78,7 @@ __all__ = [
 _ATTACHED: dict[int, list[weakref.ref]] = {}
 
 
-@dataclass
-class _Session:
-    active: bool
-    mask: torch.Tensor | None = None
-    captured: dict[int, torch.Tensor] = field(default_factory=dict)
-    # anchor="paired": per guarded layer with directions, U x_ref of every token, (B·T, k) float32 (not the
-    # (B, T, d) reference activations: the projection needs only these coordinates). Subclasses (LDIFS) may store
-    # reference hidden states here instead.
-    reference: dict[int, torch.Tensor] | None = None
-    index: torch.Tensor | None = None  # flat indices of the selected tokens (None: all), computed once per forward
-    index_ready: bool = False
-    token_share: float | torch.Tensor | None = None  # gather=True: W·n_r/N (see OrthoRegularizer._global_token_share)
-
-
-class OrthoRegularizer:
+class OrthoRegularizer(ActivationTerms):
     """Attaches orthoreg's penalties to a causal LM through hooks.
 
     Args:
@@ -149,7 +128,7 @@ class OrthoRegularizer:
         self._peft_model: nn.Module | None = None
         self._replay_dropout: list[nn.Module] = []
         self._handles: list[Any] = []
-        self._session: _Session | None = None
+        self._session: ForwardSession | None = None
         self._reset_metrics()
 
     # ------------------------------------------------------------------ attachment
@@ -224,7 +203,7 @@ class OrthoRegularizer:
         if reference_forward_active():
             return None
         active = module.training and torch.is_grad_enabled()
-        self._session = _Session(active=active)
+        self._session = ForwardSession(active=active)
         if not active:
             return None
         inputs = bind_forward_inputs(module, args, kwargs)
@@ -278,102 +257,6 @@ class OrthoRegularizer:
         self._skipped += dropped
         return dropped
 
-    # ------------------------------------------------------------------ the math
-    def _selected_index(self, session: _Session, h: torch.Tensor) -> torch.Tensor | None:
-        """Flat indices of the session's selected tokens, computed once per forward and shared by every layer and
-        term (``None`` when all tokens count)."""
-        if not session.index_ready:
-            mask = session.mask
-            if mask is not None and tuple(mask.shape) != tuple(h.shape[:-1]):
-                raise ValueError(f"mask has shape {tuple(mask.shape)} but hidden states are {tuple(h.shape)}")
-            session.index = selected_index(None if mask is None else mask.to(h.device))
-            session.index_ready = True
-        index = session.index
-        if index is not None and index.device != h.device:  # layers on several devices (pipeline / device_map)
-            index = index.to(h.device)
-        return index
-
-    def _penalty(self, session: _Session) -> torch.Tensor | None:
-        cfg = self.config
-        mask = session.mask
-        calibrating = cfg.base_statistics_needed and self._calibrating()
-        base_units = cfg.units == "base"
-        calibrated = True
-        total = None
-        values: dict[str, torch.Tensor] = {}
-        for index in self.layer_indices:
-            h = session.captured[index]
-            if mask is not None and mask.device != h.device:
-                mask = mask.to(h.device)
-            rows = self._selected_index(session, h)
-            terms = []
-            if cfg.cov_weight > 0:
-                cov, condition = covariance_and_condition(h, rows, gather=cfg.gather)
-                self.health.record_condition(f"cov/layer_{index}", condition)
-                if base_units:
-                    if calibrating:
-                        calibrated = self.base_mean.record_covariance(index, cov) and calibrated
-                    cov = cov / self._base_unit("cov", index)
-                values[f"cov/layer_{index}"] = cov.detach()
-                terms.append(cfg.cov_weight * cov)
-            if cfg.proj_weight > 0 and self.directions is not None and index in self.directions:
-                u = self.directions[index]
-                if u.device != h.device or u.dtype != torch.float32:
-                    u = self.directions.directions[index] = u.to(device=h.device, dtype=torch.float32)
-                recorded = not calibrating or self.base_mean.record(index, h, mask, u, self.step)
-                calibrated = calibrated and recorded
-                if recorded:  # else this micro-batch was not finite: no base statistics yet, no projection term
-                    proj = self._projection(session, index, h, rows, u)
-                    if base_units:
-                        proj = proj / self._base_unit("proj", index)
-                    values[f"proj/layer_{index}"] = proj.detach()
-                    terms.append(cfg.proj_weight * proj)
-            for term in terms:
-                total = term if total is None else total + term
-        if calibrating and calibrated:
-            self.base_mean.batches_seen += 1
-        if total is None:
-            return None
-        total, keep = self.health.gate(total, values)
-        weighted = total * cfg.warmup_factor(self.step)
-        self._accumulate_metrics({k: v * keep for k, v in values.items()}, weighted.detach(), keep)
-        return weighted
-
-    def _projection(self, session: _Session, index: int, h: torch.Tensor, rows: torch.Tensor | None,
-                    u: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        reference = None
-        if cfg.anchor == "base_mean":
-            if index not in self.base_reference:
-                raise RuntimeError(
-                    f"no recorded base projection for layer {index}: calibration ran before this layer was "
-                    "guarded, or a resumed run lost its orthoreg state. Call calibrate() before training, "
-                    "or resume from a checkpoint written with orthoreg attached."
-                )
-            reference = self.base_reference[index]
-            if reference.device != h.device:
-                reference = self.base_reference[index] = reference.to(h.device)
-        elif cfg.anchor == "paired":
-            reference = session.reference[index].to(h.device)
-            if rows is not None:
-                reference = reference.index_select(0, rows)
-        proj = projection_from_index(h, u, rows, reference, one_sided=cfg.one_sided)
-        if cfg.gather:
-            proj = proj * self._global_token_share(session, h, rows)
-        return proj
-
-    def _base_unit(self, term: str, index: int) -> float:
-        """The divisor of ``term`` at layer ``index`` with ``units="base"`` (a mean over the layers carrying it)."""
-        if term == "cov":
-            layers = len(self.layer_indices)
-        else:
-            layers = sum(1 for i in self.layer_indices if self.directions is not None and i in self.directions)
-        return self.base_mean.unit(term, index) * layers
-
-    def _calibrating(self) -> bool:
-        # Normally the first micro-batch(es) of step 0; later only when those held NaN/Inf under "skip".
-        return self.base_mean.calibrating(self.step)
-
     @property
     def base_reference(self) -> dict[int, torch.Tensor]:
         return self.base_mean.values
@@ -394,23 +277,6 @@ class OrthoRegularizer:
     def calibration_batches_seen(self, value: int) -> None:
         self.base_mean.batches_seen = value
 
-    @torch.no_grad()
-    def _global_token_share(self, session: _Session, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """W·n_r/N for ``gather=True``: turns this rank's token mean into its share of the global-batch token mean
-        (Σ_ranks Σ_tokens / N, N the selected tokens of all ranks), so that DDP's gradient averaging (÷W) yields the
-        gradient of the global mean, and the ranks' logged values average to it. One all-reduce per forward, kept
-        on the device (no host sync)."""
-        if session.token_share is None:
-            world = data_parallel_world()
-            n_local = h.shape[0] * h.shape[1] if rows is None else rows.numel()
-            if world == 1:
-                session.token_share = 1.0
-            else:
-                n_all = all_reduce_sum(torch.tensor([float(n_local)], dtype=torch.float32, device=h.device))[0]
-                session.token_share = torch.where(n_all > 0, world * n_local / n_all.clamp_min(1.0),
-                                                  torch.zeros((), device=h.device))
-        return session.token_share
-
     def calibrate(self, model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> None:
         """Records the base model's statistics (r for ``anchor="base_mean"``, the base units) on a calibration set;
         see ``orthoreg.base_statistics.calibrate``."""
@@ -429,14 +295,6 @@ class OrthoRegularizer:
         with self._peft_model.disable_adapter():
             return capture_reference_layers(self.stack, self.layer_indices, inputs, transform,
                                             replay_lora_dropout=self._replay_dropout)
-
-    def _reference_coordinates(self, index: int, h_ref: torch.Tensor) -> torch.Tensor | None:
-        """U_ℓ x_ref for every token of the reference activations, (B·T, k) float32; ``None`` without directions."""
-        if self.directions is None or index not in self.directions:
-            return None
-        u = self.directions[index].to(device=h_ref.device, dtype=torch.float32)
-        with no_autocast(h_ref.device):
-            return h_ref.reshape(-1, h_ref.shape[-1]).float() @ u.T
 
     # ------------------------------------------------------------------ metrics and state
     def _reset_metrics(self) -> None:
@@ -490,8 +348,6 @@ def _replace_first_tensor(output: Any, fn) -> Any:
         return (fn(output[0]),) + tuple(output[1:])
     raise TypeError(f"cannot find the hidden states in a decoder stack output of type {type(output).__name__}")
 
-
-# Names the baselines imported before these helpers became public in their owning modules.
 
 
 @contextlib.contextmanager

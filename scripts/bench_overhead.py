@@ -497,8 +497,9 @@ def isolated_cost(name: str, ctx: Context, reps: int, clock: str) -> float | Non
     term through ``lora_reader_penalty`` / ``full_reader_penalty`` on every module with a V_m. ``None`` for arms with
     a second forward (paired, kl) and for plain.
     """
+    from orthoreg.activation_terms import ForwardSession
     from orthoreg.capture import find_decoder_stack
-    from orthoreg.regularizer import OrthoRegularizer, _Session
+    from orthoreg.regularizer import OrthoRegularizer
 
     config = arm_config(name, ctx.spec.guarded)
     if config is None or name.endswith("paired"):
@@ -526,7 +527,7 @@ def isolated_cost(name: str, ctx: Context, reps: int, clock: str) -> float | Non
 
         def activation_terms():
             leaves = {i: h.clone().requires_grad_(True) for i, h in captured.items()}
-            penalty = reg._penalty(_Session(active=True, mask=mask, captured=leaves))
+            penalty = reg._penalty(ForwardSession(active=True, mask=mask, captured=leaves))
             penalty.backward()
 
         work.append(activation_terms)
