@@ -36,10 +36,7 @@ across data-parallel ranks (one all-reduce per ``update``), so every rank acts o
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,54 +52,12 @@ from .capture import (
     token_mask,
 )
 from .directions import DirectionsError, DirectionsOnDevice, HarmfulDirections
-from .penalties import all_reduce_sum, covariance_penalty, data_parallel_world
-
-logger = logging.getLogger(__name__)
+from .drift_statistics import DriftReading, LayerSums, base_statistics, drift_reading, reduce_layer_sums
+from .penalties import covariance_penalty, data_parallel_world
 
 __all__ = ["DriftMonitor", "DriftReading", "STATE_FORMAT"]
 
 STATE_FORMAT = 1
-
-
-@dataclass
-class DriftReading:
-    """One step's drift (``DriftMonitor.update``).
-
-    Attributes:
-        step: the monitor's update count when it was taken (the optimizer step in a Trainer).
-        drift: layer → signed drift per harmful direction, σ units.
-        cov_change: layer → relative change of the covariance penalty from its base value (``track_covariance``).
-        n_tokens: tokens the reading averages over (all ranks).
-    """
-
-    step: int
-    drift: dict[int, list[float]]
-    cov_change: dict[int, float] = field(default_factory=dict)
-    n_tokens: int = 0
-
-    def largest(self, side: str = "both") -> tuple[float, int | None, int | None]:
-        """(value, layer, direction) of the largest drift: |drift| for ``side="both"``; for ``side="harmful"`` the
-        largest positive drift (movement toward the harmful side), 0 when every drift is ≤ 0."""
-        best, where = -math.inf, (None, None)
-        for layer, values in self.drift.items():
-            for j, value in enumerate(values):
-                score = abs(value) if side == "both" else value
-                if score > best:
-                    best, where = score, (layer, j)
-        if where[0] is None:
-            return 0.0, None, None
-        return max(best, 0.0), where[0], where[1]
-
-
-@dataclass
-class _Accumulator:
-    """Running sums of one layer over some micro-batches (tensors on the activations' device, float64)."""
-
-    n: torch.Tensor
-    s1: torch.Tensor  # (k,) Σ u_j·x
-    s2: torch.Tensor  # (k,) Σ (u_j·x)²
-    cov_sum: torch.Tensor
-    cov_count: int = 0
 
 
 class DriftMonitor:
@@ -158,7 +113,7 @@ class DriftMonitor:
         self.calibration_tokens = 0
         self.steps = 0
         self.last: DriftReading | None = None
-        self._step_acc: dict[int, _Accumulator] = {}
+        self._step_acc: dict[int, LayerSums] = {}
         self._batch_means: dict[int, list[torch.Tensor]] = {}  # calibration only: per micro-batch means
         self._handles: list[Any] = []
         self._pending: tuple[bool, torch.Tensor | None] | None = None
@@ -258,20 +213,10 @@ class DriftMonitor:
         rows = flat if mask is None else flat[mask.reshape(-1)]
         coords = (rows.float() @ u.T).double()  # (N, k)
         n = coords.shape[0]
-        acc_dtype = torch.float64 if h.device.type != "mps" else torch.float32
         acc = self._step_acc.get(layer)
         if acc is None:
-            zeros = torch.zeros(u.shape[0], dtype=acc_dtype, device=h.device)
-            acc = self._step_acc[layer] = _Accumulator(
-                n=torch.zeros((), dtype=acc_dtype, device=h.device), s1=zeros.clone(), s2=zeros.clone(),
-                cov_sum=torch.zeros((), dtype=acc_dtype, device=h.device),
-            )
-        acc.n += n
-        acc.s1 += coords.sum(dim=0).to(acc_dtype)
-        acc.s2 += coords.square().sum(dim=0).to(acc_dtype)
-        if self.track_covariance and n >= 2:
-            acc.cov_sum += covariance_penalty(rows).to(acc_dtype)
-            acc.cov_count += 1
+            acc = self._step_acc[layer] = LayerSums.zeros(u.shape[0], h.device)
+        acc.add(coords, covariance_penalty(rows) if self.track_covariance and n >= 2 else None)
         if not self.calibrated and n > 0:
             self._batch_means.setdefault(layer, []).append((coords.sum(dim=0) / n).cpu())
 
@@ -349,60 +294,17 @@ class DriftMonitor:
         self._batch_means.clear()
 
     def _finish_calibration(self) -> bool:
-        totals = self._reduce()
-        if not totals or all(t["n"] == 0 for t in totals.values()):
-            self._step_acc.clear()
-            self._batch_means.clear()
-            return False
-        mean, std, cov, spread = {}, {}, {}, {}
-        for layer, t in totals.items():
-            n = max(t["n"], 1.0)
-            mu = [s / n for s in t["s1"]]
-            var = [max(s2 / n - m * m, 0.0) for s2, m in zip(t["s2"], mu, strict=True)]
-            sd = [max(math.sqrt(v), self.min_std) for v in var]
-            if any(math.sqrt(v) < self.min_std for v in var):
-                logger.warning(f"orthoreg firewall: the base model does not vary along a harmful direction of layer "
-                               f"{layer}; its drift is measured against a floor σ = {self.min_std:g}")
-            mean[layer], std[layer] = mu, sd
-            if t["cov_count"]:
-                cov[layer] = t["cov_sum"] / t["cov_count"]
-            means = self._batch_means.get(layer, [])
-            if len(means) >= 2:
-                stacked = torch.stack(means).double()
-                spread[layer] = (stacked.std(dim=0) / torch.tensor(sd, dtype=torch.float64)).tolist()
-        self.base_mean, self.base_std, self.base_cov, self.base_batch_std = mean, std, cov, spread
-        self.calibration_tokens = int(next(iter(totals.values()))["n"])
+        stats = base_statistics(self._reduce(), self._batch_means, self.min_std)
         self._batch_means.clear()
         self._step_acc.clear()
+        if stats is None:
+            return False
+        self.base_mean, self.base_std, self.base_cov, self.base_batch_std, self.calibration_tokens = stats
         return True
 
     def _reduce(self) -> dict[int, dict[str, Any]]:
-        """The step's sums per layer as Python floats, summed over data-parallel ranks (one all-reduce)."""
-        syncing = self.sync and data_parallel_world() > 1
-        if not self._step_acc and not syncing:
-            return {}
-        parts, device = [], None
-        for layer in self.layers:  # per layer: [n, s1 (k), s2 (k), cov_sum, cov_count]
-            k = self.directions[layer].shape[0]
-            acc = self._step_acc.get(layer)
-            if acc is None:
-                parts.append(torch.zeros(2 * k + 3, dtype=torch.float64))
-                continue
-            device = acc.n.device
-            parts.append(torch.cat([acc.n.reshape(1).double().cpu(), acc.s1.double().cpu(), acc.s2.double().cpu(),
-                                    acc.cov_sum.reshape(1).double().cpu(),
-                                    torch.tensor([float(acc.cov_count)], dtype=torch.float64)]))
-        flat = torch.cat(parts)  # one device sync per step, at update time
-        if syncing:  # on this rank's own CUDA device under NCCL when the sums live there
-            flat = all_reduce_sum(flat if device is None else flat.to(device)).cpu()
-        values, out, at = flat.tolist(), {}, 0
-        for layer in self.layers:
-            k = self.directions[layer].shape[0]
-            row = values[at:at + 2 * k + 3]
-            at += 2 * k + 3
-            out[layer] = {"n": row[0], "s1": row[1:1 + k], "s2": row[1 + k:1 + 2 * k], "cov_sum": row[1 + 2 * k],
-                          "cov_count": row[2 + 2 * k]}
-        return out
+        widths = {layer: self.directions[layer].shape[0] for layer in self.layers}
+        return reduce_layer_sums(self.layers, widths, self._step_acc, self.sync and data_parallel_world() > 1)
 
     # ------------------------------------------------------------------ readings
     def update(self) -> DriftReading | None:
@@ -417,20 +319,9 @@ class DriftMonitor:
             return None
         totals = self._reduce()
         self._step_acc.clear()
-        if not totals or all(t["n"] == 0 for t in totals.values()):
-            return None
-        drift, cov_change = {}, {}
-        for layer, t in totals.items():
-            if t["n"] == 0:
-                continue
-            mu, sd = self.base_mean[layer], self.base_std[layer]
-            drift[layer] = [(s / t["n"] - m) / s_ for s, m, s_ in zip(t["s1"], mu, sd, strict=True)]
-            base_cov = self.base_cov.get(layer)
-            if t["cov_count"] and base_cov:
-                cov_change[layer] = (t["cov_sum"] / t["cov_count"] - base_cov) / base_cov
-        reading = DriftReading(step=self.steps, drift=drift, cov_change=cov_change,
-                               n_tokens=int(max(t["n"] for t in totals.values())))
-        self.last = reading
+        reading = drift_reading(self.steps, totals, self.base_mean, self.base_std, self.base_cov)
+        if reading is not None:
+            self.last = reading
         return reading
 
     def metrics(self, side: str = "both") -> dict[str, float]:
