@@ -73,6 +73,23 @@ def directions_path(folder: str) -> str:
     return str(found[0])
 
 
+def base_build(prep: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the aligned base a row was trained from: the SHA-256 of its weights (a rebuild on another CPU
+    differs by rounding), the judge's perplexity limit and the base's own pooled outcome shares, so rows of
+    different builds are each measured against their own base."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with (Path(prep["aligned_folder"]) / "model.safetensors").open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    from orthoreg.realbench.task_eval import rejudge
+
+    pooled = rejudge(prep["base_eval"]["safety"], prep["ppl_limit"])["pooled"]
+    return {"sha256": digest.hexdigest()[:16], "ppl_limit": prep["ppl_limit"],
+            "pooled": {k: pooled[k] for k in ("attempt", "refusal", "neither", "over_refusal")}}
+
+
 def controls_scales(prep: dict[str, Any], run_dir: Path, task: str, k: int = 16, log=log) -> dict[str, float]:
     """g(harmful_post)/g(set) per reader set at plain seed 0's adapter on ``task`` (cached in scales.json)."""
     from orthoreg.realbench.aligned import load_aligned
@@ -140,8 +157,10 @@ def run_jobs(args, config: TaskBenchConfig, prep: dict[str, Any], run_dir: Path)
     done = {r["key"] for r in rows}
     dirs = directions_path(prep["aligned_folder"])
     scale_task = args.scale_task or args.tasks[0]
+    build = base_build(prep)
 
     def record(row: dict[str, Any]) -> None:
+        row["base_build"] = build
         rows.append(row)
         done.add(row["key"])
         with rows_path.open("a") as fh:
@@ -196,13 +215,20 @@ def summarise(rows: list[dict[str, Any]], prep: dict[str, Any], selection_seeds:
 
     base = rejudge(prep["base_eval"]["safety"], prep["ppl_limit"])
     cells: dict[str, dict[str, Any]] = {}
+    builds: dict[str, int] = {}
     for r in rows:
-        safety = rejudge(r["safety"], prep["ppl_limit"])
+        # Each row against the base it was trained from (rows written before builds were recorded: this prep's).
+        build = r.get("base_build")
+        limit = build["ppl_limit"] if build else prep["ppl_limit"]
+        base_attempt = build["pooled"]["attempt"] if build else base["pooled"]["attempt"]
+        name = build["sha256"] if build else "unrecorded"
+        builds[name] = builds.get(name, 0) + 1
+        safety = rejudge(r["safety"], limit)
         cell = cells.setdefault(f"{r['task']}|{r['arm']}|{r['strength']}", {
             "task": r["task"], "arm": r["arm"], "strength": r["strength"], "weight": r["weight"], "seeds": [],
             "rise": [], "over_refusal": [], "refusal": [], "neither": [], "task_metric": [], "cpu_per_step": []})
         cell["seeds"].append(r["seed"])
-        cell["rise"].append(100 * (safety["pooled"]["attempt"] - base["pooled"]["attempt"]))
+        cell["rise"].append(100 * (safety["pooled"]["attempt"] - base_attempt))
         for k in ("over_refusal", "refusal", "neither"):
             cell[k].append(100 * safety["pooled"][k])
         cell["task_metric"].append(r["task_metric"]["score"])
@@ -226,7 +252,7 @@ def summarise(rows: list[dict[str, Any]], prep: dict[str, Any], selection_seeds:
                     entry["task_vs_plain"] = entry["task_metric"]["mean"] / statistics.fmean(same)
             cell[label] = entry
     return {"base": {k: {m: 100 * base[k][m] for m in ("attempt", "refusal", "neither", "over_refusal")}
-                     for k in ("templated", "natural", "pooled")}, "cells": cells}
+                     for k in ("templated", "natural", "pooled")}, "base_builds": builds, "cells": cells}
 
 
 def _cell(entry: dict[str, Any] | None) -> str:
@@ -306,7 +332,9 @@ def finish(args, prep: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path
         base = summary["base"]["pooled"]
         write_readme(f"**Rendered** {result['date']} from `{run_dir}` ({len(rows)} fine-tunes) · selection seeds "
                      f"{args.selection_seeds} · aligned base: harmful attempts {base['attempt']:.0f} %, refusals "
-                     f"{base['refusal']:.0f} %, over-refusal {base['over_refusal']:.0f} % (pooled).\n\n"
+                     f"{base['refusal']:.0f} %, over-refusal {base['over_refusal']:.0f} % (pooled) · rows per base "
+                     f"build (weights' SHA-256): {', '.join(f'{k} {n}' for k, n in summary['base_builds'].items())}."
+                     "\n\n"
                      + table(summary))
     return result
 

@@ -82,6 +82,9 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
     result = module.main([*common, "--arms", "all", "--seeds", "0"])
     rows = {r["arm"]: r for r in result["rows"]}
     assert set(rows) == set(ARMS) and len(result["rows"]) == len(ARMS)  # plain seed 0 once, not twice
+    build = result["rows"][0]["base_build"]  # every row names the base it was trained from
+    assert len(build["sha256"]) == 16 and all(r["base_build"] == build for r in result["rows"])
+    assert result["summary"]["base_builds"] == {build["sha256"]: len(ARMS)}
     scales = json.loads((tmp_path / "q.runs" / "scales.json").read_text())
     assert scales["scales"]["harmful_post"] == pytest.approx(1.0)
     for arm, row in rows.items():
