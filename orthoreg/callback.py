@@ -132,8 +132,11 @@ class OrthoRegCallback(TrainerCallback):
         self._set_scales(args, state)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        # The step's one host sync: a NaN/Inf or ill-conditioned penalty raises here, before the update.
+        # The step's host sync: a NaN/Inf or ill-conditioned penalty raises here, before the update (the reader's
+        # check follows the activation terms' at once, when the device queue is already drained).
         self.regularizer.check_step()
+        if self.reader is not None:
+            self.reader.check_step()
 
     def on_step_end(self, args, state, control, **kwargs):
         # Written into TrainerState so every later checkpoint's trainer_state.json (JSON, no pickle) carries it.

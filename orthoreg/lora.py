@@ -291,6 +291,8 @@ class OrthoLoRA(nn.Module):
         dropped = self._health.check(self.step)
         if self.regularizer is not None:
             dropped = max(dropped, self.regularizer.check_step())
+        if self.reader is not None:
+            self.reader.check_step()
         self._skipped += dropped
         return dropped
 

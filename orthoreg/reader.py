@@ -14,14 +14,14 @@ with A_m (r × d_in) = ``lora_A[a].weight``, B_m (d_out × r) = ``lora_B[a].weig
 (d_out × d_in) layout and W_{0,m}V_mᵀ (d_out × k, float32) stored from the unmodified weights. GPT-2's ``Conv1D``
 stores its weight (d_in × d_out) and LoRA's A and B unchanged (``fan_in_fan_out`` transposes only ΔW's layout), so
 both formulas hold as written. On inputs inside span(V_m) a penalised module's output is then the base model's.
-The term added to the training objective is λ·Σ_m reader(m) (``ReaderPenalty``).
+The term added to the training objective is λ·Σ_m reader(m) (``ReaderPenalty``); the formulas' code is
+``orthoreg.reader_terms``.
 
 All of it is float32 math whatever the parameters' dtype, also inside ``torch.autocast`` regions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,6 +35,7 @@ from .injection import PenaltyScale, inject_penalty
 from .lora_writers import active_lora_adapter, check_gathered, is_conv1d, is_lora_layer, is_sharded
 from .reader_extraction import extract_input_subspaces
 from .reader_subspaces import InputSubspaces, InputSubspacesError
+from .reader_terms import full_reader_penalty, lora_reader_penalty, weight_times_basis
 from .zero3 import register_external_parameters
 
 __all__ = [
@@ -52,48 +53,6 @@ class NonFiniteReaderPenaltyError(FloatingPointError):
     """A reader penalty is NaN/Inf: the weights (or the stored base product) contain NaN/Inf."""
 
 
-def _float32_math(device: torch.device):
-    """Autocast off: the products below must run in float32 even inside a bf16/fp16 autocast region."""
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
-
-
-# ---------------------------------------------------------------------------------------------------- the math
-def lora_reader_penalty(lora_a: torch.Tensor, lora_b: torch.Tensor, basis: torch.Tensor, scaling: float) -> torch.Tensor:
-    r""":math:`s^2\|B (A V^\top)\|_F^2 = \|\Delta W V^\top\|_F^2` for ΔW = s·B·A, without forming ΔW; float32.
-
-    Args:
-        lora_a (`torch.Tensor`): A, (r, d_in).
-        lora_b (`torch.Tensor`): B, (d_out, r).
-        basis (`torch.Tensor`): V, (k, d_in), orthonormal rows.
-        scaling (`float`): s.
-    """
-    with _float32_math(lora_b.device):
-        v = basis.to(device=lora_a.device, dtype=torch.float32)
-        a_v = lora_a.float() @ v.T  # (r, k)
-        return float(scaling) ** 2 * (lora_b.float() @ a_v).square().sum()
-
-
-def weight_times_basis(weight: torch.Tensor, basis: torch.Tensor, conv1d: bool = False) -> torch.Tensor:
-    """W Vᵀ, (d_out, k) float32, for an ``nn.Linear`` weight (d_out, d_in) or, with ``conv1d``, a transformers
-    ``Conv1D`` weight (d_in, d_out) (whose map is x ↦ x W, so its (d_out × d_in) matrix is Wᵀ: Wᵀ Vᵀ = (V W)ᵀ)."""
-    with _float32_math(weight.device):
-        v = basis.to(device=weight.device, dtype=torch.float32)
-        return (v @ weight.float()).T if conv1d else weight.float() @ v.T
-
-
-def full_reader_penalty(weight: torch.Tensor, basis: torch.Tensor, base_product: torch.Tensor,
-                        conv1d: bool = False) -> torch.Tensor:
-    r""":math:`\|W V^\top - W_0 V^\top\|_F^2` with ``base_product`` = W₀Vᵀ (d_out, k) stored before training; float32.
-    See ``weight_times_basis`` for the layouts."""
-    with _float32_math(weight.device):
-        diff = weight_times_basis(weight, basis, conv1d) - base_product.to(device=weight.device, dtype=torch.float32)
-        return diff.square().sum()
-
-
-# ---------------------------------------------------------------------------------------------------- the engine
 @dataclass(frozen=True)
 class ReaderModule:
     """One penalised module: its canonical name, the module (PEFT ``LoraLayer``, ``nn.Linear`` or ``Conv1D``) and
@@ -147,15 +106,16 @@ class ReaderPenalty:
     forward instead, inside its gathered region. ``reference_state()`` / ``load_reference_state()`` carry them
     across a resume.
 
-    **Non-finite values** raise ``NonFiniteReaderPenaltyError`` at the end of the forward, before any backward, so
-    a NaN never reaches the weights. That check is the engine's one host sync per forward (``check_finite=False``
-    removes it); metrics stay on the device until ``pop_metrics``.
+    **Non-finite values** raise ``NonFiniteReaderPenaltyError``, so a NaN never reaches the weights: with
+    ``check="forward"`` at the end of each forward, before its backward (one host sync per forward); with
+    ``check="step"`` when the owner calls ``check_step()`` before the optimizer step (one host sync per step: what
+    ``OrthoRegCallback`` and ``OrthoLoRA`` do). Metrics stay on the device until ``pop_metrics``.
 
     Args:
         subspaces (`InputSubspaces`): V_m per module; every named module must be a linear module of the model.
         weight (`float`): λ.
         mode (`str`, *optional*, defaults to `"inject"`): ``"inject"`` or ``"return"``.
-        check_finite (`bool`, *optional*, defaults to `True`).
+        check (`str`, *optional*, defaults to `"forward"`): ``"forward"`` or ``"step"`` (see above).
 
     Attributes:
         grad_scale (`float`): per-micro-batch multiplier set by the caller (1/GA, a warm-up factor, …).
@@ -171,14 +131,16 @@ class ReaderPenalty:
     """
 
     def __init__(self, subspaces: InputSubspaces, weight: float, *, mode: Literal["inject", "return"] = "inject",
-                 check_finite: bool = True):
+                 check: Literal["forward", "step"] = "forward"):
         if not isinstance(subspaces, InputSubspaces):
             raise TypeError(f"`subspaces` must be InputSubspaces; got {type(subspaces).__name__}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(f"`weight` (λ of the reader penalty) must be a number >= 0; got {weight!r}")
         if mode not in ("inject", "return"):
             raise ValueError(f"`mode` must be 'inject' or 'return'; got {mode!r}")
-        self.subspaces, self.weight, self.mode, self.check_finite = subspaces, float(weight), mode, check_finite
+        if check not in ("forward", "step"):
+            raise ValueError(f"`check` must be 'forward' or 'step'; got {check!r}")
+        self.subspaces, self.weight, self.mode, self.check = subspaces, float(weight), mode, check
         self.grad_scale = 1.0
         self.modules: list[ReaderModule] = []
         self.skipped: list[str] = []
@@ -190,6 +152,8 @@ class ReaderPenalty:
         self._basis_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+        self._nonfinite: torch.Tensor | None = None  # check="step": forwards with a non-finite total since the check
+        self._unchecked: list[dict[str, torch.Tensor]] = []  # their per-module values, read only on failure
 
     @property
     def coef(self) -> float:
@@ -300,12 +264,12 @@ class ReaderPenalty:
         device = next(iter(session.values.values())).device
         values = torch.stack([v.to(device) for v in session.values.values()])
         total = values.sum()
-        if self.check_finite and not bool(torch.isfinite(total)):
-            bad = [n for n, v in session.values.items() if not torch.isfinite(v)]
-            raise NonFiniteReaderPenaltyError(
-                f"the reader penalty is not finite for {bad[:4]}{' …' if len(bad) > 4 else ''}: those modules' "
-                "weights contain NaN/Inf (diverging training). Lower the learning rate; nothing was applied."
-            )
+        if self.check == "forward" and not bool(torch.isfinite(total)):
+            _raise_nonfinite([session.values])
+        if self.check == "step":
+            bad = (~torch.isfinite(total)).to(torch.int32)
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad.to(self._nonfinite.device)
+            self._unchecked.append(dict(session.values))
         for name, value in session.values.items():
             self._sums[name] = self._sums[name] + value.to(device) if name in self._sums else value.to(device)
         self._count += 1
@@ -354,6 +318,14 @@ class ReaderPenalty:
         return full_reader_penalty(weight, self._basis(entry.name, weight.device), self._base_products[entry.name],
                                    is_conv1d(module))
 
+    def check_step(self) -> None:
+        """``check="step"``: raises ``NonFiniteReaderPenaltyError`` if any forward since the last call had a
+        non-finite penalty (one host sync), naming the modules; call it before the optimizer step."""
+        flags, values = self._nonfinite, self._unchecked
+        self._nonfinite, self._unchecked = None, []
+        if flags is not None and bool(flags > 0):
+            _raise_nonfinite(values)
+
     # ------------------------------------------------------------------ results
     def pop_penalty(self) -> torch.Tensor | None:
         """``mode="return"``: coef · Σ_m reader(m) of the latest regularised forward, to add to its loss (its gradient
@@ -390,6 +362,14 @@ class ReaderPenalty:
         if unknown:
             raise InputSubspacesError(f"reference state for modules {sorted(unknown)[:4]} the subspaces do not name")
         self._base_products = {name: t.detach().to(torch.float32).clone() for name, t in state.items()}
+
+
+def _raise_nonfinite(forwards: list[dict[str, torch.Tensor]]) -> None:
+    bad = sorted({n for values in forwards for n, v in values.items() if not bool(torch.isfinite(v))})
+    raise NonFiniteReaderPenaltyError(
+        f"the reader penalty is not finite for {bad[:4]}{' …' if len(bad) > 4 else ''}: those modules' weights "
+        "contain NaN/Inf (diverging training). Lower the learning rate; the optimizer step was not taken."
+    )
 
 
 def _differentiable_output(output: Any) -> tuple[torch.Tensor, ...]:

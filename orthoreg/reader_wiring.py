@@ -37,9 +37,9 @@ def reader_penalty_for(config: OrthoRegConfig, input_subspaces: Any, mode: str) 
     if not isinstance(input_subspaces, InputSubspaces):
         raise TypeError(f"`input_subspaces` must be an orthoreg.reader.InputSubspaces; got "
                         f"{type(input_subspaces).__name__}")
-    # check_finite stays on: a NaN reader penalty raises before backward (one host sync per forward while the term
-    # is on); the activation terms check once per optimizer step.
-    return ReaderPenalty(input_subspaces, config.reader_weight, mode=mode)
+    # Checked once per optimizer step by the owner (OrthoRegCallback.on_pre_optimizer_step, OrthoLoRA.check_step),
+    # like the activation terms: no host sync in the forward.
+    return ReaderPenalty(input_subspaces, config.reader_weight, mode=mode, check="step")
 
 
 def _checkpoint_dir(args: Any, state: Any) -> str:

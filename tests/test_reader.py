@@ -282,3 +282,25 @@ def test_injection_adds_exactly_the_multiplier_times_the_penalty_gradient():
     out = inject_penalty(x * 2, (w ** 2).sum(), PenaltyScale(0.3))
     out.sum().backward()
     assert torch.equal(x.grad, torch.full((5,), 2.0)) and torch.allclose(w.grad, 0.3 * 2 * w.detach())
+
+
+def test_step_check_raises_at_check_step_not_in_the_forward():
+    model = peft_model()
+    subspaces = random_subspaces(model.get_base_model(), TARGETS["llama"])
+    name = subspaces.names[0]
+    with torch.no_grad():
+        model.get_submodule(f"base_model.model.{name}").lora_B["default"].weight[0, 0] = float("nan")
+    model.train()
+    with pytest.raises(ValueError, match="check"):
+        ReaderPenalty(subspaces, LAMBDA, check="never")
+    with ReaderPenalty(subspaces, LAMBDA, check="step").attach(model) as reader:
+        model(**batch())  # no host sync in the forward: nothing raises yet
+        model(**batch())
+        with pytest.raises(NonFiniteReaderPenaltyError, match=name):
+            reader.check_step()
+        reader.check_step()  # the record was reset: a step without forwards passes
+    with torch.no_grad():
+        model.get_submodule(f"base_model.model.{name}").lora_B["default"].weight[0, 0] = 0.0
+    with ReaderPenalty(subspaces, LAMBDA, check="step").attach(model) as reader:
+        model(**batch())
+        reader.check_step()  # finite: passes

@@ -133,3 +133,67 @@ def test_ortholora_reader_term_through_the_loss(tmp_path):
     ortho.save_pretrained(tmp_path / "saved")
     loaded = OrthoLoRA.from_pretrained(tiny_model(), tmp_path / "saved")
     assert loaded.reader is not None and loaded.input_subspaces.names == spaces.names
+
+
+def _nan_in_first_reader_module(peft_model, spaces):
+    name = spaces.names[0]
+    with torch.no_grad():
+        peft_model.get_submodule(f"base_model.model.{name}").lora_B["default"].weight[0, 0] = float("nan")
+    return name
+
+
+def test_callback_stops_the_step_on_a_nan_reader_penalty(tmp_path):
+    """The reader term is checked once per optimizer step, in on_pre_optimizer_step: a NaN LoRA weight raises there,
+    naming the module, and no optimizer step is taken."""
+    from orthoreg.reader import NonFiniteReaderPenaltyError
+
+    model = lora_model()
+    spaces = subspaces(tiny_model())
+    name = _nan_in_first_reader_module(model, spaces)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = OrthoRegConfig(layers=[1], proj_weight=0.0, reader_weight=LAMBDA)
+    trainer = make_trainer(model, [OrthoRegCallback(config, input_subspaces=spaces)], tmp_path, steps=1)
+    with pytest.raises(NonFiniteReaderPenaltyError, match=name):
+        trainer.train()
+    assert all(torch.equal(p.detach(), before[n]) or torch.isnan(before[n]).any()
+               for n, p in model.named_parameters())
+    assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize("front_door", ["callback", "ortholora"])
+def test_front_doors_check_the_reader_once_per_optimizer_step(tmp_path, front_door):
+    """Both front doors build the reader with check="step" and call its check_step exactly once per optimizer step
+    (GA 2: two forwards, one check), so the forward itself never waits for the device."""
+    from orthoreg.reader import ReaderPenalty
+
+    calls = []
+    original = ReaderPenalty.check_step
+
+    def counting(self):
+        calls.append(self.check)
+        return original(self)
+
+    ReaderPenalty.check_step = counting
+    try:
+        spaces = subspaces(tiny_model())
+        config = OrthoRegConfig(layers=[1], proj_weight=0.0, reader_weight=LAMBDA)
+        if front_door == "callback":
+            trainer = make_trainer(lora_model(), [OrthoRegCallback(config, input_subspaces=spaces)], tmp_path,
+                                   steps=2, gradient_accumulation_steps=2)
+            trainer.train()
+        else:
+            class TwoMicroBatches:  # the accelerator interface OrthoLoRA reads: sync_gradients per micro-batch
+                sync_gradients = False
+                state = None
+
+            accelerator = TwoMicroBatches()
+            ortho = OrthoLoRA(lora_model(), config, input_subspaces=spaces, accelerator=accelerator)
+            ortho.train()
+            batch = {k: torch.tensor(v) for k, v in padded_dataset(n=4)[:].items()}
+            for _step in range(2):
+                for micro in range(2):
+                    accelerator.sync_gradients = micro == 1
+                    ortho(**batch).loss.backward()
+    finally:
+        ReaderPenalty.check_step = original
+    assert calls == ["step", "step"]
