@@ -1,22 +1,6 @@
-r"""The math of the reader-side weight penalty (the engine that applies it: ``orthoreg.reader``).
-
-For an adapted linear module m with input width d_in and an orthonormal basis V_m (k × d_in) of its inputs on
-chosen prompts and positions (``InputSubspaces``, recorded once on the base model):
-
-.. math::
-
-    \text{LoRA:}\quad \mathrm{reader}(m) = \|\Delta W_m V_m^\top\|_F^2 = s_m^2\,\|B_m (A_m V_m^\top)\|_F^2
-    \qquad\qquad
-    \text{full FT:}\quad \mathrm{reader}(m) = \|W_m V_m^\top - W_{0,m} V_m^\top\|_F^2
-
-with A_m (r × d_in) = ``lora_A[a].weight``, B_m (d_out × r) = ``lora_B[a].weight``, s_m = ``scaling[a]``
-(α/r, or α/√r with rsLoRA), ΔW_m = s_m B_m A_m never formed (cost d_out·r·k); W_m the module's weight in
-(d_out × d_in) layout and W_{0,m}V_mᵀ (d_out × k, float32) stored from the unmodified weights. GPT-2's ``Conv1D``
-stores its weight (d_in × d_out) and LoRA's A and B unchanged (``fan_in_fan_out`` transposes only ΔW's layout), so
-both formulas hold as written. On inputs inside span(V_m) a penalised module's output is then the base model's.
-The term added to the training objective is λ·Σ_m reader(m) (``ReaderPenalty``).
-
-All of it is float32 math whatever the parameters' dtype, also inside ``torch.autocast`` regions.
+"""The math of the reader-side weight penalty (formulas and layouts: ``orthoreg.reader``'s docstring; the engine
+that applies them: ``orthoreg.reader.ReaderPenalty``): s²‖B(AVᵀ)‖²_F for LoRA and ‖WVᵀ − W₀Vᵀ‖²_F for full
+fine-tuning, never forming ΔW, in float32 whatever the parameters' dtype, also inside ``torch.autocast`` regions.
 """
 
 from __future__ import annotations

@@ -245,13 +245,19 @@ def test_no_effect_in_eval_no_grad_or_with_the_adapter_disabled():
     assert_grads_close({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, eval_grads, rel=0)
 
 
-def test_nan_weights_raise_before_any_gradient():
+def nan_in_first_module(value=float("nan")):
+    """A LoRA model in training mode, its subspaces, and the name of the module whose B[0, 0] is ``value``."""
     model = peft_model()
     subspaces = random_subspaces(model.get_base_model(), TARGETS["llama"])
     name = subspaces.names[0]
     with torch.no_grad():
-        model.get_submodule(f"base_model.model.{name}").lora_B["default"].weight[0, 0] = float("nan")
+        model.get_submodule(f"base_model.model.{name}").lora_B["default"].weight[0, 0] = value
     model.train()
+    return model, subspaces, name
+
+
+def test_nan_weights_raise_before_any_gradient():
+    model, subspaces, name = nan_in_first_module()
     with ReaderPenalty(subspaces, LAMBDA).attach(model), pytest.raises(NonFiniteReaderPenaltyError, match=name):
         model(**batch())
     assert all(p.grad is None for p in model.parameters())
@@ -285,12 +291,7 @@ def test_injection_adds_exactly_the_multiplier_times_the_penalty_gradient():
 
 
 def test_step_check_raises_at_check_step_not_in_the_forward():
-    model = peft_model()
-    subspaces = random_subspaces(model.get_base_model(), TARGETS["llama"])
-    name = subspaces.names[0]
-    with torch.no_grad():
-        model.get_submodule(f"base_model.model.{name}").lora_B["default"].weight[0, 0] = float("nan")
-    model.train()
+    model, subspaces, name = nan_in_first_module()
     with pytest.raises(ValueError, match="check"):
         ReaderPenalty(subspaces, LAMBDA, check="never")
     with ReaderPenalty(subspaces, LAMBDA, check="step").attach(model) as reader:
