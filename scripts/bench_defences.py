@@ -208,9 +208,11 @@ def _stats(values: list[float]) -> dict[str, float]:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summarise(rows: list[dict[str, Any]], prep: dict[str, Any], selection_seeds: list[int]) -> dict[str, Any]:
+def summarise(rows: list[dict[str, Any]], prep: dict[str, Any], selection_seeds: list[int],
+              selection_task: str | None = None) -> dict[str, Any]:
     """Per task, arm and strength: the rise (points over the aligned base, pooled 96 harmful requests), the task
-    metric as a fraction of plain's on the same task and seeds, over-refusal; on all, selection and fresh seeds."""
+    metric as a fraction of plain's on the same task and seeds, over-refusal; on all, selection and fresh seeds
+    (selection seeds exist only on ``selection_task``, when given: every run of another task is fresh)."""
     from orthoreg.realbench.task_eval import rejudge
 
     base = rejudge(prep["base_eval"]["safety"], prep["ppl_limit"])
@@ -238,9 +240,10 @@ def summarise(rows: list[dict[str, Any]], prep: dict[str, Any], selection_seeds:
         for k in ("seeds", "rise", "over_refusal", "refusal", "neither", "task_metric", "cpu_per_step"):
             cell[k] = [cell[k][i] for i in order]
         plain = cells.get(f"{cell['task']}|plain|None")
-        for label, pick in (("all", lambda s: True), ("selection", lambda s: s in selection_seeds),
-                            ("fresh", lambda s: s not in selection_seeds)):
-            idx = [i for i, s in enumerate(cell["seeds"]) if pick(s)]
+        chosen_on = set(selection_seeds) if selection_task in (None, cell["task"]) else set()
+        for label, wanted in (("all", set(cell["seeds"])), ("selection", set(cell["seeds"]) & chosen_on),
+                              ("fresh", set(cell["seeds"]) - chosen_on)):
+            idx = [i for i, s in enumerate(cell["seeds"]) if s in wanted]
             if not idx:
                 continue
             entry = {"seeds": [cell["seeds"][i] for i in idx], "rise": _stats([cell["rise"][i] for i in idx]),
@@ -314,10 +317,11 @@ def write_readme(section: str) -> None:
 
 
 def finish(args, prep: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
-    summary = summarise(rows, prep, args.selection_seeds)
+    summary = summarise(rows, prep, args.selection_seeds, args.selection_task)
     scales_path = run_dir / "scales.json"
     result = {"date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": f"{platform.machine()} {os.cpu_count()} cores", "selection_seeds": args.selection_seeds,
+              "selection_task": args.selection_task,
               "config": TaskBenchConfig().to_dict() if not args.quick else None,
               "scales": json.loads(scales_path.read_text()) if scales_path.is_file() else None,
               "prep": {k: prep[k] for k in ("aligned_folder", "ppl_limit", "ppl_limit_preregistered", "source")
@@ -331,7 +335,7 @@ def finish(args, prep: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path
     if args.readme:
         base = summary["base"]["pooled"]
         write_readme(f"**Rendered** {result['date']} from `{run_dir}` ({len(rows)} fine-tunes) · selection seeds "
-                     f"{args.selection_seeds} · aligned base: harmful attempts {base['attempt']:.0f} %, refusals "
+                     f"{args.selection_seeds} of {args.selection_task or 'every task'} · aligned base: harmful attempts {base['attempt']:.0f} %, refusals "
                      f"{base['refusal']:.0f} %, over-refusal {base['over_refusal']:.0f} % (pooled) · rows per base "
                      f"build (weights' SHA-256): {', '.join(f'{k} {n}' for k, n in summary['base_builds'].items())}."
                      "\n\n"
@@ -352,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--scale-task", default=None, help="task whose plain seed-0 adapter scales the controls")
     ap.add_argument("--k", type=int, default=16, help="directions per module of the input subspaces")
     ap.add_argument("--selection-seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--selection-task", default=None, help="the task λ and the variant were chosen on: its selection "
+                    "seeds are the only ones not counted as fresh (default: every task's)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     ap.add_argument("--run-dir", default=None, help="rows.jsonl, adapters and scales.json (default: <out>.runs)")

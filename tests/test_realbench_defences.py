@@ -109,3 +109,8 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
     new = mixed["rows"][len(result["rows"]):]
     assert [(r["arm"], r["seed"]) for r in new] == [("reader_random", 1), ("plain", 1)]
     assert new[0]["weight"] == pytest.approx(2.5 * scales["scales"]["random"])
+    # selection seeds belong to the selection task only: on any other task every seed is fresh
+    plain = mixed["summary"]["cells"]["summary|plain|None"]
+    assert plain["selection"]["seeds"] == [0, 1] and "fresh" not in plain
+    elsewhere = module.main([*common, "--render", "--selection-task", "roleplay"])["summary"]["cells"]["summary|plain|None"]
+    assert elsewhere["fresh"]["seeds"] == [0, 1] and "selection" not in elsewhere
