@@ -57,8 +57,8 @@ class ForwardSession:
 
 
 class ActivationTerms:
-    """The math of ``OrthoRegularizer`` (a mixin: it reads ``config``, ``directions``, ``layer_indices``,
-    ``base_mean``, ``health``, ``step`` and ``metrics`` of the regulariser)."""
+    """The math of ``OrthoRegularizer`` (a mixin: it reads ``config``, ``directions``, ``directions_on``,
+    ``layer_indices``, ``base_mean``, ``health``, ``step`` and ``metrics`` of the regulariser)."""
 
     def _selected_index(self, session: ForwardSession, h: torch.Tensor) -> torch.Tensor | None:
         """Flat indices of the session's selected tokens, computed once per forward and shared by every layer and
@@ -98,9 +98,7 @@ class ActivationTerms:
                 values[f"cov/layer_{index}"] = cov.detach()
                 terms.append(cfg.cov_weight * cov)
             if cfg.proj_weight > 0 and self.directions is not None and index in self.directions:
-                u = self.directions[index]
-                if u.device != h.device or u.dtype != torch.float32:
-                    u = self.directions.directions[index] = u.to(device=h.device, dtype=torch.float32)
+                u = self.directions_on(index, h.device)
                 recorded = not calibrating or self.base_mean.record(index, h, mask, u, self.step)
                 calibrated = calibrated and recorded
                 if recorded:  # else this micro-batch was not finite: no base statistics yet, no projection term
@@ -176,6 +174,6 @@ class ActivationTerms:
         """U_ℓ x_ref for every token of the reference activations, (B·T, k) float32; ``None`` without directions."""
         if self.directions is None or index not in self.directions:
             return None
-        u = self.directions[index].to(device=h_ref.device, dtype=torch.float32)
+        u = self.directions_on(index, h_ref.device)
         with no_autocast(h_ref.device):
             return h_ref.reshape(-1, h_ref.shape[-1]).float() @ u.T

@@ -292,8 +292,7 @@ def calibrate(regularizer: Any, model: Any, batches: Any) -> None:
             h = layer_hidden(output)
             directions = regularizer.directions
             if directions is not None and index in directions:
-                u = directions[index].to(device=h.device, dtype=torch.float32)
-                stats.record(index, h, current_mask[0], u, regularizer.step)
+                stats.record(index, h, current_mask[0], regularizer.directions_on(index, h.device), regularizer.step)
             if config.units == "base" and config.cov_weight > 0:
                 rows = selected_index(None if current_mask[0] is None else current_mask[0].to(h.device))
                 stats.record_covariance(index, covariance_from_index(h, rows, gather=config.gather))

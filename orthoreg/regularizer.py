@@ -46,7 +46,7 @@ from .capture import (
     token_mask,
 )
 from .config import OrthoRegConfig
-from .directions import DirectionsError, HarmfulDirections
+from .directions import DirectionsError, DirectionsOnDevice, HarmfulDirections
 from .health import IllConditionedPenaltyError, NonFiniteHiddenStateError, StepHealth
 from .injection import PenaltyScale, inject_penalty
 from .metrics import PenaltyMetrics
@@ -115,6 +115,8 @@ class OrthoRegularizer(ActivationTerms):
             )
         self.config = config
         self.directions = directions
+        # U_ℓ in float32 on the activations' device, copied once per device, not per forward.
+        self.directions_on = DirectionsOnDevice(directions) if directions is not None else None
         self.mode = mode
         self.check = check
         self.grad_scale = 1.0
