@@ -79,12 +79,12 @@ def base_build(prep: dict[str, Any]) -> dict[str, Any]:
     different builds are each measured against their own base."""
     import hashlib
 
+    from orthoreg.realbench.task_eval import rejudge
+
     digest = hashlib.sha256()
     with (Path(prep["aligned_folder"]) / "model.safetensors").open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 24), b""):
             digest.update(block)
-    from orthoreg.realbench.task_eval import rejudge
-
     pooled = rejudge(prep["base_eval"]["safety"], prep["ppl_limit"])["pooled"]
     return {"sha256": digest.hexdigest()[:16], "ppl_limit": prep["ppl_limit"],
             "pooled": {k: pooled[k] for k in ("attempt", "refusal", "neither", "over_refusal")}}
@@ -335,10 +335,10 @@ def finish(args, prep: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path
     if args.readme:
         base = summary["base"]["pooled"]
         write_readme(f"**Rendered** {result['date']} from `{run_dir}` ({len(rows)} fine-tunes) · selection seeds "
-                     f"{args.selection_seeds} of {args.selection_task or 'every task'} · aligned base: harmful attempts {base['attempt']:.0f} %, refusals "
-                     f"{base['refusal']:.0f} %, over-refusal {base['over_refusal']:.0f} % (pooled) · rows per base "
-                     f"build (weights' SHA-256): {', '.join(f'{k} {n}' for k, n in summary['base_builds'].items())}."
-                     "\n\n"
+                     f"{args.selection_seeds} of {args.selection_task or 'every task'} · aligned base: harmful "
+                     f"attempts {base['attempt']:.0f} %, refusals {base['refusal']:.0f} %, over-refusal "
+                     f"{base['over_refusal']:.0f} % (pooled) · rows per base build (weights' SHA-256): "
+                     f"{', '.join(f'{k} {n}' for k, n in summary['base_builds'].items())}.\n\n"
                      + table(summary))
     return result
 
