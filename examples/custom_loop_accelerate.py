@@ -133,7 +133,7 @@ def collate(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, 
 
 def load_directions(args: argparse.Namespace, model):
     from orthoreg import HarmfulDirections
-    from orthoreg.capture import find_decoder_stack, resolve_layers
+    from orthoreg.core.capture import find_decoder_stack, resolve_layers
 
     if args.directions is not None:
         return HarmfulDirections.load(args.directions, model=model)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from peft import LoraConfig, get_peft_model
 
     from orthoreg import OrthoRegConfig
-    from orthoreg.lora import OrthoLoRA
+    from orthoreg.lora.wrapper import OrthoLoRA
 
     args = parse_args(argv)
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision=args.mixed_precision,

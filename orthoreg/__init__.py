@@ -15,23 +15,23 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "covariance_penalty": "penalties",
-    "projection_penalty": "penalties",
-    "lora_weight_penalty": "penalties",
-    "HarmfulDirections": "directions",
-    "DirectionsError": "directions",
+    "covariance_penalty": "terms.penalties",
+    "projection_penalty": "terms.penalties",
+    "lora_weight_penalty": "terms.penalties",
+    "HarmfulDirections": "directions.harmful",
+    "DirectionsError": "directions.harmful",
     "OrthoRegConfig": "config",
-    "OrthoRegularizer": "regularizer",
+    "OrthoRegularizer": "engine.regularizer",
     "OrthoRegCallback": "callback",
-    "OrthoLoRA": "lora",
-    "extract_directions": "extraction",
-    "InputSubspaces": "reader_subspaces",
-    "InputSubspacesError": "reader_subspaces",
-    "extract_input_subspaces": "reader_extraction",
-    "extract_template_subspaces": "template_reader",
-    "overlap_score": "audit",
-    "find_decoder_stack": "capture",
-    "resolve_layers": "capture",
+    "OrthoLoRA": "lora.wrapper",
+    "extract_directions": "directions.extraction",
+    "InputSubspaces": "reader.subspaces",
+    "InputSubspacesError": "reader.subspaces",
+    "extract_input_subspaces": "reader.extraction",
+    "extract_template_subspaces": "reader.template",
+    "overlap_score": "audit.overlap",
+    "find_decoder_stack": "core.capture",
+    "resolve_layers": "core.capture",
 }
 
 __all__ = sorted(_LAZY)

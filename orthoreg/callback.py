@@ -12,10 +12,10 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .config import OrthoRegConfig
-from .directions import HarmfulDirections
-from .metrics import METRIC_PREFIX
-from .reader_wiring import check_restored_base, reader_penalty_for, restore_reader_base, save_reader_base
-from .regularizer import OrthoRegularizer
+from .directions.harmful import HarmfulDirections
+from .engine.metrics import METRIC_PREFIX
+from .engine.regularizer import OrthoRegularizer
+from .reader.wiring import check_restored_base, reader_penalty_for, restore_reader_base, save_reader_base
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class OrthoRegCallback(TrainerCallback):
     r"""Adds orthoreg's covariance and projection penalties to a Trainer's gradients.
 
     A callback cannot change a Trainer's loss, so the penalties enter through gradient injection (see
-    ``orthoreg.regularizer``): the parameter gradients are exactly those of
+    ``orthoreg.engine.regularizer``): the parameter gradients are exactly those of
 
     .. math:: \mathcal{L}_{task} + w(t)\,\big(\lambda_{cov} \sum_\ell \mathrm{cov}(h_\ell)
               + \lambda_{proj} \sum_\ell \mathrm{proj}(h_\ell)\big)
@@ -43,7 +43,7 @@ class OrthoRegCallback(TrainerCallback):
     checkpoint's ``trainer_state.json`` and restored on ``resume_from_checkpoint``; the warm-up follows
     ``state.global_step``.
 
-    With ``config.reader_weight > 0`` the reader-side weight penalty λ_reader·Σ_m reader(m) (``orthoreg.reader``)
+    With ``config.reader_weight > 0`` the reader-side weight penalty λ_reader·Σ_m reader(m) (``orthoreg.reader.penalty``)
     is added too, inside each module's forward (exact under ZeRO-3/FSDP2), logged as ``orthoreg/reader``; for full
     fine-tuning its W₀V_mᵀ are saved next to every checkpoint (``orthoreg_reader_base.safetensors``) and restored on
     resume.

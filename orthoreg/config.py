@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from .capture import MASK_POLICIES, resolve_layers
+from .core.capture import MASK_POLICIES, resolve_layers
 
 Anchor = Literal["absolute", "base_mean", "paired"]
 Mask = Literal["attention", "labels", "prompt_end"]
@@ -94,14 +94,14 @@ class OrthoRegConfig:
         layers (`int | str | list`, *optional*, defaults to `"middle_third"`):
             Decoder layers to guard: an index, a negative index, a list, a named range (``"last_third"``,
             ``"all"``, …) or a fraction slice ``"a:b"``; on a command line the same written as text (``"1"``,
-            ``"1,3"``, ``"-1"``, ``"2/3:"``). See ``orthoreg.capture.resolve_layers``.
+            ``"1,3"``, ``"-1"``, ``"2/3:"``). See ``orthoreg.core.capture.resolve_layers``.
         cov_weight (`float`, *optional*, defaults to `0.0`): λ_cov, weight of the off-diagonal covariance penalty.
         proj_weight (`float`, *optional*, defaults to `1.0`): λ_proj, weight of the projection penalty; needs
             harmful directions.
         lora_weight (`float`, *optional*, defaults to `0.0`): λ_lora, weight of the LoRA weight-space penalty
             (``OrthoLoRA`` only; always absolute: ΔW starts at 0, so it has no base value).
         reader_weight (`float`, *optional*, defaults to `0.0`): λ_reader, weight of the reader-side weight penalty
-            Σ_m ‖ΔW_m V_mᵀ‖²_F over the modules named by ``input_subspaces`` (``orthoreg.reader``): LoRA
+            Σ_m ‖ΔW_m V_mᵀ‖²_F over the modules named by ``input_subspaces`` (``orthoreg.reader.penalty``): LoRA
             s²‖B(AV_mᵀ)‖², full fine-tuning ‖W_mV_mᵀ − W₀V_mᵀ‖². Always absolute.
         units (`str`, *optional*, defaults to `"absolute"`): ``"absolute"`` — the terms as written, summed over
             guarded layers; ``"base"`` — each activation term in its base model's units, averaged over the guarded

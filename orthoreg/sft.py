@@ -64,7 +64,7 @@ class _OrthoRegSFTOptions:
         "help": "Extraction method for 'builtin' directions."})
     orthoreg_input_subspaces: str | None = field(default=None, metadata={
         "help": "Input subspaces V_m of the modules the reader penalty guards (--orthoreg_reader_weight > 0): a "
-                ".safetensors file or a save_pretrained folder of orthoreg.reader.InputSubspaces."})
+                ".safetensors file or a save_pretrained folder of orthoreg.reader.penalty.InputSubspaces."})
 
 
 def _prefixed_fields() -> list[tuple[str, Any, Any]]:
@@ -202,8 +202,8 @@ def _from_main_process(payload: Any) -> Any:
 def _extract_builtin(trainer, args, config: OrthoRegConfig, source_model: str, revision: str | None):
     """Extracts the built-in contrast set's directions at the guarded layers (main process only)."""
     from . import extract_directions
-    from .capture import find_decoder_stack, resolve_layers
-    from .prompts import load_builtin
+    from .core.capture import find_decoder_stack, resolve_layers
+    from .core.prompts import load_builtin
 
     model = trainer.model
     stack = find_decoder_stack(model, layers_path=config.layers_path)
@@ -226,7 +226,7 @@ def obtain_directions(trainer, args, config: OrthoRegConfig, source_model: str, 
     ``builtin``: the main process extracts and saves them, every rank receives its tensors (an extraction error is
     raised on every rank, not only on rank 0). A file: every rank loads it and checks it against the model.
     """
-    from .directions import HarmfulDirections
+    from .directions.harmful import HarmfulDirections
 
     if args.orthoreg_directions != BUILTIN:
         directions = HarmfulDirections.from_pretrained(args.orthoreg_directions, model=trainer.model)
@@ -273,7 +273,7 @@ def attach_orthoreg(trainer, args, source_model: str, revision: str | None = Non
         directions, provenance = obtain_directions(trainer, args, config, source_model, revision)
     subspaces = None
     if config.reader_weight > 0:
-        from .reader import InputSubspaces
+        from .reader.penalty import InputSubspaces
 
         path = Path(args.orthoreg_input_subspaces)
         subspaces = InputSubspaces.from_pretrained(path) if path.is_dir() else InputSubspaces.load(path)

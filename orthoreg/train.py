@@ -113,7 +113,7 @@ class FineTuneRecipe:
 
     # ------------------------------------------------------------------ the pipeline
     def run(self) -> dict[str, Any] | None:
-        from orthoreg.capture import find_decoder_stack
+        from orthoreg.core.capture import find_decoder_stack
         from orthoreg.recipes_lib import regs, training
         from orthoreg.recipes_lib.directions import obtain_directions
         from orthoreg.recipes_lib.launch import barrier

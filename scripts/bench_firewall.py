@@ -43,13 +43,13 @@ import torch
 from transformers import TrainerCallback
 
 from orthoreg import OrthoRegCallback, OrthoRegConfig
-from orthoreg.audit import overlap_score
-from orthoreg.budget import BudgetConfig
-from orthoreg.density import superposition_density
-from orthoreg.extraction import extract_directions
-from orthoreg.firewall import FirewallCallback, FirewallConfig
-from orthoreg.rank_correlation import spearman_rho
-from orthoreg.recommend import recommend
+from orthoreg.audit.density import superposition_density
+from orthoreg.audit.overlap import overlap_score
+from orthoreg.audit.recommend import recommend
+from orthoreg.core.rank_correlation import spearman_rho
+from orthoreg.directions.extraction import extract_directions
+from orthoreg.firewall.budget import BudgetConfig
+from orthoreg.firewall.callback import FirewallCallback, FirewallConfig
 from orthoreg.testbed import world
 from orthoreg.testbed.evaluate import evaluate, left_pad
 from orthoreg.testbed.finetune import PadCollator, finetune

@@ -22,7 +22,7 @@ What is measured, per configuration (model × {full, LoRA} × activation checkpo
   gradient (backward).
 
 Arms: ``plain``; ``cov``; ``proj_absolute``/``proj_base_mean``/``proj_paired`` (paired: LoRA only);
-``lora_w`` (the weight-space term, LoRA only); ``reader`` (the reader-side weight term alone, ``orthoreg.reader``,
+``lora_w`` (the weight-space term, LoRA only); ``reader`` (the reader-side weight term alone, ``orthoreg.reader.penalty``,
 with ``READER_K`` = 16 random orthonormal input rows V_m per linear module of every layer — q, k, v, o, gate, up,
 down: LoRA λ·Σ s²‖B(AV_mᵀ)‖², full fine-tuning λ·Σ ‖W_mV_mᵀ − W₀V_mᵀ‖²); ``cov+proj`` (base_mean anchor) and
 ``cov+proj_paired`` (LoRA); ``all`` (cov + proj + lora_w, LoRA); ``kl`` (KL(p_θ ‖ p_base) on the logits; full: a
@@ -187,7 +187,7 @@ def make_batch(spec: ModelSpec, device: str, seed: int = 0) -> dict[str, torch.T
 
 
 def make_directions(spec: ModelSpec, seed: int = 0):
-    from orthoreg.directions import HarmfulDirections
+    from orthoreg.directions.harmful import HarmfulDirections
 
     g = torch.Generator().manual_seed(seed + 1)
     return HarmfulDirections({i: torch.randn(spec.k, spec.hidden_size, generator=g) for i in spec.guarded},
@@ -197,7 +197,7 @@ def make_directions(spec: ModelSpec, seed: int = 0):
 def make_input_subspaces(model, k: int = READER_K, seed: int = 0):
     """``InputSubspaces`` of k random orthonormal rows for every ``READER_MODULES`` linear module of every layer (the
     reader arm's V_m; module names as in the base model, so they fit it bare or PEFT-wrapped)."""
-    from orthoreg.reader_subspaces import InputSubspaces, module_in_features, named_input_modules
+    from orthoreg.reader.subspaces import InputSubspaces, module_in_features, named_input_modules
 
     g = torch.Generator().manual_seed(seed + 2)
     bases = {}
@@ -209,7 +209,7 @@ def make_input_subspaces(model, k: int = READER_K, seed: int = 0):
 
 
 def count_params(model) -> dict[str, int]:
-    from orthoreg.capture import find_decoder_stack
+    from orthoreg.core.capture import find_decoder_stack
 
     stack = find_decoder_stack(model)
     total = sum(p.numel() for p in model.parameters())
@@ -240,7 +240,7 @@ class OrthoFullArm(Arm):
 
     def __init__(self, name, ctx, config):
         super().__init__(name, ctx)
-        from orthoreg.regularizer import OrthoRegularizer
+        from orthoreg.engine.regularizer import OrthoRegularizer
 
         self.reg = OrthoRegularizer(config, ctx.directions, mode="inject")
         if config.anchor == "base_mean" and config.proj_weight > 0:  # r recorded once, outside the timed steps
@@ -262,7 +262,7 @@ class ReaderFullArm(Arm):
 
     def __init__(self, name, ctx, config):
         super().__init__(name, ctx)
-        from orthoreg.reader_wiring import reader_penalty_for
+        from orthoreg.reader.wiring import reader_penalty_for
 
         self.reader = reader_penalty_for(config, make_input_subspaces(ctx.model, seed=ctx.seed), mode="inject")
 
@@ -292,7 +292,7 @@ class OrthoLoRAArm(Arm):
 
     def setup(self):
 
-        from orthoreg.lora import OrthoLoRA
+        from orthoreg.lora.wrapper import OrthoLoRA
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unguarded writers
@@ -497,9 +497,9 @@ def isolated_cost(name: str, ctx: Context, reps: int, clock: str) -> float | Non
     term through ``lora_reader_penalty`` / ``full_reader_penalty`` on every module with a V_m. ``None`` for arms with
     a second forward (paired, kl) and for plain.
     """
-    from orthoreg.activation_terms import ForwardSession
-    from orthoreg.capture import find_decoder_stack
-    from orthoreg.regularizer import OrthoRegularizer
+    from orthoreg.core.capture import find_decoder_stack
+    from orthoreg.engine.activation_terms import ForwardSession
+    from orthoreg.engine.regularizer import OrthoRegularizer
 
     config = arm_config(name, ctx.spec.guarded)
     if config is None or name.endswith("paired"):
@@ -532,8 +532,8 @@ def isolated_cost(name: str, ctx: Context, reps: int, clock: str) -> float | Non
 
         work.append(activation_terms)
     if config.lora_weight > 0 and ctx.mode == "lora":
-        from orthoreg.lora import find_residual_writers
-        from orthoreg.penalties import lora_weight_penalty
+        from orthoreg.lora.wrapper import find_residual_writers
+        from orthoreg.terms.penalties import lora_weight_penalty
 
         writers = [w for w in find_residual_writers(ctx.model) if w.layer in ctx.spec.guarded]
         us = {i: ctx.directions[i].to(ctx.device) for i in ctx.spec.guarded}
@@ -549,8 +549,8 @@ def isolated_cost(name: str, ctx: Context, reps: int, clock: str) -> float | Non
 
         work.append(weight_terms)
     if config.reader_weight > 0:
-        from orthoreg.lora_writers import is_conv1d
-        from orthoreg.reader import full_reader_penalty, lora_reader_penalty, weight_times_basis
+        from orthoreg.lora.writers import is_conv1d
+        from orthoreg.reader.penalty import full_reader_penalty, lora_reader_penalty, weight_times_basis
 
         subspaces = make_input_subspaces(ctx.model, seed=ctx.seed)
         modules = subspaces.resolve(ctx.model)
@@ -643,7 +643,7 @@ def regularizer_flops(arm: str, spec: ModelSpec, params: dict[str, int], mode: s
 def gather_bytes(spec: ModelSpec, itemsize: int = 4, world_sizes=(2, 8)) -> list[dict[str, Any]]:
     """Bytes each rank sends per micro-batch for ``gather=True`` (ring collectives), every rank holding N_max rows.
 
-    Now (``orthoreg.penalties.gather_rows(identical_loss=True)``): per guarded layer, an all-gather of one int64
+    Now (``orthoreg.terms.penalties.gather_rows(identical_loss=True)``): per guarded layer, an all-gather of one int64
     count and of the padded (N_max, d) rows in the model's dtype; backward sends nothing (every rank computes the
     same covariance, so each already holds the full gradient of its rows). Before: the rows in float32 and an
     all-reduce of the (W, N_max, d) float32 gradient in backward (2(W−1)/W · W·N_max·d·4 bytes). For comparison,

@@ -3,7 +3,7 @@
     python scripts/bench_penalties_vs_revision.py --rev c141d84
 
 Both are loaded into one process (the old revision's self-contained ``penalties.py`` as a file, this checkout's
-``orthoreg.penalties`` as the package), and each case's forward+backward is
+``orthoreg.terms.penalties`` as the package), and each case's forward+backward is
 timed interleaved, old and new alternating, on process CPU time, so machine load hits both alike. Prints the median
 per-call time of each, their ratio with its interquartile range, and the difference as a share of a training step
 whose time you give (``--step-ms``, default: the overhead benchmark's small model, 1.55 s on 2 cores).
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         old_path.write_text(old_source)
         old = load(old_path, "penalties_old")
     sys.path.insert(0, str(REPO))
-    import orthoreg.penalties as new  # the checkout's package (its penalties import sibling modules)
+    import orthoreg.terms.penalties as new  # the checkout's package (its penalties import sibling modules)
     print(f"{'case':15s} {'old ms':>8s} {'new ms':>8s} {'ratio':>6s} {'IQR':>15s} {'Δ step %':>9s}")
     for case, n, d, k, dtype in CASES:
         g = torch.Generator().manual_seed(0)

@@ -26,9 +26,9 @@ from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditional
 
 import orthoreg  # noqa: E402
 from orthoreg import HarmfulDirections, OrthoRegConfig  # noqa: E402
-from orthoreg.capture import find_decoder_stack, token_mask  # noqa: E402
-from orthoreg.penalties import covariance_penalty, lora_weight_penalty  # noqa: E402
-from orthoreg.regularizer import OrthoRegularizer  # noqa: E402
+from orthoreg.core.capture import find_decoder_stack, token_mask  # noqa: E402
+from orthoreg.engine.regularizer import OrthoRegularizer  # noqa: E402
+from orthoreg.terms.penalties import covariance_penalty, lora_weight_penalty  # noqa: E402
 from tests.models import tiny_model  # noqa: E402
 from tests.trainer_harness import padded_dataset  # noqa: E402
 

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from orthoreg import OrthoRegConfig  # noqa: E402
-from orthoreg.capture import find_decoder_stack, resolve_layers  # noqa: E402
-from orthoreg.regularizer import OrthoRegularizer  # noqa: E402
+from orthoreg.core.capture import find_decoder_stack, resolve_layers  # noqa: E402
+from orthoreg.engine.regularizer import OrthoRegularizer  # noqa: E402
 
 SETTINGS = {
     "proj absolute λ=1": dict(proj_weight=1.0, cov_weight=0.0, anchor="base_mean", units="absolute"),
@@ -58,7 +58,7 @@ def toy_models():
 def smollm2():
     """The SmolLM2 benchmark's own fine-tuning data (chat format, loss on the replies)."""
     from orthoreg import extract_directions
-    from orthoreg.prompts import load_builtin
+    from orthoreg.core.prompts import load_builtin
     from orthoreg.realbench import data
     from orthoreg.realbench.model import collate, encode_example, load_shipped
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from orthoreg.audit import (
+from orthoreg.audit.overlap import (
     OverlapReport,
     TaskDataError,
     encode_task_examples,
@@ -22,8 +22,8 @@ from orthoreg.audit import (
 )
 from orthoreg.commands import audit as audit_cmd
 from orthoreg.commands import directions as directions_cmd
-from orthoreg.directions import DirectionsError, HarmfulDirections
-from orthoreg.extraction import extract_directions
+from orthoreg.directions.extraction import extract_directions
+from orthoreg.directions.harmful import DirectionsError, HarmfulDirections
 from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
     SIMPLE_TEMPLATE,
     make_tokenizer,

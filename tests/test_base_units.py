@@ -13,7 +13,7 @@ import torch
 from transformers import HfArgumentParser
 
 from orthoreg import OrthoRegCallback, OrthoRegConfig
-from orthoreg.regularizer import OrthoRegularizer
+from orthoreg.engine.regularizer import OrthoRegularizer
 from tests.models import random_directions, tiny_model
 from tests.trainer_harness import (
     assert_grads_close,

@@ -33,9 +33,9 @@ from orthoreg.baselines import (
     interleave,
     kl_to_reference,
 )
-from orthoreg.capture import find_decoder_stack, layer_hidden
-from orthoreg.directions import DirectionsError
-from orthoreg.injection import PenaltyScale, inject_penalty
+from orthoreg.core.capture import find_decoder_stack, layer_hidden
+from orthoreg.directions.harmful import DirectionsError
+from orthoreg.terms.injection import PenaltyScale, inject_penalty
 from tests.models import tiny_model
 from tests.trainer_harness import assert_grads_close, capture_layers, padded_dataset, train_one_step
 

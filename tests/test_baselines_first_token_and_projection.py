@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from orthoreg.baselines import FirstTokenKLCallback, HardProjectionCallback, first_token_weights
-from orthoreg.reader_subspaces import InputSubspaces, InputSubspacesError
+from orthoreg.reader.subspaces import InputSubspaces, InputSubspacesError
 from tests.models import tiny_model
 from tests.trainer_harness import assert_grads_close, padded_dataset, train_one_step
 

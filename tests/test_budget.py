@@ -5,7 +5,7 @@ and the drift follows with a first-order lag (time constant 1/β steps):
 
     D*(λ) = push / (1 + (λ/λ_ref)^γ),     D_{t+1} = D_t + β (D*(λ_t) − D_t),     measured D_t · (1 + noise·ε_t).
 
-γ is the plant's log-log gain at large λ (orthoreg.budget's stability argument holds for γ ≤ 1), β = 1 is a plant
+γ is the plant's log-log gain at large λ (orthoreg.firewall.budget's stability argument holds for γ ≤ 1), β = 1 is a plant
 with no lag; the toy world's drift settles within a few steps (β ≈ 0.2–0.5). Tolerances are stated per test.
 """
 
@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from orthoreg.budget import BudgetConfig, DriftBudgetController
+from orthoreg.firewall.budget import BudgetConfig, DriftBudgetController
 
 B = 1.0  # the budget
 SET_POINT = 0.8 * B  # default target

@@ -11,9 +11,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
 from orthoreg import OrthoRegCallback, OrthoRegConfig
-from orthoreg.capture import UnsupportedArchitectureError
-from orthoreg.directions import DirectionsError
-from orthoreg.regularizer import NonFiniteHiddenStateError
+from orthoreg.core.capture import UnsupportedArchitectureError
+from orthoreg.directions.harmful import DirectionsError
+from orthoreg.engine.regularizer import NonFiniteHiddenStateError
 from tests.models import random_directions, tiny_model, tiny_tokenizer, word_text
 from tests.trainer_harness import (
     LogRecorder,
@@ -154,7 +154,7 @@ def test_nonfinite_skip_policy_drops_the_penalty(tmp_path, caplog):
     poison_layer(model, layer=2)
     config = OrthoRegConfig(layers=[1, 2], cov_weight=1.0, proj_weight=0.0, on_nonfinite="skip")
     callback = OrthoRegCallback(config)
-    with caplog.at_level(logging.WARNING, logger="orthoreg.health"):
+    with caplog.at_level(logging.WARNING, logger="orthoreg.engine.health"):
         callback.regularizer.attach(model)
         model.train()
         out = model(**{k: torch.tensor(v) for k, v in padded_dataset(n=2)[:].items()})
@@ -261,8 +261,8 @@ def test_dpo_reference_passes_are_not_regularised(tmp_path):
 def test_bf16_model_gradients_equal_explicit_loss():
     """bf16 weights and activations: the injected gradient equals backpropagating ``loss + λ·penalty`` built by
     hand on the same bf16 forward (penalty math in float32 in both)."""
-    from orthoreg.capture import layer_hidden
-    from orthoreg.penalties import covariance_penalty, projection_penalty
+    from orthoreg.core.capture import layer_hidden
+    from orthoreg.terms.penalties import covariance_penalty, projection_penalty
 
     model = tiny_model().to(torch.bfloat16)
     model.train()
@@ -296,7 +296,7 @@ def test_bf16_mixed_precision_trainer_step_runs(tmp_path):
 
 
 def test_two_paired_regularisers_on_one_model_do_not_see_each_others_reference_pass():
-    from orthoreg.regularizer import OrthoRegularizer
+    from orthoreg.engine.regularizer import OrthoRegularizer
 
     model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["o_proj", "down_proj"],
                                                     init_lora_weights=False))

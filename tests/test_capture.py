@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from orthoreg.capture import (
+from orthoreg.core.capture import (
     UnsupportedArchitectureError,
     find_decoder_stack,
     layer_hidden,

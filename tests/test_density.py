@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from orthoreg.audit import OverlapReport
+from orthoreg.audit.density import DensityReport, covariance_density, superposition_density
+from orthoreg.audit.overlap import OverlapReport
+from orthoreg.audit.recommend import recommend
 from orthoreg.commands import audit as audit_cmd
-from orthoreg.density import DensityReport, covariance_density, superposition_density
-from orthoreg.directions import HarmfulDirections
-from orthoreg.recommend import recommend
+from orthoreg.directions.harmful import HarmfulDirections
 from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
     SIMPLE_TEMPLATE,
     make_tokenizer,

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import MistralConfig, MistralForCausalLM
 
-from orthoreg.directions import DirectionsError, HarmfulDirections
+from orthoreg.directions.harmful import DirectionsError, HarmfulDirections
 from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
     make_tokenizer,
     one_torch_thread,
@@ -69,7 +69,7 @@ def test_round_trip_is_bit_exact(tmp_path):
 
 
 def test_round_trip_of_extracted_directions_keeps_all_metadata(tmp_path):
-    from orthoreg.extraction import extract_directions
+    from orthoreg.directions.extraction import extract_directions
 
     model, _ = planted_model(1)
     harmful, harmless, _ = planted_prompts(4)

@@ -15,8 +15,8 @@ import torch
 from huggingface_hub import constants
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from orthoreg.directions import DirectionsError, HarmfulDirections
-from orthoreg.directions_hub import CARD_NAME, README_NAME, WEIGHTS_NAME
+from orthoreg.core.hub import CARD_NAME, README_NAME, WEIGHTS_NAME
+from orthoreg.directions.harmful import DirectionsError, HarmfulDirections
 from tests._directions_helpers import one_torch_thread, planted_model  # noqa: F401 - autouse fixture
 
 META = {"source_model": "org/tiny-llama", "model_type": "llama", "num_layers": 3, "method": "pca_diff",

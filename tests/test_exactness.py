@@ -10,9 +10,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from orthoreg import HarmfulDirections, OrthoRegCallback, OrthoRegConfig
-from orthoreg.health import IllConditionedPenaltyError
-from orthoreg.penalties import covariance_and_condition, covariance_penalty, lora_weight_penalty, projection_penalty
-from orthoreg.regularizer import OrthoRegularizer
+from orthoreg.engine.health import IllConditionedPenaltyError
+from orthoreg.engine.regularizer import OrthoRegularizer
+from orthoreg.terms.penalties import (
+    covariance_and_condition,
+    covariance_penalty,
+    lora_weight_penalty,
+    projection_penalty,
+)
 from tests.models import tiny_model
 from tests.trainer_harness import padded_dataset
 

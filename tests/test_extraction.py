@@ -11,15 +11,15 @@ import warnings
 import pytest
 import torch
 
-from orthoreg.directions import DirectionsError
-from orthoreg.extraction import (
+from orthoreg.core.prompts import ContrastSet, PromptSetError
+from orthoreg.directions.extraction import (
     ExtractionError,
     UnknownTokenWarning,
     encode_prompts,
     extract_directions,
     unknown_token_share,
 )
-from orthoreg.prompts import ContrastSet, PromptSetError
+from orthoreg.directions.harmful import DirectionsError
 from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
     SIMPLE_TEMPLATE,
     make_tokenizer,
@@ -241,7 +241,7 @@ def test_extraction_warns_when_prompts_are_mostly_unknown_tokens(tok, prompts):
 
 
 def test_the_builtin_prompts_are_mostly_unknown_to_the_toy_vocabulary():
-    from orthoreg.prompts import load_builtin
+    from orthoreg.core.prompts import load_builtin
     from orthoreg.testbed.tokenizer import build_tokenizer
 
     builtin = load_builtin("train")

@@ -13,9 +13,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
 from orthoreg import HarmfulDirections, OrthoRegConfig
-from orthoreg.firewall import Firewall, FirewallCallback, FirewallConfig, budget_callbacks
-from orthoreg.monitor import DriftMonitor
-from orthoreg.regularizer import OrthoRegularizer
+from orthoreg.engine.regularizer import OrthoRegularizer
+from orthoreg.firewall.callback import Firewall, FirewallCallback, FirewallConfig, budget_callbacks
+from orthoreg.firewall.monitor import DriftMonitor
 from tests.models import tiny_model
 from tests.trainer_harness import LogRecorder
 from tests.trainer_harness import make_trainer as harness_trainer
@@ -203,7 +203,7 @@ def test_metrics_are_logged_from_the_first_reading(tmp_path):
 
 def test_warn_logs_one_line_per_crossing(tmp_path, caplog):
     fw = FirewallCallback(FirewallConfig(max_drift=1e-4, action="warn", layers=[2]), dirs())
-    with caplog.at_level(logging.WARNING, logger="orthoreg.firewall"):
+    with caplog.at_level(logging.WARNING, logger="orthoreg.firewall.callback"):
         make_trainer(tiny_model(), [fw], tmp_path, steps=4, learning_rate=1e-2).train()
     lines = [r.getMessage() for r in caplog.records if "orthoreg firewall" in r.getMessage()]
     # Two directions of layer 2 cross once each (they stay above the tiny threshold afterwards): two lines.
@@ -358,7 +358,7 @@ def test_plain_firewall_in_a_custom_loop():
 def test_budget_mode_drives_ortholora_in_a_custom_loop():
     # Without a Trainer: the firewall adapts OrthoLoRA's proj_weight (the paired anchor), and the next forward's
     # outputs.loss carries exactly the new weight; the adapter-disabled reference forward is not observed.
-    from orthoreg.lora import OrthoLoRA
+    from orthoreg.lora.wrapper import OrthoLoRA
 
     torch.manual_seed(0)
     peft_model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"],

@@ -33,8 +33,8 @@ from lora_common import (  # noqa: E402
 )
 
 from orthoreg import OrthoRegConfig  # noqa: E402
-from orthoreg.directions import DirectionsError, HarmfulDirections  # noqa: E402
-from orthoreg.lora import OrthoLoRA, find_residual_writers  # noqa: E402
+from orthoreg.directions.harmful import DirectionsError, HarmfulDirections  # noqa: E402
+from orthoreg.lora.wrapper import OrthoLoRA, find_residual_writers  # noqa: E402
 from tests.models import tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,7 +243,7 @@ def test_warmup_steps_and_eval():
     assert seen == [(0, pytest.approx(0.25)), (1, pytest.approx(0.25)), (1, pytest.approx(0.5)),
                     (2, pytest.approx(0.5))]
     metrics = ortho.pop_metrics()
-    # the callback's vocabulary (orthoreg.metrics): the warm-up of the last step the values come from
+    # the callback's vocabulary (orthoreg.engine.metrics): the warm-up of the last step the values come from
     assert set(metrics) == {"orthoreg/lora", "orthoreg/total", "orthoreg/warmup"} and ortho.pop_metrics() == {}
     assert metrics["orthoreg/warmup"] == pytest.approx(0.5)
     # Evaluation forwards are not regularised: plain model outputs, no step.

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orthoreg.penalties import covariance_penalty, lora_weight_penalty, projection_penalty
+from orthoreg.terms.penalties import covariance_penalty, lora_weight_penalty, projection_penalty
 from tests.trainer_harness import ref_covariance
 
 

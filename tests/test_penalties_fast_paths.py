@@ -4,8 +4,8 @@ small d, where the block-triangular symmetric product and the shared token index
 import pytest
 import torch
 
-from orthoreg.covariance import symmetric_product
-from orthoreg.penalties import (
+from orthoreg.terms.covariance import symmetric_product
+from orthoreg.terms.penalties import (
     covariance_from_index,
     covariance_penalty,
     projection_from_index,

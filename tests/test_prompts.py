@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from orthoreg.prompts import (
+from orthoreg.core.prompts import (
     ContrastSet,
     PromptSetError,
     builtin_categories,
@@ -260,7 +260,7 @@ def test_hub_name_uses_load_dataset(monkeypatch):
 
 def test_hub_offline_error_points_to_local_files():
     # A real `datasets` call in offline mode, in a subprocess so the offline switches are read at import time.
-    code = ("from orthoreg.prompts import load_hub_contrast\n"
+    code = ("from orthoreg.core.prompts import load_hub_contrast\n"
             "try:\n    load_hub_contrast('no-such-org/no-such-set')\n"
             "except Exception as e:\n    print(type(e).__name__, e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -1,4 +1,4 @@
-"""The reader-side weight penalty (``orthoreg.reader``) against float64 references written here.
+"""The reader-side weight penalty (``orthoreg.reader.penalty``) against float64 references written here.
 
 References form ΔW = s·B·A explicitly (or W − W₀) in float64 and differentiate ‖ΔW Vᵀ‖²_F with autograd; the task
 gradient comes from an untouched copy of the model. Gradients must match per parameter tensor to 1e-5 relative
@@ -16,14 +16,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
-from orthoreg.injection import PenaltyScale, inject_penalty
-from orthoreg.reader import (
+from orthoreg.reader.penalty import (
     NonFiniteReaderPenaltyError,
     ReaderPenalty,
     full_reader_penalty,
     lora_reader_penalty,
 )
-from orthoreg.reader_subspaces import InputSubspaces, InputSubspacesError
+from orthoreg.reader.subspaces import InputSubspaces, InputSubspacesError
+from orthoreg.terms.injection import PenaltyScale, inject_penalty
 from tests.models import tiny_model
 from tests.trainer_harness import assert_grads_close, padded_dataset, train_one_step
 

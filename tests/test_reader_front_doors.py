@@ -12,8 +12,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
 from orthoreg import OrthoLoRA, OrthoRegCallback, OrthoRegConfig
-from orthoreg.reader import InputSubspaces
-from orthoreg.reader_wiring import READER_BASE_FILE
+from orthoreg.reader.penalty import InputSubspaces
+from orthoreg.reader.wiring import READER_BASE_FILE
 from tests.models import tiny_model
 from tests.trainer_harness import assert_grads_close, make_trainer, padded_dataset, train_one_step
 
@@ -145,7 +145,7 @@ def _nan_in_first_reader_module(peft_model, spaces):
 def test_callback_stops_the_step_on_a_nan_reader_penalty(tmp_path):
     """The reader term is checked once per optimizer step, in on_pre_optimizer_step: a NaN LoRA weight raises there,
     naming the module, and no optimizer step is taken."""
-    from orthoreg.reader import NonFiniteReaderPenaltyError
+    from orthoreg.reader.penalty import NonFiniteReaderPenaltyError
 
     model = lora_model()
     spaces = subspaces(tiny_model())
@@ -164,7 +164,7 @@ def test_callback_stops_the_step_on_a_nan_reader_penalty(tmp_path):
 def test_front_doors_check_the_reader_once_per_optimizer_step(tmp_path, front_door):
     """Both front doors build the reader with check="step" and call its check_step exactly once per optimizer step
     (GA 2: two forwards, one check), so the forward itself never waits for the device."""
-    from orthoreg.reader import ReaderPenalty
+    from orthoreg.reader.penalty import ReaderPenalty
 
     calls = []
     original = ReaderPenalty.check_step

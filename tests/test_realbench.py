@@ -114,7 +114,7 @@ def test_harm_splits_are_disjoint_and_matched():
 
 def test_harm_prompts_not_in_builtin_contrast_set():
     """The directions are extracted from the built-in contrast set; no benchmark prompt may be one of them."""
-    from orthoreg.prompts import load_builtin
+    from orthoreg.core.prompts import load_builtin
 
     builtin = load_builtin("all")
     builtin_prompts = {p.lower() for p in builtin.harmful + builtin.harmless}
@@ -142,7 +142,7 @@ def test_task_data_disjoint_and_exact_match():
 
 
 def test_eval_activities_not_in_builtin_contrast_set():
-    from orthoreg.prompts import load_builtin
+    from orthoreg.core.prompts import load_builtin
 
     builtin = " || ".join(p.lower() for p in load_builtin("all").harmful)
     for cat in D.CATEGORIES:
@@ -219,7 +219,7 @@ def test_prompt_end_mask_selects_the_decision_token():
     """The benchmark's training examples under ``orthoreg_mask="prompt_end"``: the mask picks exactly the last prompt token of every
     encoded example (the template's newline after ``assistant`` — the position ``extract_directions(pooling="last")``
     reads), not the token before it, whatever the reply's length; and the labels start right after it."""
-    from orthoreg.capture import token_mask
+    from orthoreg.core.capture import token_mask
     from orthoreg.realbench.model import chat_prompt, collate, encode_example
     from orthoreg.realbench.pipeline import BenchConfig, task_training_examples
 

@@ -14,7 +14,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
 from orthoreg import OrthoLoRA, OrthoRegCallback, OrthoRegConfig
-from orthoreg.capture import layer_hidden
+from orthoreg.core.capture import layer_hidden
 from tests.models import random_directions, tiny_model, tiny_tokenizer, word_text
 from tests.trainer_harness import (
     assert_grads_close,

@@ -14,9 +14,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from orthoreg import OrthoLoRA, OrthoRegCallback, OrthoRegConfig
-from orthoreg.capture import UnsupportedArchitectureError, find_decoder_stack, token_mask
-from orthoreg.health import NonFiniteHiddenStateError
-from orthoreg.regularizer import OrthoRegularizer
+from orthoreg.core.capture import UnsupportedArchitectureError, find_decoder_stack, token_mask
+from orthoreg.engine.health import NonFiniteHiddenStateError
+from orthoreg.engine.regularizer import OrthoRegularizer
 from tests.models import random_directions, tiny_model
 from tests.trainer_harness import make_trainer, padded_dataset
 
@@ -172,7 +172,7 @@ def test_nonfinite_lora_weights_raise_before_backward_and_skip_drops_the_penalty
                                                on_nonfinite="skip"), dirs())
     skipping.train()
     ortho.remove_hooks()
-    with caplog.at_level(logging.WARNING, logger="orthoreg.health"):
+    with caplog.at_level(logging.WARNING, logger="orthoreg.engine.health"):
         out = skipping(**batch)
     assert out.orthoreg_penalty.item() == 0.0
     assert "penalty was dropped" in caplog.text

@@ -1,4 +1,4 @@
-"""The template-reader constraint (``orthoreg.template_reader``): modules, positions, and V against a hand-collected
+"""The template-reader constraint (``orthoreg.reader.template``): modules, positions, and V against a hand-collected
 float64 PCA of the inputs at the template's tokens."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from orthoreg import InputSubspacesError, extract_template_subspaces
-from orthoreg.template_reader import template_reader_modules
+from orthoreg.reader.template import template_reader_modules
 from tests._directions_helpers import make_tokenizer, one_torch_thread  # noqa: F401 - autouse fixture
 from tests.test_reader_extraction import MODULES, PROMPTS, REPLIES, SIMPLE_TEMPLATE, model, projector, reference_inputs
 

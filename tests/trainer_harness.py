@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from orthoreg.capture import find_decoder_stack, layer_hidden
+from orthoreg.core.capture import find_decoder_stack, layer_hidden
 
 
 def padded_dataset(n: int = 8, T: int = 9, vocab: int = 99, seed: int = 0, pad_id: int = 0) -> Dataset:
@@ -122,7 +122,7 @@ def capture_layers(model, layers, batch, peft_disabled=False):
 
 def reference_penalty_grads(model, batches, config, directions, ga, mask_policy="attention"):
     """∇_θ Σ_mb (1/GA)·(λ_cov Σ_ℓ cov + λ_proj Σ_ℓ proj) in float64 math, on a private copy of ``model``."""
-    from orthoreg.capture import resolve_layers
+    from orthoreg.core.capture import resolve_layers
 
     model = copy.deepcopy(model)
     model.train()

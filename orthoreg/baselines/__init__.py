@@ -2,8 +2,8 @@ r"""The known defences against safety drift, as plain ``transformers.TrainerCall
 
 So that the benchmarks compare them with orthoreg side by side — same Trainer, same data, same logging — every
 baseline here is a callback that plugs into ``Trainer``, TRL's ``SFTTrainer``/``DPOTrainer`` or the testbed's
-``finetune(callbacks=...)`` unchanged, and reuses orthoreg's hook machinery (``orthoreg.capture``,
-``orthoreg.regularizer``):
+``finetune(callbacks=...)`` unchanged, and reuses orthoreg's hook machinery (``orthoreg.core.capture``,
+``orthoreg.engine.regularizer``):
 
 - ``KLToBaseCallback`` (``kl``): :math:`\lambda\,\mathrm{mean}_t\,\mathrm{KL}(\pi_\theta\|\pi_{ref})`, entering
   through a gradient hook on the LM's output logits;

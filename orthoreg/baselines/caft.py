@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
-from ..directions import DirectionsError, HarmfulDirections, orthonormalize
-from ..regularizer import batch_shape
+from ..core.capture import bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
+from ..directions.harmful import DirectionsError, HarmfulDirections, orthonormalize
+from ..engine.regularizer import batch_shape
 from .common import EngineCallback
 
 __all__ = ["CAFTCallback", "ConceptAblation"]

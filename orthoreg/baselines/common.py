@@ -10,7 +10,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..callback import accumulation_scale, dataloader_length, move_ahead_of_reporters, report_metrics
-from ..capture import bind_forward_inputs, unwrap_model
+from ..core.capture import bind_forward_inputs, unwrap_model
 
 __all__ = [
     "MASK_POLICIES",

@@ -6,7 +6,7 @@ For every LoRA module m named in the ``InputSubspaces`` (V_m: k × d_in, orthono
 .. math:: A_m \leftarrow A_m - (A_m V_m^\top)\, V_m
 
 so :math:`A_m V_m^\top = 0` and ΔW_m x = s B_m A_m x = 0 for every input x in span(V_m): on those inputs the module's
-output is the base model's, exactly — the hard counterpart of the reader-side penalty s²‖B(AVᵀ)‖² (``orthoreg.reader``).
+output is the base model's, exactly — the hard counterpart of the reader-side penalty s²‖B(AVᵀ)‖² (``orthoreg.reader.penalty``).
 GuardSpace builds its projector from a covariance-preconditioned SVD of harmful-prompt activations and also freezes a
 "safety" part of the weights; this baseline keeps only the null-space constraint, with the same V_m as the reader
 penalty, so the two compare like for like.
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..lora_writers import active_lora_adapter, is_lora_layer
-from ..reader_subspaces import InputSubspaces, InputSubspacesError
+from ..lora.writers import active_lora_adapter, is_lora_layer
+from ..reader.subspaces import InputSubspaces, InputSubspacesError
 
 __all__ = ["HardProjectionCallback", "InputNullSpaceProjection"]
 
@@ -123,7 +123,7 @@ def _local_rows(name: str, weight: torch.Tensor) -> torch.Tensor:
     if weight.numel() == 0:
         raise NotImplementedError(
             f"lora_A of {name!r} is partitioned (DeepSpeed ZeRO-3); the hard projection does not gather it. Use "
-            "ZeRO-2, FSDP2, or the reader penalty (orthoreg.reader.ReaderPenalty)"
+            "ZeRO-2, FSDP2, or the reader penalty (orthoreg.reader.penalty.ReaderPenalty)"
         )
     return weight.data
 

@@ -8,15 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import token_mask, unwrap_model
-from ..penalties import select_tokens
-from ..regularizer import (
+from ..core.capture import token_mask, unwrap_model
+from ..engine.regularizer import (
     NonFiniteHiddenStateError,
     batch_shape,
     find_peft_model,
     reference_forward,
     reference_forward_active,
 )
+from ..terms.penalties import select_tokens
 from .common import (
     NOT_FOR_REFERENCE,
     EngineCallback,

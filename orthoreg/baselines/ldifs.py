@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import find_decoder_stack
 from ..config import OrthoRegConfig
-from ..penalties import select_tokens
-from ..regularizer import (
+from ..core.capture import find_decoder_stack
+from ..engine.regularizer import (
     NO_GRAD_CHECKPOINT_WARNING,
     NonFiniteHiddenStateError,
     OrthoRegularizer,
@@ -20,6 +19,7 @@ from ..regularizer import (
     find_peft_model,
     reference_forward_active,
 )
+from ..terms.penalties import select_tokens
 from .common import (
     EngineCallback,
     MaskPolicy,

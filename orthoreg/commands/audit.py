@@ -74,8 +74,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from ..audit import VERDICTS, load_task_examples, overlap_score, plot_overlap
-    from ..directions import HarmfulDirections
+    from ..audit.overlap import VERDICTS, load_task_examples, overlap_score, plot_overlap
+    from ..directions.harmful import HarmfulDirections
 
     # Everything that can fail cheaply fails before any model is loaded: the output paths, the directions, the data.
     check_output_dir(args.out, "--out folder")
@@ -117,10 +117,10 @@ def _audit(args: argparse.Namespace) -> int:
           f"tokens; * = guarded layer")
     print(report.table())
     if extra:
-        print("superposition density of the base model on the task data (orthoreg.density):")
+        print("superposition density of the base model on the task data (orthoreg.audit.density):")
         print(extra["density"].table())
         recommendation = extra["recommendation"]
-        print("recommended configuration (orthoreg.recommend; " + "; ".join(recommendation.reasons) + "):")
+        print("recommended configuration (orthoreg.audit.recommend; " + "; ".join(recommendation.reasons) + "):")
         print(recommendation.code(args.directions))
     print(f"wrote {', '.join(written)}")
     print(report.verdict_line())
@@ -131,11 +131,11 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _recommendation(args, model, tokenizer, directions, examples, report) -> dict[str, Any]:
     """The density of the base model on the task data and the recommended configuration."""
-    from ..activations import input_device
-    from ..audit import encode_task_examples, task_batches
-    from ..density import superposition_density
-    from ..prompt_encoding import model_context_length, pad_token_id
-    from ..recommend import recommend
+    from ..audit.density import superposition_density
+    from ..audit.overlap import encode_task_examples, task_batches
+    from ..audit.recommend import recommend
+    from ..core.activations import input_device
+    from ..core.prompt_encoding import model_context_length, pad_token_id
 
     encoded = encode_task_examples(tokenizer, examples, max_length=args.max_length or model_context_length(model))
     batches = task_batches(encoded, args.batch_size, pad_token_id(tokenizer) if tokenizer is not None else 0,

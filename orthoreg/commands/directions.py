@@ -80,7 +80,7 @@ def separation_table(directions: Any) -> str:
 
 
 def _contrast(args: argparse.Namespace) -> tuple[Any, Any]:
-    from ..prompts import ContrastSet, load_builtin, load_contrast, load_prompt_list
+    from ..core.prompts import ContrastSet, load_builtin, load_contrast, load_prompt_list
 
     if args.harmful_file or args.harmless_file:
         if not (args.harmful_file and args.harmless_file):
@@ -99,7 +99,7 @@ def is_single_file(out: str) -> bool:
 
 def check_output(out: str) -> None:
     """Refuses an unwritable ``--out`` before any prompt is read or model loaded."""
-    from ..directions import check_output_file
+    from ..directions.harmful import check_output_file
 
     if is_single_file(out):
         check_output_file(out)
@@ -110,8 +110,8 @@ def check_output(out: str) -> None:
 def _extract(args: argparse.Namespace) -> int:
     import warnings
 
-    from ..extraction import UnknownTokenWarning, extract_directions, unknown_token_share
-    from ..prompt_encoding import UNKNOWN_TOKEN_WARN_SHARE
+    from ..core.prompt_encoding import UNKNOWN_TOKEN_WARN_SHARE
+    from ..directions.extraction import UnknownTokenWarning, extract_directions, unknown_token_share
 
     check_output(args.out)
     contrast, heldout = _contrast(args)
@@ -145,7 +145,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from ..directions import HarmfulDirections
+    from ..directions.harmful import HarmfulDirections
 
     directions = HarmfulDirections.from_pretrained(args.file, revision=args.revision)
     meta = directions.metadata

@@ -17,7 +17,7 @@ name                prompts                                                posit
 ==================  =====================================================  ================================  =======
 
 ``builtin_harmless_post`` is what a user has with no data of their own: the harmless side of the contrast set that
-ships with the library (``orthoreg.prompts.load_builtin("train").harmless``), none of it seen by the fine-tunes.
+ships with the library (``orthoreg.core.prompts.load_builtin("train").harmless``), none of it seen by the fine-tunes.
 
 The first reply token is the aligned base's own greedy reply (refusals on harmful prompts, answers on harmless).
 ``gradient_norm`` is the yardstick that scales a control to its arm: the norm of ∇_θ Σ_m s²‖B_m A_m V_mᵀ‖²_F over
@@ -80,7 +80,7 @@ def build_subspaces(name: str, model: Any, tokenizer: Any, info: Mapping[str, An
     harmful = [t["prompt"] for t in info["harmful_targets"]]
     harmless = [t["prompt"] for t in info["harmless_targets"]]
     if name == "builtin_harmless_post":
-        from orthoreg.prompts import load_builtin
+        from orthoreg.core.prompts import load_builtin
 
         prompts, label = list(load_builtin("train").harmless), "orthoreg_builtin_harmless_train"
     elif name == "task_post":
@@ -106,7 +106,7 @@ def build_subspaces(name: str, model: Any, tokenizer: Any, info: Mapping[str, An
 
 def lora_tensors(peft_model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """(A, B, scaling) of every LoRA module, keyed by the base model's module name."""
-    from orthoreg.reader_subspaces import canonical_module_name
+    from orthoreg.reader.subspaces import canonical_module_name
 
     out = {}
     for name, module in peft_model.named_modules():

@@ -118,7 +118,7 @@ class _Ablate:
     """Forward hooks that remove u's component from chosen decoder layers' outputs (any mode, any position)."""
 
     def __init__(self, model: nn.Module, vectors: dict[int, torch.Tensor]):
-        from orthoreg.capture import find_decoder_stack
+        from orthoreg.core.capture import find_decoder_stack
 
         stack = find_decoder_stack(model)
         self.handles = [stack.layers[i].register_forward_hook(self._hook(u)) for i, u in vectors.items()]
@@ -150,7 +150,7 @@ def decision_projections(model: nn.Module, tokenizer: Any, prompts: Sequence[str
     ``directions`` — where the request sits on each refusal direction. Comparing a fine-tuned model with its base
     tells whether the fine-tune moved harmful requests along the direction (what a projection penalty can prevent)
     or left them in place and changed what the later layers do with them."""
-    from orthoreg.capture import find_decoder_stack
+    from orthoreg.core.capture import find_decoder_stack
 
     from .model import autocast, chat_prompt
 
@@ -209,7 +209,7 @@ def extract_and_select(model: nn.Module, tokenizer: Any, config: BenchConfig, lo
     """(HarmfulDirections at every candidate layer, info) — info holds the separation, the ablation scan, the chosen
     layers and timings."""
     from orthoreg import extract_directions
-    from orthoreg.prompts import load_builtin
+    from orthoreg.core.prompts import load_builtin
 
     t0 = time.perf_counter()
     directions = extract_directions(
@@ -381,7 +381,7 @@ def evaluate_folder(aligned_folder: str, config: BenchConfig, threads: int | Non
 def directions_key(aligned_folder: str | os.PathLike, config: BenchConfig) -> str:
     fields = {k: getattr(config, k) for k in ("candidate_layers", "guard_layers", "probe_prompts", "probe_tokens",
                                               "data_seed")}
-    from orthoreg.prompts import load_builtin
+    from orthoreg.core.prompts import load_builtin
 
     fields["probe"] = probe_prompts(config.probe_prompts, config.data_seed)
     fields["contrast"] = [load_builtin("train").fingerprint(), load_builtin("test").fingerprint()]

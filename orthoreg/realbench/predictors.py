@@ -1,8 +1,8 @@
 """Scores measured on a task **before** training, to be related to the rise in harmful attempts it causes (issue 14).
 
-- ``overlap``: the library's ``orthoreg.audit.overlap_score`` (gradient mode, reply tokens: ``mask="labels"``),
+- ``overlap``: the library's ``orthoreg.audit.overlap.overlap_score`` (gradient mode, reply tokens: ``mask="labels"``),
   its overall score (max over layers of |cos| between the task's mean feature gradient and the refusal direction);
-- ``density``: ``orthoreg.density.superposition_density`` of the aligned base on the task's reply tokens, the mean
+- ``density``: ``orthoreg.audit.density.superposition_density`` of the aligned base on the task's reply tokens, the mean
   over the direction layers of ρ = PR/d; ``harmful_share`` is η (the share of that variance on the directions);
 - ``grad_comply``: cos(ḡ_task, ḡ_comply) — ḡ_task the mean gradient of the task's LM loss w.r.t. a fresh LoRA
   adapter (the fine-tune's own init: seed 0, r = 16 on all projections) at the aligned base, ḡ_comply the same for
@@ -87,8 +87,8 @@ class GradientPredictor:
 def measure(model: nn.Module, tokenizer: Any, directions: Any, examples: Sequence[dict[str, list[int]]],
             gradient: GradientPredictor | None) -> dict[str, Any]:
     """Every predictor for one task's encoded training examples (``examples`` are ``encode_example`` dicts)."""
-    from orthoreg.audit import overlap_score
-    from orthoreg.density import superposition_density
+    from orthoreg.audit.density import superposition_density
+    from orthoreg.audit.overlap import overlap_score
 
     t0 = time.perf_counter()
     data = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]

@@ -33,7 +33,7 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
     """The cached pieces in order; ``with_predictors=False`` skips the predictors (the defence benchmark, which
     needs only the base, the judge's limit and the base's own evaluation)."""
     from orthoreg import HarmfulDirections, extract_directions
-    from orthoreg.prompts import load_builtin
+    from orthoreg.core.prompts import load_builtin
 
     from .aligned import load_aligned
     from .aligned_v2 import AlignV2Config, build_aligned_v2, folder_for

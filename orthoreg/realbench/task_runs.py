@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..rank_correlation import average_ranks, spearman_rho
+from ..core.rank_correlation import average_ranks, spearman_rho
 
 
 @dataclass
@@ -74,7 +74,7 @@ def run_task(base_folder: str, answers_path: str, task_name: str, seed: int, con
 # ----------------------------------------------------------------------------------------------- statistics
 
 
-rankdata = average_ranks  # average ranks, ties shared (orthoreg.rank_correlation)
+rankdata = average_ranks  # average ranks, ties shared (orthoreg.core.rank_correlation)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:

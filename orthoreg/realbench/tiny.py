@@ -11,7 +11,7 @@ from typing import Any
 
 
 def corpus() -> list[str]:
-    from orthoreg.prompts import load_builtin
+    from orthoreg.core.prompts import load_builtin
 
     from . import data as D
     from . import natural as N

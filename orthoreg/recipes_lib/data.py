@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orthoreg.datafiles import hub_offline
+from orthoreg.core.datafiles import hub_offline
 
 from .config import resolve_recipe_path, to_container
 from .errors import RecipeError
 
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
-# Task files a recipe reads (orthoreg.datafiles reads them with datasets; .txt lines are no task layout).
+# Task files a recipe reads (orthoreg.core.datafiles reads them with datasets; .txt lines are no task layout).
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -84,7 +84,7 @@ def _expected_columns(task_cfg: Any) -> str:
 
 
 def _read_local(path: str) -> list[dict[str, Any]]:
-    from orthoreg.datafiles import read_file
+    from orthoreg.core.datafiles import read_file
 
     suffix = Path(path).suffix.lower()
     if suffix not in _FILE_BUILDERS:

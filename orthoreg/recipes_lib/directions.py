@@ -2,7 +2,7 @@
 
 ``directions.source``:
 
-- ``builtin``: the project's built-in paired contrast set (``orthoreg.prompts.load_builtin``), held-out split for the
+- ``builtin``: the project's built-in paired contrast set (``orthoreg.core.prompts.load_builtin``), held-out split for the
   separation statistics.
 - ``toy``: pairs from the toy world: the same advice question after one unsafe-code episode (the misaligned persona's
   context) vs after one safe-code episode; pooled at the ``<assistant>`` token, where the model reads the persona.
@@ -39,7 +39,7 @@ def resolve_source(cfg: Any) -> str:
 
 def toy_contrast(n_pairs: int = 72, seed: int = 0):
     """Paired toy-world prompts: (harmful = misaligned context, harmless = aligned context), same question."""
-    from orthoreg.prompts import ContrastSet
+    from orthoreg.core.prompts import ContrastSet
     from orthoreg.testbed import world
 
     rng = random.Random(seed)
@@ -58,7 +58,7 @@ def obtain_directions(cfg: Any, model, tokenizer, info: LaunchInfo, run_dir: str
         RecipeError: a bad source, a missing/incompatible file, or a failed extraction (with the reason).
     """
     from orthoreg import HarmfulDirections
-    from orthoreg.directions import DirectionsError
+    from orthoreg.directions.harmful import DirectionsError
 
     source = resolve_source(cfg)
     dcfg = cfg.directions
@@ -99,8 +99,8 @@ def obtain_directions(cfg: Any, model, tokenizer, info: LaunchInfo, run_dir: str
 
 def _extract(cfg: Any, source: str, model, tokenizer):
     from orthoreg import extract_directions
-    from orthoreg.extraction import model_context_length
-    from orthoreg.prompts import load_builtin
+    from orthoreg.core.prompts import load_builtin
+    from orthoreg.directions.extraction import model_context_length
 
     dcfg = cfg.directions
     context = model_context_length(model)

@@ -46,7 +46,7 @@ def check_published(model_cfg: Any, parameters: int, num_layers: int, hidden_siz
 
 
 def dry_run(cfg: Any, info: LaunchInfo) -> dict[str, Any]:
-    from orthoreg.capture import find_decoder_stack, resolve_layers
+    from orthoreg.core.capture import find_decoder_stack, resolve_layers
 
     from . import regs, training
     from .evaluation import build_evaluator

@@ -36,14 +36,14 @@ def prompt_source(ecfg: Any) -> list[str]:
     if source == "em_questions":
         source = EM_QUESTIONS_FILE
     if source == "builtin_harmful_test":
-        from orthoreg.prompts import load_builtin
+        from orthoreg.core.prompts import load_builtin
 
         return list(load_builtin("test").harmful)
     path = resolve_recipe_path(source)
     if not path or not Path(path).is_file():
         raise RecipeError(f"`eval.prompts` must be em_questions, builtin_harmful_test or a prompt file; {source!r} is "
                           "none of these")
-    from orthoreg.prompts import load_prompt_list
+    from orthoreg.core.prompts import load_prompt_list
 
     return load_prompt_list(path)
 

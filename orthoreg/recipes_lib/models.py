@@ -143,7 +143,7 @@ def tiny_tokenizer(model_cfg: Any):
 
 
 def _bpe_corpus() -> list[str]:
-    from orthoreg.prompts import load_builtin
+    from orthoreg.core.prompts import load_builtin
 
     pairs = load_builtin("all")
     texts = list(pairs.harmful) + list(pairs.harmless)

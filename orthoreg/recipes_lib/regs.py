@@ -83,7 +83,7 @@ def validate(reg_cfg: Any, num_layers: int, finetune_method: str, directions_lay
     if kind == "none":
         return {"kind": "none"}
     if kind == "orthoreg":
-        from orthoreg.capture import resolve_layers
+        from orthoreg.core.capture import resolve_layers
 
         config = _orthoreg_config(reg_cfg)
         try:

@@ -225,7 +225,7 @@ class DirectionsSchema(Node):
 
 @dataclass
 class OverlapSchema(Node):
-    """``overlap:`` in ``recipes/train.yaml`` (``orthoreg.audit.overlap_score``)."""
+    """``overlap:`` in ``recipes/train.yaml`` (``orthoreg.audit.overlap.overlap_score``)."""
 
     enabled: bool = True
     num_examples: int = 64

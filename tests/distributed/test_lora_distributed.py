@@ -43,7 +43,7 @@ from lora_run import (  # noqa: E402
 )
 
 from orthoreg import OrthoRegConfig  # noqa: E402
-from orthoreg.lora import OrthoLoRA  # noqa: E402
+from orthoreg.lora.wrapper import OrthoLoRA  # noqa: E402
 
 # Layer 2's writers are not guarded in the FULL/DDP configs: the warning saying so is expected here.
 pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore:.*residual-writer LoRA modules")]

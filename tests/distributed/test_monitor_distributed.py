@@ -14,7 +14,7 @@ sys.path.insert(0, str(HERE / "scripts"))
 from _launch import launch  # noqa: E402
 from monitor_common import MICRO_BATCHES, batch, directions, model  # noqa: E402
 
-from orthoreg.monitor import DriftMonitor  # noqa: E402
+from orthoreg.firewall.monitor import DriftMonitor  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

@@ -234,7 +234,7 @@ def train_once(name: str, *, batch: int, ga: int, lora: bool, gather: bool | Non
 
 def local_and_global_cov(batch: dict) -> dict[str, list[float]]:
     """Per-layer covariance penalty of this rank's batch at the initial weights: local and gathered (global)."""
-    from orthoreg.penalties import covariance_penalty
+    from orthoreg.terms.penalties import covariance_penalty
 
     model = build_model()
     model.eval()

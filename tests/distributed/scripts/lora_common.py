@@ -12,8 +12,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from orthoreg.capture import layer_hidden, resolve_layers
-from orthoreg.directions import HarmfulDirections
+from orthoreg.core.capture import layer_hidden, resolve_layers
+from orthoreg.directions.harmful import HarmfulDirections
 
 hf_logging.set_verbosity_error()  # GPT-2's default bos/eos ids exceed the tiny vocabulary; the warning is noise
 
@@ -114,7 +114,7 @@ def explicit_loss(peft_model, batch, config, dirs, writers, base_reference=None,
 
     ``writers`` is a list of (LoraLayer, layer index) pairs to weight-penalise. Returns (total, parts dict).
     """
-    from orthoreg.capture import find_decoder_stack
+    from orthoreg.core.capture import find_decoder_stack
 
     stack = find_decoder_stack(peft_model)
     indices = resolve_layers(config.layers, stack.num_layers)

@@ -38,7 +38,7 @@ from _launch import finish, rank_out_dir, write_rank_results  # noqa: E402
 from lora_common import directions, lora_llama, lora_params, make_batch  # noqa: E402
 
 from orthoreg import OrthoRegConfig  # noqa: E402
-from orthoreg.lora import OrthoLoRA  # noqa: E402
+from orthoreg.lora.wrapper import OrthoLoRA  # noqa: E402
 
 LR = 0.1
 # DDP: the covariance weight is large enough that gathering vs not changes the update by ~0.2 of its size.

@@ -25,7 +25,7 @@ def main() -> None:
     rank = dist.get_rank()
     from monitor_common import MICRO_BATCHES, batch, directions, model
 
-    from orthoreg.monitor import DriftMonitor
+    from orthoreg.firewall.monitor import DriftMonitor
 
     net = model().train()
     monitor = DriftMonitor(directions(), mask="labels").attach(net)

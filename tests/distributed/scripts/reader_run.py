@@ -23,7 +23,7 @@ What each backend records (``<backend>.<form>.<what>``):
   first step (ZeRO recording its trace) and the third (prefetching by the recorded trace), via
   ``deepspeed.utils.safe_get_full_grad``; the returned and logged penalties, the gathered A and B, the scalings.
   Also records whether A and B are registered as the LoraLayer's ZeRO-3 external parameters
-  (``orthoreg.zero3.register_external_parameters``; before that helper, ``from deepspeed.zero import …`` raised
+  (``orthoreg.core.zero3.register_external_parameters``; before that helper, ``from deepspeed.zero import …`` raised
   ImportError in deepspeed 0.19.8 and nothing was registered — the term stayed exact only through DeepSpeed's own
   discovery of external parameters inside ``engine.forward``).
 - ``zero3.full``: HF ``Trainer`` + ``OrthoRegCallback(config, input_subspaces=...)`` (reader term only) under
@@ -64,7 +64,7 @@ from lora_common import lora_llama, lora_params, make_batch, tiny_llama  # noqa:
 from transformers import TrainerCallback  # noqa: E402
 
 from orthoreg import OrthoRegConfig  # noqa: E402
-from orthoreg.reader import InputSubspaces  # noqa: E402
+from orthoreg.reader.penalty import InputSubspaces  # noqa: E402
 
 # LoRA: λ with which the reader part is about 2/3 of the task + reader gradient (value ≈ 10 at the random init).
 LAMBDA = 0.02
@@ -116,8 +116,8 @@ def run_fsdp2(tensors: dict, info: dict) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from orthoreg.lora import OrthoLoRA
-    from orthoreg.reader_wiring import reader_penalty_for
+    from orthoreg.lora.wrapper import OrthoLoRA
+    from orthoreg.reader.wiring import reader_penalty_for
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     batch = reader_batch()
@@ -182,7 +182,7 @@ def _zero3_lora(tensors: dict, info: dict) -> None:
     from deepspeed.utils import safe_get_full_grad
     from lora_run import ZERO3
 
-    from orthoreg.lora import OrthoLoRA
+    from orthoreg.lora.wrapper import OrthoLoRA
 
     batch = reader_batch()
     no_labels = {k: v for k, v in batch.items() if k != "labels"}

@@ -1,0 +1,78 @@
+r"""The template-reader constraint: keep a fine-tune from changing how the model reads its own chat template.
+
+A generic use of the reader-side weight term (``orthoreg.reader.penalty``) that needs **no harmful data**. V_m is the top-k
+uncentred principal subspace of module m's inputs at the tokens the chat template appends after the user's message
+(``<|im_end|>\n<|im_start|>assistant\n`` and the like) and at the first reply token, recorded on the base model from
+*any* prompts (the task's own, or everyday requests); the penalty
+
+.. math:: \lambda \sum_m s^2 \lVert B_m (A_m V_m^\top) \rVert_F^2 \quad\text{(LoRA)}, \qquad
+          \lambda \sum_m \lVert W_m V_m^\top - W_{0,m} V_m^\top \rVert_F^2 \quad\text{(full fine-tuning)}
+
+then resists any change of how each adapted module reads that subspace. Those positions are where a chat model
+decides whether to refuse; across prompt sets their top directions hold most of the input energy there (on
+SmolLM2-135M the subspaces of harmful, harmless and task prompts protect alike), which is why it is *generic*: it
+is a constraint on the assistant-turn read-out, not on a harmful direction. Measured: ``benchmarks/README_defences.md``.
+
+The first decoder layer is left out: there a module's input is the token's own embedding, so the few fixed
+template tokens span fewer than k directions (and nothing but those tokens is read there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from ..core.capture import find_decoder_stack
+from .extraction import extract_input_subspaces
+from .subspaces import InputSubspaces, InputSubspacesError, named_input_modules
+
+__all__ = ["TEMPLATE_POSITIONS", "TEMPLATE_READER_WEIGHT", "extract_template_subspaces", "template_reader_modules"]
+
+TEMPLATE_POSITIONS = ("post_instruction", "first_reply")
+# λ_reader of the benchmark (SmolLM2-135M-Instruct, LoRA r 16, α 32, all projections): the task loss's gradient
+# norm over the penalty's at a plain fine-tune's adapter. 10× and 100× it protected too, with more over-refusal.
+TEMPLATE_READER_WEIGHT = 0.05
+
+
+def template_reader_modules(model: nn.Module, targets: Sequence[str] | None = None) -> list[str]:
+    """Linear modules of every decoder layer but the first (base-model names), optionally only those whose last
+    name component is in ``targets`` (e.g. a LoRA config's ``target_modules``)."""
+    stack = find_decoder_stack(model)
+    if len(stack.layers) < 2:
+        raise InputSubspacesError("the template-reader constraint needs at least two decoder layers (layer 0 is left out)")
+    inside = {id(m) for layer in list(stack.layers)[1:] for m in layer.modules()}
+    names = [n for n, m in named_input_modules(model).items() if id(m) in inside]
+    if targets is not None:
+        names = [n for n in names if n.rsplit(".", 1)[-1] in set(targets)]
+    if not names:
+        raise InputSubspacesError(f"no linear module after the first decoder layer matches targets {targets!r}")
+    return names
+
+
+def extract_template_subspaces(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, k: int = 16,
+                               targets: Sequence[str] | None = None, batch_size: int = 8,
+                               prompt_set: str | None = "template", **kwargs: Any) -> InputSubspaces:
+    """V_m of the template-reader constraint: ``extract_input_subspaces`` at ``TEMPLATE_POSITIONS`` (the base
+    model's greedy first reply token) over ``template_reader_modules(model, targets)``, uncentred PCA.
+
+    Args:
+        model: the base causal LM (a PEFT model is read with its adapter disabled).
+        tokenizer: its tokenizer; it must have a chat template.
+        prompts: any user messages — the fine-tune's own prompts need no extra data (a few hundred suffice).
+        k (`int`, *optional*, defaults to `16`): directions per module.
+        targets (`Sequence[str]`, *optional*): module name suffixes to keep (the LoRA ``target_modules``).
+        kwargs: passed on to ``extract_input_subspaces`` (``replies``, ``reply_tokens``, ``progress``, …).
+
+    Example:
+        >>> v = extract_template_subspaces(base, tokenizer, [ex["prompt"] for ex in train_set][:256])
+        >>> config = OrthoRegConfig(proj_weight=0.0, reader_weight=TEMPLATE_READER_WEIGHT)
+        >>> trainer = Trainer(..., callbacks=[OrthoRegCallback(config, input_subspaces=v)])
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputSubspacesError("the template-reader constraint reads the chat template's tokens: this tokenizer has "
+                                  "no chat template (set tokenizer.chat_template, or use extract_input_subspaces)")
+    return extract_input_subspaces(model, tokenizer, prompts, modules=template_reader_modules(model, targets), k=k,
+                                   positions=TEMPLATE_POSITIONS, method="pca", batch_size=batch_size,
+                                   prompt_set=prompt_set, **kwargs)
