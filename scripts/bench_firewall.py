@@ -43,9 +43,7 @@ import torch
 from transformers import TrainerCallback
 
 from orthoreg import OrthoRegCallback, OrthoRegConfig
-from orthoreg.audit.density import superposition_density
-from orthoreg.audit.overlap import overlap_score
-from orthoreg.audit.recommend import recommend
+from orthoreg.audit import overlap_score, recommend, superposition_density
 from orthoreg.core.rank_correlation import spearman_rho
 from orthoreg.directions.extraction import extract_directions
 from orthoreg.firewall.budget import BudgetConfig

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from orthoreg.audit.overlap import (
+from orthoreg.audit import (
     OverlapReport,
     TaskDataError,
     encode_task_examples,

@@ -7,9 +7,7 @@ import json
 import pytest
 import torch
 
-from orthoreg.audit.density import DensityReport, covariance_density, superposition_density
-from orthoreg.audit.overlap import OverlapReport
-from orthoreg.audit.recommend import recommend
+from orthoreg.audit import DensityReport, OverlapReport, covariance_density, recommend, superposition_density
 from orthoreg.commands import audit as audit_cmd
 from orthoreg.directions.harmful import HarmfulDirections
 from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture

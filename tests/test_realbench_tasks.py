@@ -234,7 +234,7 @@ def test_quick_driver_end_to_end(tmp_path):
 
 
 def test_audit_verdict_states_that_the_score_is_unvalidated():
-    from orthoreg.audit.overlap import OverlapReport
+    from orthoreg.audit import OverlapReport
 
     report = OverlapReport(mode="gradient", per_layer={3: 0.4}, per_direction={3: [0.4]}, feature_norm={3: 1.0},
                            overall=0.4, peak_layer=3, verdict="high", chance=0.01)

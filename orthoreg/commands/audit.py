@@ -74,7 +74,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from ..audit.overlap import VERDICTS, load_task_examples, overlap_score, plot_overlap
+    from ..audit import VERDICTS, load_task_examples, overlap_score, plot_overlap
     from ..directions.harmful import HarmfulDirections
 
     # Everything that can fail cheaply fails before any model is loaded: the output paths, the directions, the data.
@@ -131,9 +131,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _recommendation(args, model, tokenizer, directions, examples, report) -> dict[str, Any]:
     """The density of the base model on the task data and the recommended configuration."""
-    from ..audit.density import superposition_density
-    from ..audit.overlap import encode_task_examples, task_batches
-    from ..audit.recommend import recommend
+    from ..audit import encode_task_examples, recommend, superposition_density, task_batches
     from ..core.activations import input_device
     from ..core.prompt_encoding import model_context_length, pad_token_id
 

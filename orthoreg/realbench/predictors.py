@@ -87,8 +87,7 @@ class GradientPredictor:
 def measure(model: nn.Module, tokenizer: Any, directions: Any, examples: Sequence[dict[str, list[int]]],
             gradient: GradientPredictor | None) -> dict[str, Any]:
     """Every predictor for one task's encoded training examples (``examples`` are ``encode_example`` dicts)."""
-    from orthoreg.audit.density import superposition_density
-    from orthoreg.audit.overlap import overlap_score
+    from orthoreg.audit import overlap_score, superposition_density
 
     t0 = time.perf_counter()
     data = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]

@@ -308,7 +308,7 @@ def overlap_vs_rise(tasks, steps: int = 100, seed: int = 0, dirs: HarmfulDirecti
                     n_overlap: int = 64) -> dict:
     """Overlap score (task gradient before training vs the persona direction) and measured rise per narrow task,
     with their Spearman correlation."""
-    from ..audit.overlap import overlap_score
+    from ..audit import overlap_score
 
     model, tok = load_base()
     dirs = dirs or persona_directions(model, tok)
