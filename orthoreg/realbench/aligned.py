@@ -31,6 +31,7 @@ from torch import nn
 
 from . import data as D
 from .finetune import add_lora, train_lora
+from .hyperparams import FinetuneHyperparams
 from .model import encode_example, generate, gguf_location, load_shipped, prepare_tokenizer
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "orthoreg", "realbench")
@@ -38,8 +39,12 @@ FORMAT = 1
 
 
 @dataclass
-class AlignConfig:
-    """Recipe of the safety tune (every field enters the cache key)."""
+class SafetyTuneData:
+    """The data half of the safety tune's recipe (``AlignConfig``): which requests, which targets.
+
+    Fields: ``seed`` (the requests' draw, the refusals' wording, the LoRA init and the data order),
+    ``harmful_per_activity``, ``harmless_per_activity``, ``harmless_answer_tokens`` (commented below).
+    """
 
     seed: int = 0
     harmful_per_activity: int = 2  # request forms per safety-tune activity: 56 activities → 112 harmful requests
@@ -48,12 +53,18 @@ class AlignConfig:
     # 42% with 1:3 (one build each; the rate moves by ±10 points between builds, so 1:2 is not shown to be optimal).
     harmless_per_activity: int = 4
     harmless_answer_tokens: int = 32  # length limit of the shipped model's own answers used as harmless targets
+
+
+# The data's fields come first: a dataclass collects its bases' fields from the last base to the first, so the
+# serialised recipe keeps the order it had before the shared FinetuneHyperparams (aligned_info.json, results JSON).
+@dataclass
+class AlignConfig(FinetuneHyperparams, SafetyTuneData):
+    """Recipe of the safety tune (every field enters the cache key): ``SafetyTuneData``'s fields, then
+    ``FinetuneHyperparams``' with the safety tune's defaults (56 steps × 8, lr 3e-4, LoRA r 16 / alpha 32,
+    96-token examples)."""
+
     steps: int = 56
-    batch_size: int = 8
     lr: float = 3e-4
-    rank: int = 16
-    alpha: int = 32
-    max_length: int = 96
 
 
 def safety_requests(config: AlignConfig) -> tuple[list[D.Request], list[D.Request]]:

@@ -35,6 +35,7 @@ from . import data as D
 from . import natural as N
 from .aligned import DEFAULT_CACHE, save_merged
 from .finetune import add_lora, train_lora
+from .hyperparams import FinetuneHyperparams
 from .model import encode_example, generate, gguf_location, load_shipped
 
 FORMAT = 1
@@ -49,8 +50,12 @@ EXTRA_TEMPLATES = (
 
 
 @dataclass
-class AlignV2Config:
-    """Recipe of the second safety tune (every field enters the cache key)."""
+class SafetyTuneV2Data:
+    """The data half of the second safety tune's recipe (``AlignV2Config``).
+
+    Fields: ``seed`` (the forms' draw, the refusals' wording, the LoRA init and the data order), ``harmful_forms``,
+    ``harmless_forms`` (commented below), ``harmless_answer_tokens`` (length limit of the shipped model's answers).
+    """
 
     seed: int = 0
     harmful_forms: int = 3  # per templated activity (56 activities → 168) + 32 natural
@@ -59,11 +64,17 @@ class AlignV2Config:
     # partners, echoing the request into the refusal ("I can't help you fix a leaking garden hose").
     harmless_forms: int = 6
     harmless_answer_tokens: int = 40
+
+
+# The data's fields first (bases' fields are collected from the last base to the first), as in aligned.AlignConfig.
+@dataclass
+class AlignV2Config(FinetuneHyperparams, SafetyTuneV2Data):
+    """Recipe of the second safety tune (every field enters the cache key): ``SafetyTuneV2Data``'s fields, then
+    ``FinetuneHyperparams``' with this tune's defaults (120 steps × 8, lr 3e-4, LoRA r 16 / alpha 32, 112-token
+    examples)."""
+
     steps: int = 120  # 1.7 epochs (the first build: 80 steps, 1.25 epochs, final loss 0.43)
-    batch_size: int = 8
     lr: float = 3e-4
-    rank: int = 16
-    alpha: int = 32
     max_length: int = 112
 
 

@@ -46,21 +46,22 @@ from . import data as D
 from .detect import is_refusal
 from .evaluate import EvalSets, evaluate
 from .finetune import add_lora, train_lora
+from .hyperparams import FinetuneHyperparams
 from .model import encode_example, generate
 
 ARMS = ("plain", "orthoreg", "orthoreg_mean", "placebo", "kl", "ldifs", "caft", "interleave")
 
 
 @dataclass
-class BenchConfig:
-    """Everything a fine-tune arm and its evaluation depend on (one object, saved in the results JSON)."""
+class BenchConfig(FinetuneHyperparams):
+    """Everything a fine-tune arm and its evaluation depend on (one object, saved in the results JSON).
 
-    # fine-tune (same for every arm)
-    steps: int = 50
-    batch_size: int = 8
-    lr: float = 5e-4
-    rank: int = 16
-    alpha: int = 32
+    The fine-tune (the same for every arm): ``FinetuneHyperparams``' fields (steps 50 × batch 8, lr 5e-4, LoRA
+    r 16 / alpha 32), with 48-token examples, ``n_task_train`` task examples drawn with ``data_seed``. The other
+    fields are grouped and commented below: evaluation, directions, defences.
+    """
+
+    # fine-tune (same for every arm): FinetuneHyperparams' fields, with shorter examples
     max_length: int = 48
     n_task_train: int = 600
     data_seed: int = 0

@@ -22,16 +22,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.rank_correlation import average_ranks, spearman_rho
+from .hyperparams import FinetuneHyperparams
 
 
 @dataclass
-class TaskBenchConfig:
-    steps: int = 50
-    batch_size: int = 8
-    lr: float = 5e-4
-    rank: int = 16
-    alpha: int = 32
-    max_length: int = 96
+class TaskBenchConfig(FinetuneHyperparams):
+    """One task fine-tune and its evaluation (saved in the results JSON; part of the cached evaluations' keys).
+
+    Fields: ``FinetuneHyperparams``' (their defaults: steps 50 × batch 8, lr 5e-4, LoRA r 16 / alpha 32,
+    96-token examples for the prose tasks); ``data_seed`` (the tasks' examples and the held-out sets);
+    ``eval_per_activity``, ``safety_tokens``, ``task_tokens`` (evaluation); ``predictor_examples``.
+    """
+
     data_seed: int = 0
     eval_per_activity: int = 2  # templated held-out: 24 activities × 2 forms = 48 + 48
     safety_tokens: int = 32

@@ -61,6 +61,12 @@ class PretrainConfig:
     One thread: bit-reproducibility needs a fixed thread count, and on a shared 2-core machine a second
     OpenMP thread made these tiny steps several times slower, not faster. The lr follows a linear warm-up over ``warmup_steps`` then a cosine decay to ``min_lr_ratio * lr``.
     The loss is next-token cross-entropy on every non-padding token of whole documents.
+
+    Deliberately not built on ``orthoreg.realbench.hyperparams.FinetuneHyperparams``: this trains every weight
+    from scratch (no LoRA rank/alpha), on sampled documents (no example length limit), under a warm-up/cosine
+    schedule; only steps, batch_size and lr have the same names, and sharing them would need one frozen base for
+    both (this class is frozen, the fine-tune recipes are not) and would move ``seed`` from the head of
+    base_card.json's ``pretrain`` record.
     """
 
     seed: int = 0
