@@ -197,13 +197,14 @@ def make_directions(spec: ModelSpec, seed: int = 0):
 def make_input_subspaces(model, k: int = READER_K, seed: int = 0):
     """``InputSubspaces`` of k random orthonormal rows for every ``READER_MODULES`` linear module of every layer (the
     reader arm's V_m; module names as in the base model, so they fit it bare or PEFT-wrapped)."""
-    from orthoreg.reader.subspaces import InputSubspaces, module_in_features, named_input_modules
+    from orthoreg.core.layers import in_width
+    from orthoreg.reader.subspaces import InputSubspaces, named_input_modules
 
     g = torch.Generator().manual_seed(seed + 2)
     bases = {}
     for name, module in named_input_modules(model).items():
         if name.rsplit(".", 1)[-1] in READER_MODULES:
-            d_in = module_in_features(module)
+            d_in = in_width(module)
             bases[name] = torch.linalg.qr(torch.randn(d_in, k, generator=g, dtype=torch.float64)).Q.T.float()
     return InputSubspaces(bases, metadata={"source": "bench_overhead random orthonormal rows", "k": k})
 
@@ -549,7 +550,7 @@ def isolated_cost(name: str, ctx: Context, reps: int, clock: str) -> float | Non
 
         work.append(weight_terms)
     if config.reader_weight > 0:
-        from orthoreg.lora.writers import is_conv1d
+        from orthoreg.core.layers import is_conv1d
         from orthoreg.reader.penalty import full_reader_penalty, lora_reader_penalty, weight_times_basis
 
         subspaces = make_input_subspaces(ctx.model, seed=ctx.seed)

@@ -12,8 +12,7 @@ import transformers
 from orthoreg.commands import _common
 from orthoreg.commands import audit as audit_cmd
 from orthoreg.commands import directions as directions_cmd
-from orthoreg.core.hub import CARD_NAME, WEIGHTS_NAME
-from orthoreg.directions.harmful import HarmfulDirections
+from orthoreg.directions.harmful import CARD_NAME, WEIGHTS_NAME, HarmfulDirections
 from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
     SIMPLE_TEMPLATE,
     make_tokenizer,

@@ -125,7 +125,7 @@ ORTHO = torch.eye(2, 32)
 @pytest.mark.parametrize(
     "tensors, meta, match",
     [
-        ({"layer.0": ORTHO}, None, "carries no orthoreg metadata"),
+        ({"layer.0": ORTHO}, None, "without orthoreg directions metadata"),
         ({"layer.0": ORTHO}, "{not json", "corrupt orthoreg metadata"),
         ({"layer.0": ORTHO}, "[1, 2]", "expected a JSON object"),
         ({"layer.0": ORTHO}, json.dumps({"format_version": 99}), "directions format 99"),

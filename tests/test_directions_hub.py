@@ -15,8 +15,8 @@ import torch
 from huggingface_hub import constants
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from orthoreg.core.hub import CARD_NAME, README_NAME, WEIGHTS_NAME
-from orthoreg.directions.harmful import DirectionsError, HarmfulDirections
+from orthoreg.core.hub import README_NAME
+from orthoreg.directions.harmful import CARD_NAME, WEIGHTS_NAME, DirectionsError, HarmfulDirections
 from tests._directions_helpers import one_torch_thread, planted_model  # noqa: F401 - autouse fixture
 
 META = {"source_model": "org/tiny-llama", "model_type": "llama", "num_layers": 3, "method": "pca_diff",
@@ -95,7 +95,7 @@ def test_missing_paths_and_empty_folders_name_the_path_and_the_fix(tmp_path):
         HarmfulDirections.from_pretrained("missing.safetensors")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=rf"'{tmp_path}/empty' holds no {WEIGHTS_NAME}; it is empty.*"
-                                                r"save_pretrained\(folder\)"):
+                                                r"save_pretrained\(PATH\)"):
         HarmfulDirections.from_pretrained(tmp_path / "empty")
     (tmp_path / "other").mkdir()
     _directions().save(tmp_path / "other" / "h.safetensors")

@@ -191,7 +191,7 @@ def test_files_round_trip_and_refuse_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         InputSubspaces.from_pretrained(tmp_path)
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(InputSubspacesError, match="without orthoreg input-subspace metadata"):
+    with pytest.raises(InputSubspacesError, match="without orthoreg input-subspaces metadata"):
         InputSubspaces.load(tmp_path / "other.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputSubspacesError, match="not a readable safetensors"):

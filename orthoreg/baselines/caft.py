@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.bases import orthonormalize
 from ..core.capture import bind_forward_inputs, find_decoder_stack, layer_hidden, resolve_layers, token_mask
-from ..directions.harmful import DirectionsError, HarmfulDirections, orthonormalize
+from ..directions.harmful import DirectionsError, HarmfulDirections
 from ..engine.regularizer import batch_shape
 from .common import EngineCallback
 
@@ -54,7 +55,7 @@ class ConceptAblation:
             self._shared = None
         elif isinstance(directions, torch.Tensor):
             u = directions.unsqueeze(0) if directions.dim() == 1 else directions
-            self._shared = orthonormalize(u, name="CAFT directions")
+            self._shared = orthonormalize(u, name="CAFT directions", error=DirectionsError)
             self._per_layer = None
             if layers is None:
                 raise ValueError(

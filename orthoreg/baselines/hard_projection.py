@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..lora.writers import active_lora_adapter, is_lora_layer
+from ..core.layers import active_lora_adapter, is_lora_layer
 from ..reader.subspaces import InputSubspaces, InputSubspacesError
 
 __all__ = ["HardProjectionCallback", "InputNullSpaceProjection"]

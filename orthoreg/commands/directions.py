@@ -99,7 +99,7 @@ def is_single_file(out: str) -> bool:
 
 def check_output(out: str) -> None:
     """Refuses an unwritable ``--out`` before any prompt is read or model loaded."""
-    from ..directions.harmful import check_output_file
+    from ..core.bases import check_output_file
 
     if is_single_file(out):
         check_output_file(out)

@@ -1,13 +1,14 @@
-"""The folder form of ``HarmfulDirections`` and its Hub transport: ``save_pretrained`` / ``from_pretrained`` /
-``push_to_hub``, with the layout and conventions of a ``PreTrainedModel``.
+"""The folder form of orthoreg's orthonormal bases (``HarmfulDirections``, ``InputSubspaces``) and its Hub
+transport: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``, with the layout and conventions of a
+``PreTrainedModel``.
 
-A directions folder (local, or a Hub model repo) holds
+A folder (local, or a Hub model repo) holds
 
-- ``directions.safetensors``: the tensors and their metadata, exactly the single-file format of
-  ``HarmfulDirections.save`` — the authoritative copy, read with every check of ``HarmfulDirections.load``;
-- ``directions_config.json``: the same metadata as indented JSON (source model, layers, k, method, pooling,
-  separation, format version), for people and Hub pages. It must agree with the safetensors metadata on every key
-  both carry; a folder whose card disagrees was edited by hand or mixed from two saves, and is refused.
+- the safetensors file (``directions.safetensors``, ``input_subspaces.safetensors``): the tensors and their metadata,
+  exactly the single-file format of ``save`` — the authoritative copy, read with every check of ``load``;
+- a JSON card (``directions_config.json``, ``input_subspaces.json``): the same metadata as indented JSON for people and
+  Hub pages. It must agree with the safetensors metadata on every key both carry; a folder whose card disagrees was
+  edited by hand or mixed from two saves, and is refused.
 
 Hub downloads go through ``huggingface_hub.hf_hub_download`` (cached in the Hub cache, ``revision``/``token``/
 ``cache_dir`` passed through). ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` reads the cache only, and a repo
@@ -21,14 +22,14 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from ..directions.harmful import HarmfulDirections
+from .bases import write_json
 
-WEIGHTS_NAME = "directions.safetensors"
-CARD_NAME = "directions_config.json"
+if TYPE_CHECKING:
+    from .bases import OrthonormalBases
+
 README_NAME = "README.md"
-# The card keys that must be present and equal to the safetensors metadata: they decide how the tensors are read.
-_STRUCTURAL_KEYS = ("format_version", "hidden_size", "layers", "k")
+# Card keys that are not the file's: which orthoreg wrote the card.
+_WRITER_KEYS = ("orthoreg_version",)
 
 
 def _hub_offline() -> bool:
@@ -37,62 +38,49 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _card(directions: HarmfulDirections) -> dict[str, Any]:
-    from .. import __version__
-
-    # A JSON round trip of the file's metadata: the card holds exactly what the safetensors header holds.
-    return {**json.loads(json.dumps(directions._file_metadata())), "orthoreg_version": __version__}
-
-
-def write_folder(directions: HarmfulDirections, save_directory: str | os.PathLike) -> str:
-    """Writes ``directions.safetensors`` and ``directions_config.json`` into ``save_directory`` (created with its
+def write_folder(bases: OrthonormalBases, save_directory: str | os.PathLike) -> str:
+    """Writes the safetensors file and the JSON card of ``bases`` into ``save_directory`` (created with its
     parents); each file is written atomically. Returns the folder."""
     folder = os.fspath(save_directory)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"{folder!r} is a file; save_pretrained writes a folder (give a folder path, or use "
                                  "`save` for a single .safetensors file)")
     os.makedirs(folder, exist_ok=True)
-    directions.save(os.path.join(folder, WEIGHTS_NAME))
-    card_path = os.path.join(folder, CARD_NAME)
-    tmp = f"{card_path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(_card(directions), fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, card_path)
+    bases.save(os.path.join(folder, bases.FORMAT.weights_name))
+    write_json(os.path.join(folder, bases.FORMAT.card_name), bases.card())
     return folder
 
 
-def check_card(directions: HarmfulDirections, card_path: str) -> None:
-    """Refuses a card that is not a JSON object or that disagrees with the safetensors metadata it describes.
+def check_card(bases: OrthonormalBases, card_path: str) -> None:
+    """Refuses a card that is not a JSON object, lacks a structural key, or disagrees with the safetensors file it
+    describes.
 
     Raises:
-        DirectionsError: naming the disagreeing keys and the fix.
+        BasesError (the container's error class): naming the disagreeing keys and the fix.
     """
-    from ..directions.harmful import DirectionsError
-
+    error, resave = bases.error, f"`{type(bases).__name__}.save_pretrained`"
     try:
         with open(card_path, encoding="utf-8") as fh:
             card = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DirectionsError(f"{card_path!r} is not valid JSON ({err}); re-save the folder with save_pretrained") \
-            from err
+        raise error(f"{card_path!r} is not valid JSON ({err}); re-save the folder with save_pretrained") from err
     if not isinstance(card, dict):
-        raise DirectionsError(f"{card_path!r} must hold a JSON object; re-save the folder with save_pretrained")
-    file_meta = json.loads(json.dumps(directions._file_metadata()))
-    missing = [key for key in _STRUCTURAL_KEYS if key not in card]
-    differing = sorted(key for key in file_meta if key in card and card[key] != file_meta[key])
+        raise error(f"{card_path!r} must hold a JSON object; re-save the folder with save_pretrained")
+    expected = {key: value for key, value in bases.card().items() if key not in _WRITER_KEYS}
+    missing = [key for key in bases.FORMAT.structural_keys if key not in card]
+    differing = sorted(key for key in expected if key in card and card[key] != expected[key])
     if missing or differing:
         details = "; ".join(
             [f"missing {missing}"] * bool(missing)
-            + [f"{key}: card {card[key]!r} vs file {file_meta[key]!r}" for key in differing]
+            + [f"{key}: card {card[key]!r} vs file {expected[key]!r}" for key in differing]
         )
-        raise DirectionsError(
-            f"{card_path!r} does not describe the {WEIGHTS_NAME} next to it ({details}); the folder was edited by "
-            "hand or mixed from two saves. Re-save it with `HarmfulDirections.save_pretrained`"
+        raise error(
+            f"{card_path!r} does not describe the {bases.FORMAT.weights_name} next to it ({details}); the folder was "
+            f"edited by hand or mixed from two saves. Re-save it with {resave}"
         )
 
 
-def _looks_like_repo_id(source: str) -> bool:
+def looks_like_repo_id(source: str) -> bool:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -105,22 +93,23 @@ def _looks_like_repo_id(source: str) -> bool:
     return True
 
 
-def _local_files(folder: str) -> tuple[str, str | None]:
-    weights = os.path.join(folder, WEIGHTS_NAME)
+def _local_files(cls: type[OrthonormalBases], folder: str) -> tuple[str, str | None]:
+    fmt = cls.FORMAT
+    weights = os.path.join(folder, fmt.weights_name)
     if not os.path.isfile(weights):
         held = sorted(os.listdir(folder))
         single = [name for name in held if name.endswith(".safetensors")]
-        hint = (f"; it holds {single[0]!r}: load that file with `HarmfulDirections.load`" if len(single) == 1 else
+        hint = (f"; it holds {single[0]!r}: load that file with `{cls.__name__}.load`" if len(single) == 1 else
                 f"; it holds {held[:8]}" if held else "; it is empty")
         raise FileNotFoundError(
-            f"the folder {folder!r} holds no {WEIGHTS_NAME}{hint}. Write a directions folder with "
-            "`HarmfulDirections.save_pretrained(folder)` or `orthoreg directions extract --out folder/`"
+            f"the folder {folder!r} holds no {fmt.weights_name}{hint}. Write one with {fmt.create_hint}"
         )
-    card = os.path.join(folder, CARD_NAME)
+    card = os.path.join(folder, fmt.card_name)
     return weights, card if os.path.isfile(card) else None
 
 
 def resolve_files(
+    cls: type[OrthonormalBases],
     source: str,
     *,
     revision: str | None,
@@ -130,7 +119,8 @@ def resolve_files(
     subfolder: str | None,
     force_download: bool,
 ) -> tuple[str, str | None]:
-    """(path of the safetensors file, path of the card or ``None``) for a local file, a local folder or a Hub repo.
+    """(path of the safetensors file, path of the card or ``None``) of ``cls``'s folder form, for a local file, a local
+    folder or a Hub repo.
 
     Raises:
         FileNotFoundError: nothing at ``source`` (locally or on the Hub), a folder without the files, or (offline)
@@ -143,18 +133,18 @@ def resolve_files(
         folder = os.path.join(source, subfolder) if subfolder else source
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"the folder {source!r} has no subfolder {subfolder!r}")
-        return _local_files(folder)
-    if source.endswith(".safetensors") or not _looks_like_repo_id(source):
+        return _local_files(cls, folder)
+    if source.endswith(".safetensors") or not looks_like_repo_id(source):
         raise FileNotFoundError(
-            f"no directions file or folder at {source!r} (and it is not a Hub repo id); create it with "
-            "`orthoreg directions extract --out PATH` or `HarmfulDirections.save_pretrained(PATH)`"
+            f"no {cls.FORMAT.kind} file or folder at {source!r} (and it is not a Hub repo id); create it with "
+            f"{cls.FORMAT.create_hint}"
         )
-    return _download(source, revision=revision, cache_dir=cache_dir, token=token,
+    return _download(cls, source, revision=revision, cache_dir=cache_dir, token=token,
                      local_files_only=local_files_only or _hub_offline(), subfolder=subfolder,
                      force_download=force_download)
 
 
-def _download(repo_id: str, *, local_files_only: bool, revision: str | None, **kwargs: Any) -> tuple[str, str | None]:
+def _download(cls: type[OrthonormalBases], repo_id: str, *, local_files_only: bool, revision: str | None, **kwargs: Any) -> tuple[str, str | None]:
     import huggingface_hub
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -166,18 +156,19 @@ def _download(repo_id: str, *, local_files_only: bool, revision: str | None, **k
 
     from .. import __version__
 
+    fmt = cls.FORMAT
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     options = dict(revision=revision, local_files_only=local_files_only, library_name="orthoreg",
                    library_version=__version__, **kwargs)
     try:
         # Looked up on the module at call time, so a test's monkeypatch of huggingface_hub.hf_hub_download applies.
-        weights = huggingface_hub.hf_hub_download(repo_id, WEIGHTS_NAME, **options)
+        weights = huggingface_hub.hf_hub_download(repo_id, fmt.weights_name, **options)
     except LocalEntryNotFoundError as err:
         why = "HF_HUB_OFFLINE=1" if _hub_offline() else "local_files_only=True"
         raise FileNotFoundError(
             f"no local folder or file {repo_id!r}, and the Hub repo {where} is not in the local Hub cache while "
             f"{why} forbids downloading it. Download it once where the network allows "
-            f"(`HarmfulDirections.from_pretrained({repo_id!r})` or `hf download {repo_id}`), or copy its folder "
+            f"(`{cls.__name__}.from_pretrained({repo_id!r})` or `hf download {repo_id}`), or copy its folder "
             "here and pass the folder's path"
         ) from err
     except GatedRepoError as err:
@@ -191,42 +182,22 @@ def _download(repo_id: str, *, local_files_only: bool, revision: str | None, **k
         raise FileNotFoundError(f"the Hub repo {repo_id!r} has no revision {revision!r}") from err
     except EntryNotFoundError as err:
         raise FileNotFoundError(
-            f"the Hub repo {where} holds no {WEIGHTS_NAME}; it was not written by `HarmfulDirections.push_to_hub`"
+            f"the Hub repo {where} holds no {fmt.weights_name}; it was not written by `{cls.__name__}.push_to_hub`"
         ) from err
     except OSError as err:  # connection errors, HTTP errors, OfflineModeIsEnabled
         raise OSError(
-            f"could not download the directions repo {where} ({type(err).__name__}: {err}); with the files already "
+            f"could not download the {fmt.kind} repo {where} ({type(err).__name__}: {err}); with the files already "
             "cached, set HF_HUB_OFFLINE=1, or pass a local folder"
         ) from err
     try:
-        card = huggingface_hub.hf_hub_download(repo_id, CARD_NAME, **options)
+        card = huggingface_hub.hf_hub_download(repo_id, fmt.card_name, **options)
     except EntryNotFoundError:  # the card is for people; the safetensors file alone is a complete set
         card = None
     return weights, card
 
 
-def _readme(directions: HarmfulDirections, repo_id: str) -> str:
-    meta = directions.metadata
-    source = meta.get("source_model")
-    front = ["---", "library_name: orthoreg", "tags:", "- orthoreg", "- harmful-directions"]
-    if isinstance(source, str) and _looks_like_repo_id(source):
-        front.append(f"base_model: {source}")
-    front.append("---")
-    separation = meta.get("separation") or {}
-    rows = [f"| {layer} | {separation.get(str(layer), {}).get('accuracy', '-')} |" for layer in directions.layers]
-    return "\n".join([
-        *front, "", f"# Harmful directions for {source or 'a causal LM'}", "",
-        f"orthoreg `HarmfulDirections`: k = {directions.k} direction(s) per layer at layers {directions.layers} "
-        f"(hidden size {directions.hidden_size}), method `{meta.get('method')}`, pooling `{meta.get('pooling')}`.",
-        "", "```python", "from orthoreg import HarmfulDirections", "",
-        f"directions = HarmfulDirections.from_pretrained({repo_id!r}, model=model)", "```", "",
-        "| layer | held-out separation accuracy |", "| --- | --- |", *rows, "",
-        f"`{CARD_NAME}` holds the full metadata; `{WEIGHTS_NAME}` the tensors (safetensors, no pickle).", "",
-    ])
-
-
 def push_folder(
-    directions: HarmfulDirections,
+    bases: OrthonormalBases,
     repo_id: str,
     *,
     commit_message: str | None,
@@ -243,16 +214,16 @@ def push_folder(
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = getattr(url, "repo_id", None) or repo_id  # "name" alone resolves to "<user>/name"
     with tempfile.TemporaryDirectory() as tmp:
-        write_folder(directions, tmp)
+        write_folder(bases, tmp)
         try:
             has_readme = api.file_exists(repo_id, README_NAME, revision=revision)
         except HfHubHTTPError:  # e.g. a revision that does not exist yet
             has_readme = False
         if not has_readme:
             with open(os.path.join(tmp, README_NAME), "w", encoding="utf-8") as fh:
-                fh.write(_readme(directions, repo_id))
+                fh.write(bases.model_card(repo_id))
         return api.upload_folder(
             repo_id=repo_id, folder_path=tmp, repo_type="model", revision=revision, create_pr=create_pr,
-            commit_message=commit_message or f"Upload harmful directions (layers {directions.layers}, "
-                                             f"k={directions.k}) with orthoreg",
+            commit_message=commit_message or f"Upload {type(bases).__name__} ({len(bases)} bases, k={bases.k}) "
+                                             "with orthoreg",
         )

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ..config import OrthoRegConfig
+from ..core.layers import is_sharded
 from ..directions.harmful import HarmfulDirections
 from ..reader.penalty import InputSubspaces
-from .writers import is_sharded
 
 __all__ = ["CONFIG_NAME", "DIRECTIONS_NAME", "FORMAT_VERSION", "SUBSPACES_NAME", "load_ortholora", "save_ortholora"]
 

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.layers import check_adapter_state, is_sharded
 from ..core.zero3 import register_external_parameters
 from ..directions.harmful import DirectionsError, DirectionsOnDevice, HarmfulDirections
 from ..terms.injection import PenaltyScale, inject_penalty
 from ..terms.penalties import lora_weight_penalty
-from .writers import LoraWriter, check_adapter_state, check_writer_supported, find_residual_writers, is_sharded
+from .writers import LoraWriter, check_writer_supported, find_residual_writers
 
 __all__ = ["WriterPenaltyHooks", "WriterSession", "select_penalized_writers"]
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..config import OrthoRegConfig
 from ..core.capture import find_decoder_stack, resolve_layers
+from ..core.layers import check_adapter_state, lora_layers
 from ..directions.harmful import HarmfulDirections
 from ..engine.health import StepHealth
 from ..engine.metrics import metric_names
@@ -39,7 +40,7 @@ from ..engine.regularizer import OrthoRegularizer
 from ..reader.wiring import reader_penalty_for
 from .io import load_ortholora, save_ortholora
 from .weight_term import WriterPenaltyHooks, WriterSession, select_penalized_writers
-from .writers import RESIDUAL_WRITER_NAMES, LoraWriter, check_adapter_state, find_residual_writers, lora_layers
+from .writers import RESIDUAL_WRITER_NAMES, LoraWriter, find_residual_writers
 
 logger = logging.getLogger(__name__)
 

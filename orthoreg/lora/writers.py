@@ -8,28 +8,15 @@ stream along the layer's harmful directions U_ℓ exactly by U_ℓ ΔW. Found st
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..core.capture import find_decoder_stack
+from ..core.layers import check_plain_lora, is_linear_like, is_lora_layer, out_width
 
-__all__ = [
-    "is_conv1d",
-    "is_lora_layer",
-    "LoraWriter",
-    "RESIDUAL_WRITER_NAMES",
-    "check_adapter_state",
-    "check_writer_supported",
-    "find_residual_writers",
-    "is_sharded",
-    "lora_layers",
-    "active_lora_adapter",
-    "check_gathered",
-]
+__all__ = ["RESIDUAL_WRITER_NAMES", "LoraWriter", "check_writer_supported", "find_residual_writers"]
 
 # Conventional names of the last projection of a residual branch. Only a tie-break inside the structural rule (see
 # ``find_residual_writers``): a parent block with several width-d projections picks the one with a known name.
@@ -53,35 +40,6 @@ class LoraWriter:
     module: nn.Module
 
 
-def is_lora_layer(module: nn.Module) -> bool:
-    """A PEFT LoRA layer (``peft.tuners.lora.LoraLayer``) of any base module type."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(module, LoraLayer)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): a linear map whose weight is stored (d_in, d_out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return is_lora_layer(module) or isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def _out_width(module: nn.Module) -> int | None:
-    # Attributes, not weight shapes: under ZeRO-3 a weight may already be a partitioned empty tensor.
-    if is_lora_layer(module):
-        return getattr(module, "out_features", None)
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if is_conv1d(module):
-        return module.nf
-    return None
-
-
 def _structural_writers(layer: nn.Module, hidden_size: int) -> list[tuple[str, nn.Module]]:
     """(relative name, module) of the residual writers of one decoder layer, by the rule of
     ``find_residual_writers``."""
@@ -91,8 +49,8 @@ def _structural_writers(layer: nn.Module, hidden_size: int) -> list[tuple[str, n
         candidates = []
         for child_name, child in parent.named_children():
             name = f"{prefix}{child_name}"
-            if _is_linear_like(child):
-                if _out_width(child) == hidden_size:
+            if is_linear_like(child):
+                if out_width(child) == hidden_size:
                     candidates.append((child_name, name, child))
             else:
                 visit(child, name + ".")
@@ -143,9 +101,9 @@ def find_residual_writers(
             for rel, module in layer.named_modules():
                 if not is_lora_layer(module) or not any(rel == s or rel.endswith("." + s) for s in writer_modules):
                     continue
-                if _out_width(module) != d:
+                if out_width(module) != d:
                     raise ValueError(
-                        f"`writer_modules` names {names[id(module)]!r}, which writes {_out_width(module)} features, "
+                        f"`writer_modules` names {names[id(module)]!r}, which writes {out_width(module)} features, "
                         f"but the residual stream is {d} wide; name only modules whose output is added into it"
                     )
                 writers.append(LoraWriter(names[id(module)], index, module))
@@ -156,96 +114,7 @@ def find_residual_writers(
     return writers
 
 
-# ---------------------------------------------------------------------------------------------------- validation
-def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if is_lora_layer(m)]
-
-
-def check_adapter_state(name: str, module: nn.Module) -> str | None:
-    """The single active adapter of ``module`` (``None`` if it has no active adapter on this module).
-
-    Raises:
-        ValueError: merged adapters or several active adapters.
-    """
-    if getattr(module, "merged", False):
-        raise ValueError(
-            f"the LoRA adapter of {name!r} is merged into the base weights ({module.merged_adapters}); merged "
-            "adapters have no separate A and B to regularise or train. Call `peft_model.unmerge_adapter()` first."
-        )
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) > 1:
-        raise ValueError(
-            f"{name!r} has several active LoRA adapters {active}; OrthoLoRA regularises one adapter. Activate one "
-            "with `peft_model.set_adapter(name)` (or `base_model.set_adapter(name)`)."
-        )
-    return active[0] if active else None
-
-
 def check_writer_supported(name: str, module: nn.Module, adapter: str) -> None:
-    """Refuses LoRA forms whose update is not ΔW = s·B·A with plain ``nn.Linear`` A and B."""
-    variant = getattr(module, "lora_variant", {}).get(adapter)
-    if variant is not None:
-        raise NotImplementedError(
-            f"{name!r} uses the LoRA variant {type(variant).__name__} (e.g. DoRA, `use_dora=True`): its update is "
-            "not s·B·A (DoRA rescales columns by a learned magnitude), so ‖U ΔW‖ = s‖(U B) A‖ would be wrong. The "
-            "weight-space penalty supports plain LoRA and rsLoRA; set `lora_weight=0` to keep only the activation "
-            "penalties, or train without the variant."
-        )
-    if getattr(module, "lora_bias", {}).get(adapter, False):
-        raise NotImplementedError(
-            f"{name!r} has `lora_bias=True`: the update also shifts the bias, which the weight-space penalty does not "
-            "cover. Use `LoraConfig(lora_bias=False)` or set `lora_weight=0`."
-        )
-    lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-    if not (isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)):
-        raise NotImplementedError(
-            f"{name!r} is a {type(module).__name__} whose lora_A/lora_B are {type(lora_a).__name__}/"
-            f"{type(lora_b).__name__}; the weight-space penalty supports LoRA on nn.Linear and transformers' Conv1D "
-            "(fan_in_fan_out) residual writers only"
-        )
-
-
-def is_sharded(weight: torch.Tensor) -> bool:
-    if weight.numel() == 0:  # DeepSpeed ZeRO-3 partitioned parameter outside a gathered region
-        return True
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    return dtensor is not None and isinstance(weight, dtensor.DTensor)  # FSDP2 shard outside the unsharded forward
-
-
-def active_lora_adapter(name: str, module: nn.Module) -> str | None:
-    """The single active adapter of a PEFT ``LoraLayer`` (``None`` if none is active on it).
-
-    Raises:
-        ValueError: merged adapters, or several active adapters.
-        NotImplementedError: DoRA / another ``lora_variant``, ``lora_bias``, or lora_A/lora_B that are not
-            ``nn.Linear`` — forms whose update is not ΔW = s·B·A.
-    """
-    adapter = check_adapter_state(name, module)  # merged or several active adapters: refused there
-    if adapter is None:
-        return None
-    if getattr(module, "lora_variant", {}).get(adapter) is not None:
-        raise NotImplementedError(
-            f"{name!r} uses the LoRA variant {type(module.lora_variant[adapter]).__name__} (e.g. DoRA): its update "
-            "is not s·B·A, so s²‖B(AVᵀ)‖² would be wrong. The reader penalty supports plain LoRA and rsLoRA."
-        )
-    if getattr(module, "lora_bias", {}).get(adapter, False):
-        raise NotImplementedError(
-            f"{name!r} has `lora_bias=True`: the update also shifts the bias, which ‖ΔW Vᵀ‖² does not cover. Use "
-            "LoraConfig(lora_bias=False)."
-        )
-    if not (isinstance(module.lora_A[adapter], nn.Linear) and isinstance(module.lora_B[adapter], nn.Linear)):
-        raise NotImplementedError(
-            f"{name!r} is a {type(module).__name__}; the reader penalty supports LoRA on nn.Linear and Conv1D only"
-        )
-    return adapter
-
-
-def check_gathered(name: str, *weights: torch.Tensor) -> None:
-    if any(is_sharded(w) for w in weights):
-        w = weights[0]
-        raise RuntimeError(
-            f"the weights of {name!r} are sharded during its own forward (shape {tuple(w.shape)}, "
-            f"{type(w).__name__}), so the reader penalty cannot be computed there. Under DeepSpeed ZeRO-3 attach "
-            "after `import deepspeed` (A and B are then registered as the module's external parameters); with FSDP2 "
-            "shard whole decoder layers, not single linear modules."
-        )
+    """Refuses LoRA forms whose update is not ΔW = s·B·A (see ``orthoreg.core.layers.check_plain_lora``)."""
+    check_plain_lora(name, module, adapter, penalty="the weight-space penalty ‖U ΔW‖ = s‖(U B) A‖",
+                     fix="set `lora_weight=0` to keep only the activation penalties")

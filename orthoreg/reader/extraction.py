@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from ..core.capture import find_decoder_stack, unwrap_model
+from ..core.layers import in_width
 from .subspaces import (
     InputSubspaces,
     InputSubspacesError,
     canonical_module_name,
-    module_in_features,
     named_input_modules,
 )
 
@@ -335,7 +335,7 @@ def extract_input_subspaces(
     if chat_template and not has_template:
         raise InputSubspacesError("chat_template=True but the tokenizer has no chat template")
     chosen = _select_modules(model, modules)
-    too_narrow = [n for n, m in chosen.items() if module_in_features(m) < k]
+    too_narrow = [n for n, m in chosen.items() if in_width(m) < k]
     if too_narrow:
         raise InputSubspacesError(f"k={k} exceeds the input width of {too_narrow[:3]}; use a smaller k")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from ..core.capture import unwrap_model
+from ..core.layers import active_lora_adapter, check_gathered, is_conv1d, is_lora_layer, is_sharded
 from ..core.zero3 import register_external_parameters
-from ..lora.writers import active_lora_adapter, check_gathered, is_conv1d, is_lora_layer, is_sharded
 from ..terms.injection import PenaltyScale, inject_penalty
 from ..terms.reader import full_reader_penalty, lora_reader_penalty, weight_times_basis
 from .extraction import extract_input_subspaces

@@ -17,17 +17,15 @@ is ever read.
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..core.bases import BasesError, BasesFormat, OrthonormalBases, is_orthonormal, orthonormalize
 from ..core.capture import unwrap_model
-from ..directions.harmful import DirectionsError, orthonormalize
-from ..lora.writers import is_conv1d, is_lora_layer
+from ..core.layers import in_width
 
 __all__ = [
     "CARD_NAME",
@@ -35,21 +33,18 @@ __all__ = [
     "InputSubspaces",
     "InputSubspacesError",
     "canonical_module_name",
-    "module_in_features",
     "named_input_modules",
 ]
 
 FORMAT_VERSION = 1
 SUBSPACES_NAME = "input_subspaces.safetensors"
 CARD_NAME = "input_subspaces.json"
-_META_KEY = "orthoreg_input_subspaces"
-_ORTHONORMAL_TOL = 1e-4
 # Name components that wrappers insert without changing the model (FSDP1, activation-checkpoint wrappers, compile).
 _WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 _WRAPPER_PREFIXES = ("base_model.model.", "module.")
 
 
-class InputSubspacesError(DirectionsError):
+class InputSubspacesError(BasesError):
     """An input-subspace set or file is unusable (bad tensor, unknown module, wrong width, corrupt file)."""
 
 
@@ -66,30 +61,18 @@ def canonical_module_name(name: str) -> str:
     return ".".join(parts)
 
 
-def module_in_features(module: nn.Module) -> int | None:
-    """d_in of a linear-like module (``nn.Linear``, ``Conv1D``, either wrapped by PEFT LoRA), else ``None``.
-    Read from attributes, not weight shapes: under ZeRO-3 a weight may be a partitioned empty tensor."""
-    if is_lora_layer(module):
-        return getattr(module, "in_features", None)
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    if is_conv1d(module):
-        return module.nx
-    return None
-
-
 def named_input_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Canonical name → module for every linear-like module of the unwrapped model (a PEFT ``LoraLayer`` wins over
     its own ``base_layer``, which has the same canonical name)."""
     found: dict[str, nn.Module] = {}
     for name, module in unwrap_model(model).named_modules():
-        if module_in_features(module) is not None:
+        if in_width(module) is not None:
             found.setdefault(canonical_module_name(name), module)
     return found
 
 
 # ------------------------------------------------------------------------------------------------ the container
-class InputSubspaces:
+class InputSubspaces(OrthonormalBases):
     """Per-module orthonormal bases V_m (k × d_in) of a model's inputs; rows orthonormalised by QR on construction.
 
     Args:
@@ -102,11 +85,20 @@ class InputSubspaces:
         >>> subspaces = extract_input_subspaces(model, tokenizer, prompts, positions="post_instruction", k=16)
         >>> subspaces.save_pretrained("reader_subspaces")
         >>> subspaces = InputSubspaces.from_pretrained("reader_subspaces", model=model)
+        >>> subspaces.push_to_hub("my-org/my-model-reader-subspaces")  # then from_pretrained("my-org/…") anywhere
 
     Raises:
         InputSubspacesError: empty mapping, a non-string name, two names for one module, or a bad tensor (the
             message names the module).
     """
+
+    FORMAT: ClassVar[BasesFormat] = BasesFormat(
+        kind="input-subspaces", metadata_key="orthoreg_input_subspaces", version=FORMAT_VERSION,
+        weights_name=SUBSPACES_NAME, card_name=CARD_NAME, structural_keys=("format_version", "k", "modules"),
+        create_hint="`extract_input_subspaces(...).save_pretrained(PATH)` or `InputSubspaces.save(PATH)`",
+        tags=("orthoreg", "input-subspaces"),
+    )
+    error: ClassVar[type[BasesError]] = InputSubspacesError
 
     def __init__(self, subspaces: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None):
         if not isinstance(subspaces, Mapping) or not subspaces:
@@ -121,35 +113,23 @@ class InputSubspaces:
             v = torch.as_tensor(v)
             if v.dim() == 1:
                 v = v.unsqueeze(0)
-            try:
-                cleaned[name] = orthonormalize(v, name=f"input subspace of {name!r}")
-            except DirectionsError as err:
-                raise InputSubspacesError(str(err)) from None
+            cleaned[name] = orthonormalize(v, name=f"input subspace of {name!r}", error=InputSubspacesError)
         self.subspaces = dict(sorted(cleaned.items()))
         self.metadata = dict(metadata or {})
 
     @property
-    def names(self) -> list[str]:
-        return list(self.subspaces)
+    def bases(self) -> dict[str, torch.Tensor]:
+        return self.subspaces
 
     @property
-    def k(self) -> int:
-        return max(v.shape[0] for v in self.subspaces.values())
+    def names(self) -> list[str]:
+        return list(self.subspaces)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.subspaces[canonical_module_name(name)]
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and canonical_module_name(name) in self.subspaces
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.subspaces)
-
-    def __len__(self) -> int:
-        return len(self.subspaces)
-
-    def items(self):
-        return self.subspaces.items()
 
     def __repr__(self) -> str:
         return f"InputSubspaces({len(self)} modules, k={self.k}, method={self.metadata.get('method')!r})"
@@ -173,7 +153,7 @@ class InputSubspaces:
                     f"{f' (similar: {close})' if close else ''}; names must be as in the base model's "
                     "named_modules() (e.g. 'model.layers.3.mlp.up_proj'). Extract the subspaces from this model."
                 )
-            width = module_in_features(module)
+            width = in_width(module)
             if width != v.shape[1]:
                 raise InputSubspacesError(
                     f"the input subspace of {name!r} is {v.shape[1]} wide but that module reads {width} inputs; "
@@ -183,57 +163,22 @@ class InputSubspaces:
         return resolved
 
     # -------------------------------------------------------------------------------------------- files
-    def _file_metadata(self) -> dict[str, Any]:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.subspaces)
+
+    def file_metadata(self) -> dict[str, Any]:
         return {**self.metadata, "format_version": FORMAT_VERSION, "k": self.k,
                 "modules": {n: list(v.shape) for n, v in self.subspaces.items()}}
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes one safetensors file (atomically: a partial write never replaces a good file)."""
-        from safetensors.torch import save_file
-
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        tensors = {n: v.contiguous() for n, v in self.subspaces.items()}
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(self._file_metadata(), sort_keys=True)})
-        os.replace(tmp, path)
+    def card(self) -> dict[str, Any]:
+        """The file metadata, with each module's k and d_in spelled out for people."""
+        card = super().card()
+        card["modules"] = {n: {"k": int(v.shape[0]), "in_features": int(v.shape[1])}
+                           for n, v in self.subspaces.items()}
+        return card
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> InputSubspaces:
-        """Reads a file written by ``save``; with ``model``, also checks every name and width against it.
-
-        Raises:
-            FileNotFoundError: no such file.
-            InputSubspacesError: not a readable safetensors file, no or corrupt orthoreg metadata, another format
-                version, tensors that disagree with the metadata or are not orthonormal, or (with ``model``) a
-                module the model does not have.
-        """
-        from safetensors import SafetensorError, safe_open
-
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"no input-subspaces file at {path!r}; create one with `extract_input_subspaces(...).save(path)`"
-            )
-        try:
-            with safe_open(path, framework="pt") as handle:
-                raw = (handle.metadata() or {}).get(_META_KEY)
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise InputSubspacesError(f"{path!r} is not a readable safetensors file ({err}); re-create it") from err
-        if raw is None:
-            raise InputSubspacesError(
-                f"{path!r} is a safetensors file without orthoreg input-subspace metadata (a directions file? use "
-                "HarmfulDirections.load)"
-            )
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise InputSubspacesError(f"{path!r} has corrupt orthoreg metadata: {err}") from err
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-            version = meta.get("format_version") if isinstance(meta, dict) else None
-            raise InputSubspacesError(
-                f"{path!r} has input-subspace format {version!r}; this orthoreg reads {FORMAT_VERSION}"
-            )
+    def from_file(cls, path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> InputSubspaces:
         listed = meta.get("modules")
         if not isinstance(listed, dict) or sorted(listed) != sorted(tensors):
             raise InputSubspacesError(
@@ -241,43 +186,13 @@ class InputSubspaces:
                 f"{sorted(listed)[:4] if isinstance(listed, dict) else listed!r}…; the file is corrupt"
             )
         for name, v in tensors.items():
-            shape = list(v.shape)
-            if v.dim() != 2 or shape != list(listed[name]) or not torch.allclose(
-                v.double() @ v.double().T, torch.eye(v.shape[0], dtype=torch.float64), atol=_ORTHONORMAL_TOL
-            ):
+            if v.dim() != 2 or list(v.shape) != list(listed[name]) or not is_orthonormal(v):
                 raise InputSubspacesError(
-                    f"{path!r}: the subspace of {name!r} (shape {shape}, listed {listed[name]}) is not a set of "
-                    "orthonormal rows; the file is corrupt"
+                    f"{path!r}: the subspace of {name!r} (shape {list(v.shape)}, listed {listed[name]}) is not a set "
+                    "of orthonormal rows; the file is corrupt"
                 )
-        for key in ("format_version", "k", "modules"):
-            meta.pop(key, None)
-        result = cls(tensors, metadata=meta)
-        if model is not None:
-            result.resolve(model)
-        return result
+        meta = {key: value for key, value in meta.items() if key not in ("format_version", "k", "modules")}
+        return cls(tensors, metadata=meta)
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Writes ``folder/input_subspaces.safetensors`` and a readable card ``folder/input_subspaces.json``
-        (provenance and, per module, k and d_in; informational, the safetensors file is authoritative)."""
-        folder = os.fspath(folder)
-        os.makedirs(folder, exist_ok=True)
-        self.save(os.path.join(folder, SUBSPACES_NAME))
-        card = {"file": SUBSPACES_NAME, **self._file_metadata()}
-        card["modules"] = {n: {"k": int(v.shape[0]), "in_features": int(v.shape[1])}
-                           for n, v in self.subspaces.items()}
-        path = os.path.join(folder, CARD_NAME)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as handle:
-            json.dump(card, handle, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, model: nn.Module | None = None) -> InputSubspaces:
-        """Reads a folder written by ``save_pretrained`` (see ``load`` for the checks)."""
-        folder = os.fspath(folder)
-        path = os.path.join(folder, SUBSPACES_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"no {SUBSPACES_NAME} in {folder!r}; it is not a folder written by InputSubspaces.save_pretrained"
-            )
-        return cls.load(path, model=model)
+    def check_model(self, model: nn.Module) -> None:
+        self.resolve(model)
