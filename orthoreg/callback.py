@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -106,7 +107,7 @@ class OrthoRegCallback(TrainerCallback):
         self._steps_in_epoch = dataloader_length(kwargs.get("train_dataloader"))
         self.regularizer.step = state.global_step
         if self.reader is not None and not self.reader.attached:
-            missing = restore_reader_base(self.reader, args, state) if state.global_step > 0 else None
+            missing = restore_reader_base(self.reader, checkpoint_folder(args, state)) if state.global_step > 0 else None
             self.reader.attach(model)
             check_restored_base(self.reader, missing)
         self._set_scales(args, state)
@@ -157,8 +158,8 @@ class OrthoRegCallback(TrainerCallback):
         report_metrics(metrics, METRIC_PREFIX, logs, state, extra={"warmup": warmup})
 
     def on_save(self, args, state, control, **kwargs):
-        if self.reader is not None:
-            save_reader_base(self.reader, args, state)
+        if self.reader is not None and state.is_world_process_zero:
+            save_reader_base(self.reader, checkpoint_folder(args, state))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.detach()
@@ -186,6 +187,13 @@ def accumulation_scale(args: TrainingArguments, state: TrainerState, steps_in_ep
     """1 / the micro-batches of optimizer step ``state.global_step``: the factor a Trainer callback's per-micro-batch
     penalty takes so that it is scaled like the task loss."""
     return 1.0 / micro_batches_in_step(state.global_step, args.gradient_accumulation_steps, steps_in_epoch)
+
+
+def checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
+    """The folder the Trainer writes (or resumed from) at ``state.global_step``: ``output_dir/checkpoint-N``."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 def dataloader_length(dataloader: Any) -> int | None:

@@ -1,10 +1,11 @@
-"""The reader-side weight penalty in orthoreg's front doors: building it from an ``OrthoRegConfig``, and carrying
-full fine-tuning's W₀V_mᵀ across a Trainer checkpoint.
+"""The reader-side weight penalty in orthoreg's front doors: building it from an ``OrthoRegConfig``, and writing /
+reading full fine-tuning's W₀V_mᵀ in a checkpoint folder.
 
 ``OrthoRegCallback`` and ``OrthoLoRA`` both build their ``ReaderPenalty`` here. LoRA needs no saved state (ΔW = s·BA
 is the update itself); full fine-tuning needs W₀V_mᵀ from the *start* of training, which a resumed run cannot
-recompute from its (already updated) weights, so it is written next to every checkpoint as safetensors
-(``READER_BASE_FILE``) and read back on resume.
+recompute from its (already updated) weights, so the front door writes it into every checkpoint folder as
+safetensors (``READER_BASE_FILE``) and reads it back on resume (which folder that is, is the front door's business:
+``OrthoRegCallback`` knows the Trainer's ``checkpoint-N`` layout).
 """
 
 from __future__ import annotations
@@ -42,26 +43,20 @@ def reader_penalty_for(config: OrthoRegConfig, input_subspaces: Any, mode: str) 
     return ReaderPenalty(input_subspaces, config.reader_weight, mode=mode, check="step")
 
 
-def _checkpoint_dir(args: Any, state: Any) -> str:
-    return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-
-
-def save_reader_base(reader: ReaderPenalty, args: Any, state: Any) -> None:
-    """Writes full fine-tuning's W₀V_mᵀ into the checkpoint the Trainer just saved (main process only)."""
+def save_reader_base(reader: ReaderPenalty, folder: str) -> None:
+    """Writes full fine-tuning's W₀V_mᵀ into the checkpoint ``folder`` (nothing for LoRA, or when the folder does not
+    exist). Call it on the main process only."""
     base = reader.reference_state()
-    if not base or not state.is_world_process_zero:
-        return
-    from safetensors.torch import save_file
+    if base and os.path.isdir(folder):
+        from safetensors.torch import save_file
 
-    folder = _checkpoint_dir(args, state)
-    if os.path.isdir(folder):
         save_file(base, os.path.join(folder, READER_BASE_FILE), metadata={"format": "orthoreg-reader-base-1"})
 
 
-def restore_reader_base(reader: ReaderPenalty, args: Any, state: Any) -> str | None:
-    """Before attaching on a resumed run: reads W₀V_mᵀ back from the checkpoint of ``state.global_step``. Returns
-    the path it looked for when there is none (fine for LoRA; see ``check_restored_base`` once attached)."""
-    path = os.path.join(_checkpoint_dir(args, state), READER_BASE_FILE)
+def restore_reader_base(reader: ReaderPenalty, folder: str) -> str | None:
+    """Before attaching on a resumed run: reads W₀V_mᵀ back from the checkpoint ``folder``. Returns the path it
+    looked for when there is none (fine for LoRA; see ``check_restored_base`` once attached)."""
+    path = os.path.join(folder, READER_BASE_FILE)
     if not os.path.isfile(path):
         return path
     from safetensors.torch import load_file
