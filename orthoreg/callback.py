@@ -141,7 +141,7 @@ class OrthoRegCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         # Written into TrainerState so every later checkpoint's trainer_state.json (JSON, no pickle) carries it.
-        if not self._saved_calibration and not self.regularizer._calibrating():
+        if not self._saved_calibration and not self.regularizer.calibrating:
             state.stateful_callbacks[STATE_KEY] = self.regularizer.state_dict()
             self._saved_calibration = True
 

@@ -444,8 +444,7 @@ def _live_static_bytes(arm: Arm, ctx: Context) -> int:
         tensors += list(ctx.directions.directions.values())
     reader = getattr(arm, "reader", None) or getattr(getattr(arm, "wrapper", None), "reader", None)
     if reader is not None:  # V_m, their device copies and (full fine-tuning) W₀V_mᵀ
-        tensors += list(reader.subspaces.subspaces.values()) + list(reader._basis_cache.values())
-        tensors += list(reader._base_products.values())
+        tensors += list(reader.subspaces.subspaces.values()) + reader.resident_tensors
     return _storage_bytes(tensors)
 
 
@@ -499,7 +498,6 @@ def isolated_cost(name: str, ctx: Context, reps: int, clock: str) -> float | Non
     a second forward (paired, kl) and for plain.
     """
     from orthoreg.core.capture import find_decoder_stack
-    from orthoreg.engine.activation_terms import ForwardSession
     from orthoreg.engine.regularizer import OrthoRegularizer
 
     config = arm_config(name, ctx.spec.guarded)
@@ -528,7 +526,7 @@ def isolated_cost(name: str, ctx: Context, reps: int, clock: str) -> float | Non
 
         def activation_terms():
             leaves = {i: h.clone().requires_grad_(True) for i, h in captured.items()}
-            penalty = reg._penalty(ForwardSession(active=True, mask=mask, captured=leaves))
+            penalty = reg.penalty_for_activations(leaves, mask)
             penalty.backward()
 
         work.append(activation_terms)
@@ -824,12 +822,12 @@ def run_config(spec: ModelSpec, mode: str, checkpointing: bool, device: str, dty
 def _cov_matmuls(spec: ModelSpec) -> float:
     """(N, d)·(d, min(N, d)) products per covariance evaluation (forward + backward) in the installed orthoreg:
     3 with autograd's generic matmul backward; 1 + 1 with the closed-form backward; less with a symmetric forward."""
-    from orthoreg import penalties
+    from orthoreg.terms import covariance
 
-    forward = float(getattr(penalties, "COV_FORWARD_MATMULS", 1.0))
+    forward = float(getattr(covariance, "COV_FORWARD_MATMULS", 1.0))
     if forward < 1.0 and min(spec.selected, spec.hidden_size) < 512:  # fewer blocks at small sizes
         forward = 0.75 if min(spec.selected, spec.hidden_size) >= 256 else 1.0
-    return forward + float(getattr(penalties, "COV_BACKWARD_MATMULS", 2))
+    return forward + float(getattr(covariance, "COV_BACKWARD_MATMULS", 2))
 
 
 # ------------------------------------------------------------------------------------------------ RSS (subprocess)

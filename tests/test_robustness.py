@@ -70,7 +70,7 @@ def test_skip_policy_calibrates_on_the_next_finite_batch_and_writes_valid_json(v
     with caplog.at_level(logging.WARNING, logger="orthoreg.base_mean"):
         model(inputs_embeds=poisoned, attention_mask=batch["attention_mask"])
         assert "Calibrating on the next finite micro-batch" in caplog.text
-        assert reg.base_reference == {} and reg._calibrating()
+        assert reg.base_reference == {} and reg.calibrating
         reg.step = 1  # one (ruined) update later
         captured = {}
         handle = model.model.layers[1].register_forward_hook(lambda m, a, o: captured.setdefault("h", o))
@@ -80,7 +80,7 @@ def test_skip_policy_calibrates_on_the_next_finite_batch_and_writes_valid_json(v
     r = reg.base_reference[1]
     rows = captured["h"].detach().double()[batch["attention_mask"].bool()]
     assert torch.allclose(r.double(), (rows @ u[1].double().T).mean(0), rtol=1e-5, atol=1e-6)
-    assert not reg._calibrating()
+    assert not reg.calibrating
     # json.dumps writes a bare NaN unless told not to; the state must be strict JSON.
     json.dumps(reg.state_dict(), allow_nan=False)
 

@@ -77,7 +77,8 @@ class ActivationTerms:
     def _penalty(self, session: ForwardSession) -> torch.Tensor | None:
         cfg = self.config
         mask = session.mask
-        calibrating = cfg.base_statistics_needed and self._calibrating()
+        # Normally the first micro-batch(es) of step 0; later only when those held NaN/Inf under "skip".
+        calibrating = cfg.base_statistics_needed and self.base_mean.calibrating(self.step)
         base_units = cfg.units == "base"
         calibrated = True
         total = None
@@ -148,10 +149,6 @@ class ActivationTerms:
         else:
             layers = sum(1 for i in self.layer_indices if self.directions is not None and i in self.directions)
         return self.base_mean.unit(term, index) * layers
-
-    def _calibrating(self) -> bool:
-        # Normally the first micro-batch(es) of step 0; later only when those held NaN/Inf under "skip".
-        return self.base_mean.calibrating(self.step)
 
     @torch.no_grad()
     def _global_token_share(self, session: ForwardSession, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:

@@ -279,6 +279,23 @@ class OrthoRegularizer(ActivationTerms):
     def calibration_batches_seen(self, value: int) -> None:
         self.base_mean.batches_seen = value
 
+    @property
+    def calibrating(self) -> bool:
+        """Whether regularised forwards are still recording the base model's statistics (r for
+        ``anchor="base_mean"``, the base units): normally during the first ``calibration_batches`` micro-batches of
+        step 0, later only when those held NaN/Inf under ``on_nonfinite="skip"``. ``OrthoRegCallback`` saves the
+        recorded state once this turns false."""
+        return self.base_mean.calibrating(self.step)
+
+    def penalty_for_activations(
+        self, captured: dict[int, torch.Tensor], mask: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The activation terms' penalty of one forward from the guarded layers' outputs (layer → (B, T, d)) and
+        the token mask (``None``: every token), computed exactly as the forward hook computes it (warm-up factor
+        included, ``grad_scale`` not; metrics and health checks updated) but without running the model: for timing
+        or testing the terms in isolation. ``None`` when no term applies."""
+        return self._penalty(ForwardSession(active=True, mask=mask, captured=captured))
+
     def calibrate(self, model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> None:
         """Records the base model's statistics (r for ``anchor="base_mean"``, the base units) on a calibration set;
         see ``orthoreg.engine.base_statistics.calibrate``."""

@@ -164,6 +164,12 @@ class ReaderPenalty:
     def attached(self) -> bool:
         return bool(self._handles)
 
+    @property
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """The tensors this penalty keeps besides the subspaces it was given: the float32 copy of each V_m on every
+        device it was used on, and (full fine-tuning) the recorded W₀V_mᵀ. What it adds to memory, for accounting."""
+        return list(self._basis_cache.values()) + list(self._base_products.values())
+
     # ------------------------------------------------------------------ attachment
     def attach(self, model: nn.Module) -> ReaderPenalty:
         """Resolves the subspaces' modules in ``model`` (bare, PEFT-, DDP-, DeepSpeed- or FSDP-wrapped) and installs
