@@ -23,15 +23,11 @@ every reader arm pushes equally hard at the same point. ``scales.json`` in the r
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
-import dataclasses
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,30 +36,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from orthoreg.realbench import task_bench as B  # noqa: E402
-from orthoreg.realbench.aligned import DEFAULT_CACHE  # noqa: E402
 from orthoreg.realbench.defences import ARMS, DefenceJob, reader_set, run_defence  # noqa: E402
 from orthoreg.realbench.task_runs import TaskBenchConfig  # noqa: E402
+from orthoreg.realbench.workers import (  # noqa: E402
+    RowsFile,
+    add_worker_arguments,
+    driver_settings,
+    log,
+    run_in_workers,
+    write_generated_section,
+)
 
 OUT = REPO / "benchmarks" / "defences.json"
 README = REPO / "benchmarks" / "README_defences.md"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _worker_init() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _job(arguments: tuple) -> dict[str, Any]:
-    return run_defence(*arguments)
 
 
 def directions_path(folder: str) -> str:
@@ -152,8 +137,8 @@ def plan(args, scales: dict[str, float] | None, others: bool = True) -> list[Def
 def run_jobs(args, config: TaskBenchConfig, prep: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
     """Runs what the command line asks that rows.jsonl does not hold: first the arms that need no scale (with plain
     seed 0 of the scale task added when the reader arms need its adapter), then the reader arms."""
-    rows_path = run_dir / "rows.jsonl"
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.is_file() else []
+    rows_file = RowsFile(run_dir / "rows.jsonl")
+    rows = rows_file.rows
     done = {r["key"] for r in rows}
     dirs = directions_path(prep["aligned_folder"])
     scale_task = args.scale_task or args.tasks[0]
@@ -161,10 +146,8 @@ def run_jobs(args, config: TaskBenchConfig, prep: dict[str, Any], run_dir: Path)
 
     def record(row: dict[str, Any]) -> None:
         row["base_build"] = build
-        rows.append(row)
+        rows_file.append(row)
         done.add(row["key"])
-        with rows_path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
         s = row["safety"]["pooled"]
         log(f"{row['task']} {row['arm']} seed {row['seed']} λ {row['weight']:.3g}: attempts {s['attempt']:.0%} "
             f"refusals {s['refusal']:.0%} over-refusal {s['over_refusal']:.0%}; {row['task_metric']['metric']} "
@@ -176,15 +159,8 @@ def run_jobs(args, config: TaskBenchConfig, prep: dict[str, Any], run_dir: Path)
 
     def run(jobs: list[DefenceJob]) -> None:
         jobs = list({j.key: j for j in jobs if j.key not in done}.values())
-        log(f"{len(jobs)} fine-tunes to run ({len(rows)} rows in {rows_path})")
-        if args.workers <= 0:
-            for job in jobs:
-                record(run_defence(*arguments(job)))
-            return
-        ctx = mp.get_context("spawn")
-        with futures.ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx, initializer=_worker_init) as pool:
-            for fut in futures.as_completed([pool.submit(_job, arguments(j)) for j in jobs]):
-                record(fut.result())
+        log(f"{len(jobs)} fine-tunes to run ({len(rows)} rows in {rows_file.path})")
+        run_in_workers(run_defence, [arguments(j) for j in jobs], args.workers, record)
 
     if not args.arms:
         return rows
@@ -308,14 +284,6 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_readme(section: str) -> None:
-    text = README.read_text() if README.is_file() else "<!-- auto:begin -->\n<!-- auto:end -->\n"
-    head, rest = text.split("<!-- auto:begin", 1)
-    _, tail = rest.split("<!-- auto:end -->", 1)
-    README.write_text(f"{head}<!-- auto:begin (scripts/bench_defences.py rewrites this part) -->\n{section}\n"
-                      f"<!-- auto:end -->{tail}")
-
-
 def finish(args, prep: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
     summary = summarise(rows, prep, args.selection_seeds, args.selection_task)
     scales_path = run_dir / "scales.json"
@@ -334,12 +302,13 @@ def finish(args, prep: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path
         plot(summary, out.with_suffix(".png"))
     if args.readme:
         base = summary["base"]["pooled"]
-        write_readme(f"**Rendered** {result['date']} from `{run_dir}` ({len(rows)} fine-tunes) · selection seeds "
-                     f"{args.selection_seeds} of {args.selection_task or 'every task'} · aligned base: harmful "
-                     f"attempts {base['attempt']:.0f} %, refusals {base['refusal']:.0f} %, over-refusal "
-                     f"{base['over_refusal']:.0f} % (pooled) · rows per base build (weights' SHA-256): "
-                     f"{', '.join(f'{k} {n}' for k, n in summary['base_builds'].items())}.\n\n"
-                     + table(summary))
+        section = (f"**Rendered** {result['date']} from `{run_dir}` ({len(rows)} fine-tunes) · selection seeds "
+                   f"{args.selection_seeds} of {args.selection_task or 'every task'} · aligned base: harmful "
+                   f"attempts {base['attempt']:.0f} %, refusals {base['refusal']:.0f} %, over-refusal "
+                   f"{base['over_refusal']:.0f} % (pooled) · rows per base build (weights' SHA-256): "
+                   f"{', '.join(f'{k} {n}' for k, n in summary['base_builds'].items())}.\n\n"
+                   + table(summary))
+        write_generated_section(README, section, writer="scripts/bench_defences.py")
     return result
 
 
@@ -358,34 +327,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--selection-seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--selection-task", default=None, help="the task λ and the variant were chosen on: its selection "
                     "seeds are the only ones not counted as fresh (default: every task's)")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+    add_worker_arguments(ap)  # --workers, --cache-dir, --quick
     ap.add_argument("--run-dir", default=None, help="rows.jsonl, adapters and scales.json (default: <out>.runs)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--render", action="store_true", help="summarise the run dir's rows; run nothing")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--readme", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--quick", action="store_true", help="tiny config-built model, a few steps (tests)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per fine-tune (default: the benchmark's)")
     args = ap.parse_args(argv)
     if args.readme is None:
         args.readme = not args.quick and Path(args.out) == OUT
-    config, align = TaskBenchConfig(), None
+    config, align, run_dir = driver_settings(args)
     if args.quick:
-        from orthoreg.realbench.aligned_v2 import AlignV2Config
-
-        config = TaskBenchConfig(steps=2, batch_size=2, safety_tokens=4, task_tokens=4, max_length=200)
         args.k = min(args.k, 4)
-        align = AlignV2Config(steps=2, harmless_answer_tokens=4)
-        if args.cache_dir == str(DEFAULT_CACHE):
-            args.cache_dir = tempfile.mkdtemp(prefix="orthoreg-quick-")
-    if args.steps:
-        config = dataclasses.replace(config, steps=args.steps)
-    run_dir = Path(args.run_dir or Path(args.out).with_suffix(".runs"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    import torch
-
-    torch.set_num_threads(1)
     prep = B.prepare(args.cache_dir, config, args.tasks, align=align, tiny=args.quick, with_predictors=False, log=log)
     if args.render:
         args.arms = None

@@ -21,14 +21,11 @@ Writes ``benchmarks/smollm2_tasks.json``, ``benchmarks/smollm2_tasks.png`` and t
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
-import dataclasses
+import functools
 import json
-import multiprocessing as mp
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,9 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from orthoreg.realbench import task_bench as B  # noqa: E402
-from orthoreg.realbench.aligned import DEFAULT_CACHE  # noqa: E402
 from orthoreg.realbench.task_runs import TaskBenchConfig, run_task  # noqa: E402
 from orthoreg.realbench.tasks import TASK_NAMES  # noqa: E402
+from orthoreg.realbench.workers import (  # noqa: E402
+    RowsFile,
+    add_worker_arguments,
+    driver_settings,
+    log,
+    run_in_workers,
+    write_generated_section,
+)
 
 LABELS = REPO / "benchmarks" / "smollm2_tasks_labels.jsonl"
 README = REPO / "benchmarks" / "README_smollm2_tasks.md"
@@ -48,27 +52,9 @@ TARGETS = {"refusal": 0.80, "over_refusal": 0.15, "kappa": 0.8, "span": 20.0, "h
            "minutes": 60.0}
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _worker_init() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _job(args: tuple) -> dict[str, Any]:
-    return run_task(*args, threads=1)
-
-
 def run_jobs(args, config: TaskBenchConfig, prep: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
-    partial = run_dir / "rows.jsonl"
-    rows = [json.loads(line) for line in partial.read_text().splitlines()] if args.resume and partial.is_file() else []
+    rows_file = RowsFile(run_dir / "rows.jsonl", resume=args.resume)
+    rows = rows_file.rows
     done_keys = {(r["task"], r["seed"]) for r in rows}
     jobs = [(prep["aligned_folder"], prep["answers_path"], t, s, config, prep["ppl_limit"])
             for s in args.seeds for t in args.tasks if (t, s) not in done_keys]
@@ -78,22 +64,13 @@ def run_jobs(args, config: TaskBenchConfig, prep: dict[str, Any], run_dir: Path)
     log(f"{len(jobs)} fine-tunes to run ({len(rows)} resumed)")
 
     def done(row: dict[str, Any]) -> None:
-        rows.append(row)
-        with partial.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        rows_file.append(row)
         s = row["safety"]["pooled"]
         log(f"{row['task']:>14s} seed {row['seed']}: attempts {s['attempt']:.0%} refusals {s['refusal']:.0%} "
             f"neither {s['neither']:.0%} over-refusal {s['over_refusal']:.0%}; {row['task_metric']['metric']} "
             f"{row['task_metric']['score']:.2f}; {row['cpu_per_step']:.2f} CPU-s/step, {row['total_seconds']:.0f} s")
 
-    if args.workers <= 0:
-        for job in jobs:
-            done(_job(job))
-    else:
-        ctx = mp.get_context("spawn")
-        with futures.ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx, initializer=_worker_init) as pool:
-            for fut in futures.as_completed([pool.submit(_job, j) for j in jobs]):
-                done(fut.result())
+    run_in_workers(functools.partial(run_task, threads=1), jobs, args.workers, done)
     return [r for r in rows if r["task"] in args.tasks and r["seed"] in args.seeds]
 
 
@@ -240,14 +217,6 @@ def readme_section(result: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def write_readme(section: str) -> None:
-    text = README.read_text() if README.is_file() else "<!-- auto:begin -->\n<!-- auto:end -->\n"
-    head, rest = text.split("<!-- auto:begin", 1)
-    _, tail = rest.split("<!-- auto:end -->", 1)
-    README.write_text(f"{head}<!-- auto:begin (scripts/bench_smollm2_tasks.py rewrites this part) -->\n{section}\n"
-                      f"<!-- auto:end -->{tail}")
-
-
 def finish(result: dict[str, Any], rows: list[dict[str, Any]], args) -> dict[str, Any]:
     result["summary"] = B.summarise(rows, result["prep"], result["selection_seeds"], load_labels(Path(args.labels)))
     result["targets"] = check_targets(result)
@@ -259,7 +228,7 @@ def finish(result: dict[str, Any], rows: list[dict[str, Any]], args) -> dict[str
     if not args.no_plot:
         plot(result, out.with_suffix(".png"))
     if args.readme:
-        write_readme(readme_section(result))
+        write_generated_section(README, readme_section(result), writer="scripts/bench_smollm2_tasks.py")
     for t in result["targets"]:
         log(f"{'met' if t['met'] else 'MISSED'}: {t['target']} — {json.dumps(t['value'])[:200]}")
     return result
@@ -272,8 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="seeds the settings were chosen on (reported apart from the confirmation seeds)")
     ap.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    add_worker_arguments(ap)  # --workers, --cache-dir, --quick
     ap.add_argument("--run-dir", default=None, help="where rows.jsonl is appended (default: next to --out)")
     ap.add_argument("--resume", action="store_true", help="skip (task, seed) runs already in rows.jsonl")
     ap.add_argument("--only-done", action="store_true",
@@ -284,7 +252,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--readme", action=argparse.BooleanOptionalAction, default=None,
                     help="rewrite the generated part of README_smollm2_tasks.md (default: on for the full run)")
     ap.add_argument("--render", default=None, help="re-summarise a results JSON (labels re-scored), no training")
-    ap.add_argument("--quick", action="store_true", help="tiny config-built model, a few steps (tests)")
     args = ap.parse_args(argv)
     if args.readme is None:
         args.readme = not args.quick and Path(args.out) == REPO / "benchmarks" / "smollm2_tasks.json"
@@ -296,23 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return finish(old, rows, args)
 
     t_start = time.perf_counter()
-    config = TaskBenchConfig()
-    align = None
-    if args.quick:
-        from orthoreg.realbench.aligned_v2 import AlignV2Config
-
-        config = TaskBenchConfig(steps=2, batch_size=2, safety_tokens=4, task_tokens=4, predictor_examples=8,
-                                 max_length=200)  # the tiny tokenizer splits words finely
-        align = AlignV2Config(steps=2, harmless_answer_tokens=4)
-        if args.cache_dir == DEFAULT_CACHE:
-            args.cache_dir = tempfile.mkdtemp(prefix="orthoreg-quick-")
-    if args.steps:
-        config = dataclasses.replace(config, steps=args.steps)
-    run_dir = Path(args.run_dir or Path(args.out).with_suffix(".runs"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    import torch
-
-    torch.set_num_threads(1)
+    config, align, run_dir = driver_settings(args, predictor_examples=8)
     prep = B.prepare(args.cache_dir, config, args.tasks, align=align, tiny=args.quick, log=log)
     t_prep = time.perf_counter() - t_start
     rows = run_jobs(args, config, prep, run_dir)

@@ -13,6 +13,8 @@ Modules (one role each):
 - ``aligned``: the aligned base (LoRA safety tune, merged, cached as safetensors under a cache dir).
 - ``pipeline``: directions (``orthoreg.extract_directions``, layers chosen by ablation effect), the benign LoRA
   fine-tune arms (plain, orthoreg, placebo, KL, LDIFS, CAFT, interleaving) and their evaluation.
+- ``workers``: the scaffold the task-benchmark drivers share (``scripts/bench_smollm2_tasks.py``,
+  ``scripts/bench_defences.py``): their settings, resumable ``rows.jsonl``, worker processes, README section.
 
 The benchmark driver is ``scripts/bench_smollm2.py``; results live in ``benchmarks/smollm2*``.
 """
