@@ -64,7 +64,7 @@ class _OrthoRegSFTOptions:
         "help": "Extraction method for 'builtin' directions."})
     orthoreg_input_subspaces: str | None = field(default=None, metadata={
         "help": "Input subspaces V_m of the modules the reader penalty guards (--orthoreg_reader_weight > 0): a "
-                ".safetensors file or a save_pretrained folder of orthoreg.reader.penalty.InputSubspaces."})
+                ".safetensors file or a save_pretrained folder of orthoreg.InputSubspaces."})
 
 
 def _prefixed_fields() -> list[tuple[str, Any, Any]]:
@@ -273,7 +273,7 @@ def attach_orthoreg(trainer, args, source_model: str, revision: str | None = Non
         directions, provenance = obtain_directions(trainer, args, config, source_model, revision)
     subspaces = None
     if config.reader_weight > 0:
-        from .reader.penalty import InputSubspaces
+        from .reader.subspaces import InputSubspaces
 
         path = Path(args.orthoreg_input_subspaces)
         subspaces = InputSubspaces.from_pretrained(path) if path.is_dir() else InputSubspaces.load(path)

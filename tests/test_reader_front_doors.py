@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
 from orthoreg import OrthoLoRA, OrthoRegCallback, OrthoRegConfig
-from orthoreg.reader.penalty import InputSubspaces
+from orthoreg.reader import InputSubspaces
 from orthoreg.reader.wiring import READER_BASE_FILE
 from tests.models import tiny_model
 from tests.trainer_harness import assert_grads_close, make_trainer, padded_dataset, train_one_step

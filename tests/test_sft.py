@@ -153,7 +153,7 @@ def test_recommended_base_units_and_the_reader_term(assets, tmp_path):
     """The README's recommended setting (base units, λ 0.1) and the reader penalty from a subspaces file."""
     from transformers import AutoModelForCausalLM
 
-    from orthoreg.reader.penalty import InputSubspaces
+    from orthoreg.reader import InputSubspaces
 
     model = AutoModelForCausalLM.from_pretrained(assets["model"])
     g = torch.Generator().manual_seed(0)

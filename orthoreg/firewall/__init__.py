@@ -1,0 +1,27 @@
+"""The firewall: watch how far training moves the guarded layers' activations along the harmful directions, and act
+on it (warn, stop, or raise the penalty's λ within a drift budget).
+
+One module a role:
+
+- ``monitor``: ``DriftMonitor``, the per-layer drift read on a fixed probe batch;
+- ``drift_statistics``: its per-layer sums, their reduction over ranks and the base statistics;
+- ``budget``: ``DriftBudgetController``, λ raised or lowered to keep the drift within a budget;
+- ``callback``: ``Firewall``/``FirewallCallback`` (the Trainer front door) and ``budget_callbacks``.
+"""
+
+from .budget import BudgetConfig, DriftBudgetController
+from .callback import Firewall, FirewallCallback, FirewallConfig, FirewallEvent, budget_callbacks
+from .drift_statistics import DriftReading
+from .monitor import DriftMonitor
+
+__all__ = [
+    "BudgetConfig",
+    "DriftBudgetController",
+    "DriftMonitor",
+    "DriftReading",
+    "Firewall",
+    "FirewallCallback",
+    "FirewallConfig",
+    "FirewallEvent",
+    "budget_callbacks",
+]

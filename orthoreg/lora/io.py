@@ -14,7 +14,7 @@ from torch import nn
 from ..config import OrthoRegConfig
 from ..core.layers import is_sharded
 from ..directions.harmful import HarmfulDirections
-from ..reader.penalty import InputSubspaces
+from ..reader.subspaces import InputSubspaces
 
 __all__ = ["CONFIG_NAME", "DIRECTIONS_NAME", "FORMAT_VERSION", "SUBSPACES_NAME", "load_ortholora", "save_ortholora"]
 

@@ -32,11 +32,11 @@ def reader_penalty_for(config: OrthoRegConfig, input_subspaces: Any, mode: str) 
     if input_subspaces is None:
         raise ValueError(
             "OrthoRegConfig(reader_weight > 0) needs the input subspaces V_m of the penalised modules: pass "
-            "`input_subspaces=` (orthoreg.reader.penalty.extract_input_subspaces(...) or InputSubspaces.load(path)), or set "
+            "`input_subspaces=` (orthoreg.extract_input_subspaces(...) or InputSubspaces.load(path)), or set "
             "reader_weight=0"
         )
     if not isinstance(input_subspaces, InputSubspaces):
-        raise TypeError(f"`input_subspaces` must be an orthoreg.reader.penalty.InputSubspaces; got "
+        raise TypeError(f"`input_subspaces` must be an orthoreg.InputSubspaces; got "
                         f"{type(input_subspaces).__name__}")
     # Checked once per optimizer step by the owner (OrthoRegCallback.on_pre_optimizer_step, OrthoLoRA.check_step),
     # like the activation terms: no host sync in the forward.

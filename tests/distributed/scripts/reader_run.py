@@ -64,7 +64,7 @@ from lora_common import lora_llama, lora_params, make_batch, tiny_llama  # noqa:
 from transformers import TrainerCallback  # noqa: E402
 
 from orthoreg import OrthoRegConfig  # noqa: E402
-from orthoreg.reader.penalty import InputSubspaces  # noqa: E402
+from orthoreg.reader import InputSubspaces  # noqa: E402
 
 # LoRA: λ with which the reader part is about 2/3 of the task + reader gradient (value ≈ 10 at the random init).
 LAMBDA = 0.02
