@@ -241,3 +241,67 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(tmp_path, monkeypat
     assert "HarmfulDirections.from_pretrained('user/dirs', model=model)" in readme
     # What was uploaded is a folder from_pretrained reads back unchanged.
     _assert_same(HarmfulDirections.from_pretrained(uploaded), dirs)
+
+
+# ----------------------------------------------------------------------------------------------- InputSubspaces
+# The reader term's V_m share the container and its folder / Hub form with the directions.
+
+
+def _subspaces(seed=0):
+    from orthoreg.reader import InputSubspaces
+
+    g = torch.Generator().manual_seed(seed)
+    return InputSubspaces({"model.layers.0.mlp.up_proj": torch.randn(2, 32, generator=g),
+                           "model.layers.1.self_attn.o_proj": torch.randn(3, 32, generator=g)},
+                          metadata={"source_model": "org/tiny-llama", "method": "pca"})
+
+
+def _assert_same_subspaces(a, b):
+    assert a.names == b.names and a.metadata == b.metadata and all(torch.equal(a[n], b[n]) for n in a.names)
+
+
+def test_input_subspaces_push_to_hub_then_download_from_the_hub(tmp_path, online, fake_hub, monkeypatch):
+    from orthoreg.reader import InputSubspaces, InputSubspacesError
+    from orthoreg.reader.subspaces import CARD_NAME as SUBSPACES_CARD
+    from orthoreg.reader.subspaces import SUBSPACES_NAME
+
+    remote, calls = fake_hub
+    uploads = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def file_exists(self, repo_id, filename, **kwargs):
+            return False
+
+        def upload_folder(self, **kwargs):
+            uploads.append(kwargs)
+            shutil.copytree(kwargs["folder_path"], remote / kwargs["repo_id"] / "main")
+            return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    subspaces = _subspaces()
+    assert subspaces.push_to_hub("org/reader") == "commit-info"
+    assert sorted(os.listdir(remote / "org" / "reader" / "main")) == [README_NAME, SUBSPACES_CARD, SUBSPACES_NAME]
+    assert uploads[0]["commit_message"] == "Upload InputSubspaces (2 bases, k=3) with orthoreg"
+    readme = (remote / "org" / "reader" / "main" / README_NAME).read_text()
+    assert "InputSubspaces.from_pretrained('org/reader', model=model)" in readme
+    got = InputSubspaces.from_pretrained("org/reader")
+    _assert_same_subspaces(got, subspaces)
+    assert [(repo, name) for repo, name, _ in calls] == [("org/reader", SUBSPACES_NAME), ("org/reader", SUBSPACES_CARD)]
+    # The card is checked against the file like a directions card: a hand-edited k is refused.
+    card_path = remote / "org" / "reader" / "main" / SUBSPACES_CARD
+    card = json.loads(card_path.read_text())
+    assert card["modules"]["model.layers.1.self_attn.o_proj"] == {"k": 3, "in_features": 32}
+    card_path.write_text(json.dumps({**card, "k": 5}))
+    with pytest.raises(InputSubspacesError, match="k: card 5 vs file 3.*InputSubspaces.save_pretrained"):
+        InputSubspaces.from_pretrained("org/reader")
+    # A directions repo is not an input-subspaces repo.
+    _directions().save_pretrained(remote / "org" / "dirs" / "main")
+    with pytest.raises(FileNotFoundError, match=f"holds no {SUBSPACES_NAME}; it was not written by "
+                                                r"`InputSubspaces.push_to_hub`"):
+        InputSubspaces.from_pretrained("org/dirs")

@@ -25,7 +25,9 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["BasesError", "BasesFormat", "OrthonormalBases", "check_output_file", "orthonormalize", "write_json"]
+from .hub import check_card, push_folder, resolve_files, write_folder
+
+__all__ = ["BasesError", "BasesFormat", "OrthonormalBases", "check_output_file", "orthonormalize"]
 
 _ALREADY_ORTHONORMAL_TOL = 1e-6
 _RANK_TOL = 1e-6
@@ -90,15 +92,6 @@ def check_output_file(path: str | os.PathLike) -> None:
                                 f"(mkdir -p {parent}) or choose another path")
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"cannot write {path!r}: the folder {parent!r} is not writable")
-
-
-def write_json(path: str, payload: Any) -> None:
-    """Indented, key-sorted JSON, written atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -269,8 +262,6 @@ class OrthonormalBases:
         Raises:
             NotADirectoryError: ``save_directory`` exists and is a file.
         """
-        from .hub import write_folder
-
         write_folder(self, save_directory)
 
     @classmethod
@@ -306,8 +297,6 @@ class OrthonormalBases:
                 repo that is not in the cache — each naming the path and the fix.
             BasesError (``cls.error``): the files are corrupt, disagree with each other, or come from another model.
         """
-        from .hub import check_card, resolve_files
-
         weights, card = resolve_files(
             cls, os.fspath(pretrained), revision=revision, cache_dir=cache_dir, token=token,
             local_files_only=local_files_only, subfolder=subfolder, force_download=force_download,
@@ -329,7 +318,5 @@ class OrthonormalBases:
     ) -> Any:
         """Uploads the folder form to a Hub model repo (created if missing), like ``PreTrainedModel.push_to_hub``;
         adds a short README model card when the repo has none. Returns huggingface_hub's ``CommitInfo``."""
-        from .hub import push_folder
-
         return push_folder(self, repo_id, commit_message=commit_message, private=private, token=token,
                            revision=revision, create_pr=create_pr)

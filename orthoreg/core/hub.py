@@ -20,12 +20,23 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .bases import write_json
 
-if TYPE_CHECKING:
-    from .bases import OrthonormalBases
+class FolderForm(Protocol):
+    """What the folder and Hub functions need of a set of bases (``orthoreg.core.bases.FolderForm`` has it)."""
+
+    FORMAT: Any  # a ``BasesFormat``: file names, metadata key, kind, hints
+    error: type[Exception]
+    k: int
+
+    def save(self, path: str) -> None: ...
+
+    def card(self) -> dict[str, Any]: ...
+
+    def model_card(self, repo_id: str) -> str: ...
+
+    def __len__(self) -> int: ...
 
 README_NAME = "README.md"
 # Card keys that are not the file's: which orthoreg wrote the card.
@@ -38,7 +49,16 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def write_folder(bases: OrthonormalBases, save_directory: str | os.PathLike) -> str:
+def write_json(path: str, payload: Any) -> None:
+    """Indented, key-sorted JSON, written atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def write_folder(bases: FolderForm, save_directory: str | os.PathLike) -> str:
     """Writes the safetensors file and the JSON card of ``bases`` into ``save_directory`` (created with its
     parents); each file is written atomically. Returns the folder."""
     folder = os.fspath(save_directory)
@@ -51,7 +71,7 @@ def write_folder(bases: OrthonormalBases, save_directory: str | os.PathLike) -> 
     return folder
 
 
-def check_card(bases: OrthonormalBases, card_path: str) -> None:
+def check_card(bases: FolderForm, card_path: str) -> None:
     """Refuses a card that is not a JSON object, lacks a structural key, or disagrees with the safetensors file it
     describes.
 
@@ -93,7 +113,7 @@ def looks_like_repo_id(source: str) -> bool:
     return True
 
 
-def _local_files(cls: type[OrthonormalBases], folder: str) -> tuple[str, str | None]:
+def _local_files(cls: type[FolderForm], folder: str) -> tuple[str, str | None]:
     fmt = cls.FORMAT
     weights = os.path.join(folder, fmt.weights_name)
     if not os.path.isfile(weights):
@@ -109,7 +129,7 @@ def _local_files(cls: type[OrthonormalBases], folder: str) -> tuple[str, str | N
 
 
 def resolve_files(
-    cls: type[OrthonormalBases],
+    cls: type[FolderForm],
     source: str,
     *,
     revision: str | None,
@@ -144,7 +164,7 @@ def resolve_files(
                      force_download=force_download)
 
 
-def _download(cls: type[OrthonormalBases], repo_id: str, *, local_files_only: bool, revision: str | None, **kwargs: Any) -> tuple[str, str | None]:
+def _download(cls: type[FolderForm], repo_id: str, *, local_files_only: bool, revision: str | None, **kwargs: Any) -> tuple[str, str | None]:
     import huggingface_hub
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -197,7 +217,7 @@ def _download(cls: type[OrthonormalBases], repo_id: str, *, local_files_only: bo
 
 
 def push_folder(
-    bases: OrthonormalBases,
+    bases: FolderForm,
     repo_id: str,
     *,
     commit_message: str | None,
