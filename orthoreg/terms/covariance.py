@@ -50,7 +50,7 @@ GRAM_CONDITION_LIMIT = 200.0
 # Cost of the covariance penalty in units of one (N, d)·(d, min(N, d)) product, forward and backward (the forward's
 # symmetric product does (b+1)/(2b) of one with b = 4 blocks at the sizes that matter; the backward is one full
 # product where autograd's generic backward of ``Xcᵀ Xc`` would take two). The Gram path's dominant-column split
-# adds 3·m/N of one product (m = ``DOMINANT_COLUMNS``), not counted. Read by ``scripts/bench_overhead.py`` for its
+# adds 3·m/N of one product (m = ``DOMINANT_COLUMNS``), not counted. Read by ``scripts/overhead/flops.py`` for its
 # analytic FLOP count.
 COV_FORWARD_MATMULS = 0.625
 COV_BACKWARD_MATMULS = 1
