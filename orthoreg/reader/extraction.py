@@ -16,9 +16,16 @@ the generation prompt when the tokenizer has a chat template:
 
 - ``"prompt"``: every token of the rendered prompt;
 - ``"post_instruction"``: the tokens the chat template puts after the end of the user's text, up to and including
-  the generation prompt (located from the character offset where the user's text ends in the rendering);
+  the generation prompt. Where the user's text ends is found by rendering the same turn with a placeholder as the
+  message: what follows the placeholder is the template's suffix, so the user's text ends len(suffix) characters
+  before the end of the rendering (whatever the template does to the message: trimming, a system block before it;
+  a prompt that also occurs in the template's own text is not mistaken for it). Only where that fails (a template
+  that rewrites the placeholder) is the user's (stripped) text looked up in the rendering. The character offset
+  then gives the token: by the fast tokenizer's offsets, or, without offsets, by counting the tokens before it;
 - ``"first_reply"``: the first ``reply_tokens`` tokens of the reply — ``replies`` rendered as the assistant turn
-  after the generation prompt, or, without ``replies``, the greedy continuation of the base model.
+  after the generation prompt and tokenised as part of the whole conversation (so a SentencePiece tokenizer gives
+  the reply's first word as in the conversation, not with the extra "▁" of a text tokenised on its own), or,
+  without ``replies``, the greedy continuation of the base model.
 """
 
 from __future__ import annotations
@@ -57,16 +64,37 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _post_instruction_start(tokenizer: Any, text: str, prompt: str, index: int) -> int:
-    """Index of the first token of ``text`` (the rendered prompt) that lies after the end of the user's text."""
+_PLACEHOLDER = "orthoreg0user0text0placeholder"
+
+
+def _user_text_end(tokenizer: Any, text: str, prompt: str, index: int) -> int:
+    """Character offset in ``text`` (the rendered prompt) where the user's text ends.
+
+    The turn rendered with a placeholder message gives the template's own text after the message (the suffix); if
+    the real rendering starts with what precedes the placeholder and ends with that suffix, the user's text ends
+    where the suffix starts. (A bare ``text.rfind(prompt)`` picked up a prompt that also occurs in the suffix, e.g.
+    "assistant" or "model", and counted a message's trailing whitespace as the template's.)
+    """
+    probe = _render(tokenizer, [{"role": "user", "content": _PLACEHOLDER}], True)
+    at = probe.find(_PLACEHOLDER)
+    if at >= 0:
+        head, tail = probe[:at], probe[at + len(_PLACEHOLDER):]
+        if len(head) + len(tail) <= len(text) and text.startswith(head) and text.endswith(tail):
+            return len(text) - len(tail)
     content = prompt.strip()
     at = text.rfind(content)
     if not content or at < 0:
         raise InputSubspacesError(
             f"prompt #{index}: its text does not appear in the chat-template rendering, so the post-instruction "
-            "tokens cannot be located (the template rewrites the message); use positions='prompt'"
+            "tokens cannot be located (the template rewrites the message); use positions='prompt' or "
+            "'first_reply', or set tokenizer.chat_template to a template that keeps the user's text as written"
         )
-    end = at + len(content)
+    return at + len(content)
+
+
+def _post_instruction_start(tokenizer: Any, text: str, prompt: str, index: int) -> int:
+    """Index of the first token of ``text`` (the rendered prompt) that lies after the end of the user's text."""
+    end = _user_text_end(tokenizer, text, prompt, index)
     try:
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets: count a prefix's tokens
@@ -110,7 +138,8 @@ def token_positions(
         if not chat_template:
             raise InputSubspacesError(
                 "positions='post_instruction' needs a chat template (the tokens it appends after the user's message);"
-                " this tokenizer has none (or chat_template=False): use positions='prompt'"
+                " this tokenizer has none (or chat_template=False): set tokenizer.chat_template to the model's chat "
+                "template (e.g. from its instruct version's tokenizer), or use positions='prompt'"
             )
         start = _post_instruction_start(tokenizer, text, prompt, index)
         if start >= len(ids):
@@ -133,7 +162,14 @@ def token_positions(
                         f"prompt #{index}: the conversation with its reply does not start with the prompt's "
                         "rendering (the template changes earlier turns); pass replies=None to use the greedy reply"
                     )
-                reply_ids = _encode(tokenizer, full[len(text):])
+                # The reply's tokens as the whole conversation tokenises them. Tokenised on its own, the reply's
+                # text can start differently: a legacy SentencePiece tokenizer (Llama-2, Mistral v0.1) prepends "▁"
+                # to " Sure", giving a lone "▁" as the first reply token instead of "▁Sure".
+                full_ids = _encode(tokenizer, full)
+                if full_ids[:len(ids)] == ids:
+                    reply_ids = full_ids[len(ids):]
+                else:  # a token straddles the prompt/reply boundary: the reply's text on its own
+                    reply_ids = _encode(tokenizer, full[len(text):])
             else:
                 reply_ids = _encode(tokenizer, reply)
             if not reply_ids:
