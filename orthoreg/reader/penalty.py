@@ -1,23 +1,7 @@
-r"""The reader-side weight penalty: keep a fine-tune from changing how each adapted module *reads* a subspace.
-
-For an adapted linear module m with input width d_in and an orthonormal basis V_m (k × d_in) of its inputs on
-chosen prompts and positions (``InputSubspaces``, recorded once on the base model):
-
-.. math::
-
-    \text{LoRA:}\quad \mathrm{reader}(m) = \|\Delta W_m V_m^\top\|_F^2 = s_m^2\,\|B_m (A_m V_m^\top)\|_F^2
-    \qquad\qquad
-    \text{full FT:}\quad \mathrm{reader}(m) = \|W_m V_m^\top - W_{0,m} V_m^\top\|_F^2
-
-with A_m (r × d_in) = ``lora_A[a].weight``, B_m (d_out × r) = ``lora_B[a].weight``, s_m = ``scaling[a]``
-(α/r, or α/√r with rsLoRA), ΔW_m = s_m B_m A_m never formed (cost d_out·r·k); W_m the module's weight in
-(d_out × d_in) layout and W_{0,m}V_mᵀ (d_out × k, float32) stored from the unmodified weights. GPT-2's ``Conv1D``
-stores its weight (d_in × d_out) and LoRA's A and B unchanged (``fan_in_fan_out`` transposes only ΔW's layout), so
-both formulas hold as written. On inputs inside span(V_m) a penalised module's output is then the base model's.
-The term added to the training objective is λ·Σ_m reader(m) (``ReaderPenalty``); the formulas' code is
-``orthoreg.terms.reader``.
-
-All of it is float32 math whatever the parameters' dtype, also inside ``torch.autocast`` regions.
+"""``ReaderPenalty``: the reader-side weight term of ``orthoreg.terms.reader`` (its formulas, absolute and in
+base-model units, are in that module's docstring) applied to a model: hooks that compute each penalised module's
+term inside the module's own forward and send its gradient into the weights, for LoRA and full fine-tuning, under
+DDP, DeepSpeed ZeRO-3 and FSDP2. On inputs inside span(V_m) a penalised module's output then stays the base model's.
 """
 
 from __future__ import annotations
@@ -34,7 +18,13 @@ from ..core.capture import unwrap_model
 from ..core.layers import active_lora_adapter, check_gathered, is_conv1d, is_lora_layer, is_sharded
 from ..core.zero3 import register_external_parameters
 from ..terms.injection import PenaltyScale, inject_penalty
-from ..terms.reader import full_reader_penalty, lora_reader_penalty, weight_times_basis
+from ..terms.reader import (
+    BASE_READOUT_FLOOR,
+    base_readout,
+    full_reader_penalty,
+    lora_reader_penalty,
+    weight_times_basis,
+)
 from .extraction import extract_input_subspaces
 from .subspaces import InputSubspaces, InputSubspacesError
 
@@ -47,6 +37,9 @@ __all__ = [
     "lora_reader_penalty",
     "weight_times_basis",
 ]
+
+
+UNITS = ("absolute", "base")
 
 
 class NonFiniteReaderPenaltyError(FloatingPointError):
@@ -115,6 +108,9 @@ class ReaderPenalty:
         subspaces (`InputSubspaces`): V_m per module; every named module must be a linear module of the model.
         weight (`float`): λ.
         mode (`str`, *optional*, defaults to `"inject"`): ``"inject"`` or ``"return"``.
+        units (`str`, *optional*, defaults to `"absolute"`): ``"absolute"`` — λ·Σ_m reader(m); ``"base"`` —
+            λ·mean_m reader(m)/‖W₀,m V_mᵀ‖²_F (module docstring). The metrics follow: ``reader`` is the term λ
+            multiplies, ``reader/<module>`` each module's share of it.
         check (`str`, *optional*, defaults to `"forward"`): ``"forward"`` or ``"step"`` (see above).
 
     Attributes:
@@ -131,7 +127,7 @@ class ReaderPenalty:
     """
 
     def __init__(self, subspaces: InputSubspaces, weight: float, *, mode: Literal["inject", "return"] = "inject",
-                 check: Literal["forward", "step"] = "forward"):
+                 check: Literal["forward", "step"] = "forward", units: Literal["absolute", "base"] = "absolute"):
         if not isinstance(subspaces, InputSubspaces):
             raise TypeError(f"`subspaces` must be InputSubspaces; got {type(subspaces).__name__}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
@@ -140,7 +136,9 @@ class ReaderPenalty:
             raise ValueError(f"`mode` must be 'inject' or 'return'; got {mode!r}")
         if check not in ("forward", "step"):
             raise ValueError(f"`check` must be 'forward' or 'step'; got {check!r}")
-        self.subspaces, self.weight, self.mode, self.check = subspaces, float(weight), mode, check
+        if units not in UNITS:
+            raise ValueError(f"`units` must be one of {UNITS}; got {units!r}")
+        self.subspaces, self.weight, self.mode, self.check, self.units = subspaces, float(weight), mode, check, units
         self.grad_scale = 1.0
         self.modules: list[ReaderModule] = []
         self.skipped: list[str] = []
@@ -149,6 +147,7 @@ class ReaderPenalty:
         self._last_active: _Session | None = None  # the latest regularised forward, for recomputes in its backward
         self._pending: torch.Tensor | None = None
         self._base_products: dict[str, torch.Tensor] = {}
+        self._base_readouts: dict[str, torch.Tensor] = {}  # units="base": ‖W₀,m V_mᵀ‖²_F per module (float32 scalar)
         self._basis_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
@@ -168,7 +167,7 @@ class ReaderPenalty:
     def resident_tensors(self) -> list[torch.Tensor]:
         """The tensors this penalty keeps besides the subspaces it was given: the float32 copy of each V_m on every
         device it was used on, and (full fine-tuning) the recorded W₀V_mᵀ. What it adds to memory, for accounting."""
-        return list(self._basis_cache.values()) + list(self._base_products.values())
+        return list(self._basis_cache.values()) + list(self._base_products.values()) + list(self._base_readouts.values())
 
     # ------------------------------------------------------------------ attachment
     def attach(self, model: nn.Module) -> ReaderPenalty:
@@ -201,11 +200,20 @@ class ReaderPenalty:
         for entry in modules:
             if entry.kind == "full" and entry.name not in self._base_products and not is_sharded(entry.module.weight):
                 self._record_base_product(entry)
+            if entry.kind == "lora" and self.units == "base" and entry.name not in self._base_readouts:
+                base_layer = entry.module.get_base_layer()
+                if not is_sharded(base_layer.weight):
+                    self._record_base_readout(entry.name, base_layer, base_layer.weight)
         try:
             self._handles.append(lm.register_forward_pre_hook(self._open))
             self._handles.append(lm.register_forward_hook(self._close, always_call=True))
             for entry in modules:
                 self._handles.append(entry.module.register_forward_hook(partial(self._module_hook, entry), prepend=True))
+                if entry.kind == "lora" and self.units == "base":
+                    # Inside the base layer's own forward its weight is gathered (ZeRO-3) / unsharded (FSDP2).
+                    base_layer = entry.module.get_base_layer()
+                    self._handles.append(base_layer.register_forward_hook(
+                        partial(self._base_layer_hook, entry.name), prepend=True))
             self._register_zero3_external_parameters()
         except BaseException:
             self.detach()
@@ -244,6 +252,32 @@ class ReaderPenalty:
         self._base_products[entry.name] = weight_times_basis(
             weight, self._basis(entry.name, weight.device), is_conv1d(entry.module)
         ).detach().clone()
+        if self.units == "base":
+            self._record_base_readout(entry.name, entry.module, weight)
+
+    @torch.no_grad()
+    def _record_base_readout(self, name: str, module: nn.Module, weight: torch.Tensor) -> None:
+        """‖W₀Vᵀ‖²_F of ``module``'s unsharded base weight, refused by name when ~0 or not finite."""
+        if not weight.is_floating_point():
+            raise NotImplementedError(
+                f"{name!r} has a {weight.dtype} (quantised) base weight; units='base' reads ‖W₀Vᵀ‖² from it. Use "
+                "units='absolute' with a quantised base model"
+            )
+        basis = self._basis(name, weight.device)
+        readout, random_readout = base_readout(weight, basis, is_conv1d(module), self._base_products.get(name))
+        if not bool(torch.isfinite(readout)) or not bool(readout > BASE_READOUT_FLOOR * random_readout):
+            raise InputSubspacesError(
+                f"the base model reads almost nothing of span(V) at {name!r} (‖W₀Vᵀ‖²_F = {float(readout):.3g}, a "
+                f"random {basis.shape[0]}-dimensional subspace would read {float(random_readout):.3g}), so a change "
+                "relative to it is undefined: leave this module out of the input subspaces, or use units='absolute'"
+            )
+        self._base_readouts[name] = readout.detach().clone()
+
+    def _base_layer_hook(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        if name not in self._base_readouts:
+            check_gathered(name, module.weight)
+            self._record_base_readout(name, module, module.weight)
+        return None
 
     def _basis(self, name: str, device: torch.device) -> torch.Tensor:
         key = (name, device)
@@ -318,11 +352,17 @@ class ReaderPenalty:
                 return None
             lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
             check_gathered(entry.name, lora_a, lora_b)
-            return lora_reader_penalty(lora_a, lora_b, self._basis(entry.name, lora_a.device), module.scaling[adapter])
-        weight = module.weight
-        check_gathered(entry.name, weight)
-        return full_reader_penalty(weight, self._basis(entry.name, weight.device), self._base_products[entry.name],
-                                   is_conv1d(module))
+            value = lora_reader_penalty(lora_a, lora_b, self._basis(entry.name, lora_a.device), module.scaling[adapter])
+        else:
+            weight = module.weight
+            check_gathered(entry.name, weight)
+            value = full_reader_penalty(weight, self._basis(entry.name, weight.device), self._base_products[entry.name],
+                                        is_conv1d(module))
+        if self.units == "base":
+            # This module's share of mean_m reader(m)/‖W₀,m V_mᵀ‖²_F.
+            readout = self._base_readouts[entry.name].to(value.device)
+            value = value / (readout * len(self.modules))
+        return value
 
     def check_step(self) -> None:
         """``check="step"``: raises ``NonFiniteReaderPenaltyError`` if any forward since the last call had a
@@ -368,6 +408,9 @@ class ReaderPenalty:
         if unknown:
             raise InputSubspacesError(f"reference state for modules {sorted(unknown)[:4]} the subspaces do not name")
         self._base_products = {name: t.detach().to(torch.float32).clone() for name, t in state.items()}
+        # In base units the denominators of full-FT modules come from the restored W₀Vᵀ, not the resumed weights.
+        for name, product in self._base_products.items():
+            self._base_readouts[name] = product.square().sum()
 
 
 def _raise_nonfinite(forwards: list[dict[str, torch.Tensor]]) -> None:
