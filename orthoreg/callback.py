@@ -13,10 +13,20 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .config import OrthoRegConfig
+from .core.layers import is_lora_layer
 from .directions.harmful import HarmfulDirections
 from .engine.metrics import METRIC_PREFIX
 from .engine.regularizer import OrthoRegularizer
-from .reader.wiring import check_restored_base, reader_penalty_for, restore_reader_base, save_reader_base
+from .reader.wiring import (
+    SUBSPACES_FOLDER,
+    check_restored_base,
+    configured_subspaces,
+    reader_penalty_for,
+    record_builtin_subspaces,
+    restore_reader_base,
+    save_reader_base,
+    saved_subspaces,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +54,29 @@ class OrthoRegCallback(TrainerCallback):
     checkpoint's ``trainer_state.json`` and restored on ``resume_from_checkpoint``; the warm-up follows
     ``state.global_step``.
 
-    With ``config.reader_weight > 0`` the reader-side weight penalty λ_reader·Σ_m reader(m) (``orthoreg.reader.penalty``)
-    is added too, inside each module's forward (exact under ZeRO-3/FSDP2), logged as ``orthoreg/reader``; for full
-    fine-tuning its W₀V_mᵀ are saved next to every checkpoint (``orthoreg_reader_base.safetensors``) and restored on
-    resume.
+    With ``config.reader_weight > 0`` the reader-side weight penalty λ_reader·Σ_m reader(m) (``orthoreg.terms.reader``;
+    a mean of relative changes with ``units="base"``) is added too, inside each module's forward (exact under
+    ZeRO-3/FSDP2), logged as ``orthoreg/reader``. Its V_m are ``input_subspaces`` when given, else
+    ``config.input_subspaces``: a saved set, or ``"builtin"`` — recorded at train start on the model before any update
+    (LoRA: adapter off) with the Trainer's ``processing_class`` chat template, by one process and sent to every rank
+    (``orthoreg.reader.wiring``). Recorded V_m are saved in ``output_dir`` and in every checkpoint
+    (``orthoreg_input_subspaces/``) and read back on resume; for full fine-tuning W₀V_mᵀ is saved next to every
+    checkpoint too (``orthoreg_reader_base.safetensors``).
 
     Args:
-        config (`OrthoRegConfig`): the regulariser's settings.
+        config (`OrthoRegConfig`): the regulariser's settings; ``OrthoRegConfig.recommended()`` needs nothing else.
         directions (`HarmfulDirections`, *optional*): harmful subspaces; required when ``config.proj_weight > 0``.
-        input_subspaces (`InputSubspaces`, *optional*): V_m per module (``extract_input_subspaces``); required when
-            ``config.reader_weight > 0``.
+        input_subspaces (`InputSubspaces`, *optional*): V_m per module (``extract_input_subspaces``); overrides
+            ``config.input_subspaces``.
 
     Example:
-        >>> from orthoreg import HarmfulDirections, OrthoRegCallback, OrthoRegConfig
+        >>> from orthoreg import OrthoRegCallback, OrthoRegConfig
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+        ...                   callbacks=[OrthoRegCallback(OrthoRegConfig.recommended())])
+
+        The projection onto harmful directions instead:
+
+        >>> from orthoreg import HarmfulDirections
         >>> directions = HarmfulDirections.load("harmful.safetensors")
         >>> config = OrthoRegConfig(layers=directions.layers, proj_weight=0.1, cov_weight=0.01)
         >>> trainer = Trainer(model=model, args=args, train_dataset=ds,
@@ -69,7 +89,8 @@ class OrthoRegCallback(TrainerCallback):
             raise TypeError(f"OrthoRegCallback needs an OrthoRegConfig; got {type(config).__name__}")
         self.config = config
         self.directions = directions
-        self.reader = reader_penalty_for(config, input_subspaces, mode="inject")
+        self.input_subspaces = configured_subspaces(config, input_subspaces)  # None: "builtin", recorded at train start
+        self.reader = reader_penalty_for(config, self.input_subspaces, mode="inject")
         # Health is checked once per optimizer step, in on_pre_optimizer_step (one host sync), not per micro-batch.
         self.regularizer = OrthoRegularizer(config, directions, mode="inject", check="step")
         self._saved_calibration = False
@@ -90,6 +111,8 @@ class OrthoRegCallback(TrainerCallback):
             )
         if model is None:
             raise ValueError("OrthoRegCallback received no model in on_train_begin")
+        if self.reader is None and self.config.reader_weight > 0:
+            self._build_builtin_reader(args, state, model, kwargs.get("processing_class"))
         move_ahead_of_reporters(self)
         if not self.regularizer.attached:
             for stale in self.regularizer.others_attached(model):
@@ -122,6 +145,27 @@ class OrthoRegCallback(TrainerCallback):
                 "OrthoRegCallback), so the base reference r cannot be restored; start from step 0 or call "
                 "callback.regularizer.calibrate(model, batches) before train()"
             )
+
+    def _build_builtin_reader(self, args, state, model, processing_class) -> None:
+        """``input_subspaces="builtin"``: read V_m back on a resumed run, else record them now (before any update,
+        and before the regulariser's hooks are attached), and save them with the run."""
+        subspaces = None
+        if state.global_step > 0:
+            subspaces = saved_subspaces(checkpoint_folder(args, state)) or saved_subspaces(args.output_dir)
+            if subspaces is None and not any(is_lora_layer(m) for m in model.modules()):
+                raise ValueError(
+                    f"resuming a full fine-tune at step {state.global_step} with input_subspaces='builtin', but "
+                    f"neither the checkpoint nor {args.output_dir!r} holds the recorded subspaces "
+                    f"({SUBSPACES_FOLDER}/): recording them from the resumed weights would anchor the penalty to the "
+                    "wrong model. Resume from a checkpoint that OrthoRegCallback wrote, or start from step 0."
+                )
+        if subspaces is None:  # a LoRA run resumed without them records the same V: its adapter is switched off
+            subspaces = record_builtin_subspaces(model, processing_class, self.config)
+        self.input_subspaces = subspaces
+        self.reader = reader_penalty_for(self.config, subspaces, mode="inject")
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            subspaces.save_pretrained(os.path.join(args.output_dir, SUBSPACES_FOLDER))
 
     def _set_scales(self, args, state) -> None:
         self.regularizer.grad_scale = accumulation_scale(args, state, self._steps_in_epoch)
@@ -159,7 +203,10 @@ class OrthoRegCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if self.reader is not None and state.is_world_process_zero:
-            save_reader_base(self.reader, checkpoint_folder(args, state))
+            folder = checkpoint_folder(args, state)
+            save_reader_base(self.reader, folder)
+            if os.path.isdir(folder):
+                self.input_subspaces.save_pretrained(os.path.join(folder, SUBSPACES_FOLDER))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.detach()

@@ -23,8 +23,14 @@ Units = Literal["absolute", "base"]
 ANCHORS: tuple[str, ...] = get_args(Anchor)
 NONFINITE_POLICIES: tuple[str, ...] = get_args(NonfinitePolicy)
 UNITS: tuple[str, ...] = get_args(Units)
-# The recommended starting point for a new model (see ``OrthoRegConfig.recommended``): λ in base-model units.
+# λ_proj of ``OrthoRegConfig.activation_projection`` (base-model units): the projection penalty's starting point.
 RECOMMENDED_PROJ_WEIGHT = 0.1
+# λ_reader of ``OrthoRegConfig.recommended`` (base-model units): the template-reader constraint at the strength that
+# matched the defence benchmark's λ = 0.05 (absolute) in gradient norm at a plain fine-tune's adapter (SmolLM2-135M,
+# README "λ in base-model units").
+RECOMMENDED_READER_WEIGHT = 1.0
+# ``input_subspaces="builtin"``: V_m recorded at train start from orthoreg's built-in harmless requests.
+BUILTIN_SUBSPACES = "builtin"
 assert set(get_args(Mask)) == set(MASK_POLICIES), "OrthoRegConfig.mask and capture.MASK_POLICIES disagree"
 
 # A layer selection as Python code gives it (an index, a list, a named range, a fraction slice) or as a command line
@@ -101,12 +107,22 @@ class OrthoRegConfig:
         lora_weight (`float`, *optional*, defaults to `0.0`): λ_lora, weight of the LoRA weight-space penalty
             (``OrthoLoRA`` only; always absolute: ΔW starts at 0, so it has no base value).
         reader_weight (`float`, *optional*, defaults to `0.0`): λ_reader, weight of the reader-side weight penalty
-            Σ_m ‖ΔW_m V_mᵀ‖²_F over the modules named by ``input_subspaces`` (``orthoreg.reader.penalty``): LoRA
-            s²‖B(AV_mᵀ)‖², full fine-tuning ‖W_mV_mᵀ − W₀V_mᵀ‖². Always absolute.
+            Σ_m ‖ΔW_m V_mᵀ‖²_F over the modules of the input subspaces (``orthoreg.terms.reader``): LoRA
+            s²‖B(AV_mᵀ)‖², full fine-tuning ‖W_mV_mᵀ − W₀V_mᵀ‖².
+        input_subspaces (`str`, *optional*, defaults to `"builtin"`): where the reader term's V_m come from when
+            ``reader_weight > 0`` and no ``InputSubspaces`` object is passed to the front door: ``"builtin"`` —
+            recorded when training starts, on the model as it is before any update (a PEFT adapter switched off),
+            from orthoreg's 200 built-in harmless requests at the chat template's assistant-turn positions (the
+            template-reader constraint, ``orthoreg.reader.template``), then saved with the run; or a path / Hub repo
+            id of saved ``InputSubspaces``.
+        reader_k (`int`, *optional*, defaults to `16`): directions per module of ``"builtin"`` subspaces.
+        reader_targets (`list[str]`, *optional*): module name suffixes (``q_proj``, ``down_proj``, …) of
+            ``"builtin"`` subspaces; default: every linear module after the first decoder layer that trains (the
+            LoRA-adapted ones under PEFT).
         units (`str`, *optional*, defaults to `"absolute"`): ``"absolute"`` — the terms as written, summed over
-            guarded layers; ``"base"`` — each activation term in its base model's units, averaged over the guarded
-            layers: proj_ℓ / E_base‖U_ℓx − r_ℓ‖² and cov_ℓ / cov_ℓ(calibration batch). At step 0 both are ≈ 1 on
-            any model, so a λ is a share of the loss that carries across models (``OrthoRegConfig.recommended()``).
+            guarded layers (modules); ``"base"`` — each term in its base model's units, averaged over the guarded
+            layers (modules): proj_ℓ / E_base‖U_ℓx − r_ℓ‖², cov_ℓ / cov_ℓ(calibration batch) and
+            reader(m) / ‖W₀,m V_mᵀ‖²_F, so that a λ carries across models (``OrthoRegConfig.recommended()``).
         anchor (`str`, *optional*, defaults to `"base_mean"`): origin of the projection penalty:
             ``"absolute"`` (‖Ux‖²), ``"base_mean"`` (‖Ux − r‖², r = the base model's mean projection recorded on
             the first ``calibration_batches`` micro-batches, before any update), or ``"paired"`` (‖U(x − x_ref)‖²,
@@ -147,13 +163,21 @@ class OrthoRegConfig:
     lora_weight: float = field(default=0.0, metadata={
         "help": "λ_lora, weight of the LoRA weight-space penalty (OrthoLoRA in a custom loop only)."})
     reader_weight: float = field(default=0.0, metadata={
-        "help": "λ_reader, weight of the reader-side weight penalty Σ_m ‖ΔW_m V_mᵀ‖² (needs input subspaces; "
-                "full fine-tuning and LoRA)."})
+        "help": "λ_reader, weight of the reader-side weight penalty Σ_m ‖ΔW_m V_mᵀ‖² (full fine-tuning and LoRA)."})
+    input_subspaces: str = field(default=BUILTIN_SUBSPACES, metadata={
+        "help": "The reader term's input subspaces V_m: 'builtin' (recorded at train start on the model before any "
+                "update, from orthoreg's built-in harmless requests at the chat template's assistant-turn positions, "
+                "and saved with the run), or a .safetensors file, save_pretrained folder or Hub repo id of "
+                "InputSubspaces (`orthoreg subspaces extract`)."})
+    reader_k: int = field(default=16, metadata={"help": "Directions per module of 'builtin' input subspaces."})
+    reader_targets: list[str] | None = field(default=None, metadata={
+        "help": "Module name suffixes of 'builtin' input subspaces (e.g. q_proj v_proj); default: every linear "
+                "module after the first decoder layer that trains (the LoRA-adapted ones)."})
     units: Units = field(default="absolute", metadata={
-        "help": "Units of the activation terms: absolute (the formulas as written) or base (each term divided by "
-                "its base-model value, averaged over guarded layers: the projection by the base variance of Uh, "
-                "the covariance by its value on the calibration batch — so one λ means the same on any model). "
-                "Recorded on the first calibration_batches micro-batches, before any update.",
+        "help": "Units of the terms: absolute (the formulas as written) or base (each term divided by its "
+                "base-model value and averaged: the projection by the base variance of Uh, the covariance by its "
+                "value on the calibration batch, each module's reader term by ‖W₀V_mᵀ‖² — so one λ means the same "
+                "on any model).",
         "choices": UNITS})
     # ---- origin of the projection term
     anchor: Anchor = field(default="base_mean", metadata={
@@ -205,6 +229,17 @@ class OrthoRegConfig:
             raise ValueError(f"`mask` must be one of {MASK_POLICIES}; got {self.mask!r}")
         if self.units not in UNITS:
             raise ValueError(f"`units` must be one of {UNITS}; got {self.units!r}")
+        if not isinstance(self.input_subspaces, str) or not self.input_subspaces:
+            raise ValueError(f"`input_subspaces` must be 'builtin' or a path / Hub repo id; got {self.input_subspaces!r}")
+        if isinstance(self.reader_k, bool) or not isinstance(self.reader_k, int) or self.reader_k < 1:
+            raise ValueError(f"`reader_k` must be an int >= 1; got {self.reader_k!r}")
+        if self.reader_targets is not None:
+            if isinstance(self.reader_targets, str):
+                self.reader_targets = [s.strip() for s in self.reader_targets.split(",") if s.strip()]
+            if not self.reader_targets or not all(isinstance(s, str) and s for s in self.reader_targets):
+                raise ValueError(f"`reader_targets` must be module name suffixes (e.g. ['q_proj', 'v_proj']); got "
+                                 f"{self.reader_targets!r}")
+            self.reader_targets = list(self.reader_targets)
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_POLICIES}; got {self.on_nonfinite!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -214,21 +249,48 @@ class OrthoRegConfig:
             raise ValueError(f"`calibration_batches` must be an int >= 1; got {self.calibration_batches!r}")
 
     @classmethod
-    def recommended(cls, layers: Any = "middle_third", **overrides: Any) -> OrthoRegConfig:
-        """The recommended starting point for a new model: the projection onto the harmful directions, anchored to
-        the base model's mean (``base_mean``), in base-model units (``units="base"``), λ_proj = 0.1 — the penalty
-        then starts at about 0.1 per micro-batch whatever the model's width, depth or activation scale. The scale
-        is chosen so that one λ means the same everywhere; its protective strength is a benchmark question (see
-        the README's results), not settled by this default."""
+    def recommended(cls, **overrides: Any) -> OrthoRegConfig:
+        """The setting the defence benchmark supports: the template-reader constraint. The reader-side weight term
+        keeps each trained module from changing how it reads the chat template's assistant-turn positions (V_m from
+        ``input_subspaces="builtin"``: no harmful or safety data, recorded when training starts), λ_reader =
+        ``RECOMMENDED_READER_WEIGHT`` in base-model units (each module's change relative to its base read-out,
+        averaged over modules, so one λ means the same on any model size). No activation term, no directions.
+
+        Measured on SmolLM2-135M-Instruct (``benchmarks/README_defences.md``): it removes most of the rise in
+        harmful compliance that benign fine-tunes cause, and does so generically (harmless prompts protect like
+        harmful ones). ``OrthoRegConfig.activation_projection()`` is the projection onto harmful directions.
+
+        Example:
+            >>> trainer = Trainer(..., processing_class=tokenizer,
+            ...                   callbacks=[OrthoRegCallback(OrthoRegConfig.recommended())])
+        """
+        settings = dict(proj_weight=0.0, cov_weight=0.0, reader_weight=RECOMMENDED_READER_WEIGHT, units="base",
+                        input_subspaces=BUILTIN_SUBSPACES)
+        settings.update(overrides)
+        return cls(**settings)
+
+    @classmethod
+    def activation_projection(cls, layers: Any = "middle_third", **overrides: Any) -> OrthoRegConfig:
+        """The projection of the guarded layers' activations onto harmful directions, anchored to the base model's
+        mean (``base_mean``), in base-model units, λ_proj = 0.1 (the penalty starts at about 0.1 per micro-batch
+        whatever the model). Needs harmful directions. Measured: it protects in the toy world (82 % of the harmful
+        rise removed vs a random-direction placebo's 45 %) but ties its placebo on SmolLM2-135M, where benign
+        fine-tunes erode refusal without moving along the refusal direction (README)."""
         settings = dict(layers=layers, proj_weight=RECOMMENDED_PROJ_WEIGHT, cov_weight=0.0, anchor="base_mean",
                         units="base")
         settings.update(overrides)
         return cls(**settings)
 
     @property
+    def uses_builtin_subspaces(self) -> bool:
+        """Whether the front door records V_m itself when training starts (``input_subspaces="builtin"``)."""
+        return self.reader_weight > 0 and self.input_subspaces == BUILTIN_SUBSPACES
+
+    @property
     def base_statistics_needed(self) -> bool:
         """Whether the regulariser records base statistics before the first update."""
-        return (self.anchor == "base_mean" and self.proj_weight > 0) or self.units == "base"
+        activation_terms = self.proj_weight > 0 or self.cov_weight > 0
+        return (self.anchor == "base_mean" and self.proj_weight > 0) or (self.units == "base" and activation_terms)
 
     @property
     def needs_directions(self) -> bool:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import OrthoRegConfig
+from .core.distributed import broadcast_from_main, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -182,23 +183,6 @@ def _split(dataset, split: str, flag: str):
 # ---------------------------------------------------------------------------------------------------- directions
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _from_main_process(payload: Any) -> Any:
-    """The main process's ``payload`` on every rank (identity in one process)."""
-    if _world_size() == 1:
-        return payload
-    import torch.distributed as dist
-
-    box = [payload]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _extract_builtin(trainer, args, config: OrthoRegConfig, source_model: str, revision: str | None):
     """Extracts the built-in contrast set's directions at the guarded layers (main process only)."""
     from . import extract_directions
@@ -248,7 +232,7 @@ def obtain_directions(trainer, args, config: OrthoRegConfig, source_model: str, 
                            metadata=extracted.metadata)
         except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised there
             payload["error"] = f"{type(err).__name__}: {err}"
-    payload = _from_main_process(payload)
+    payload = broadcast_from_main(payload)
     if payload["error"]:
         raise RuntimeError(f"extracting the built-in harmful directions failed on the main process: "
                            f"{payload['error']}")
@@ -278,7 +262,7 @@ def attach_orthoreg(trainer, args, source_model: str, revision: str | None = Non
         path = Path(args.orthoreg_input_subspaces)
         subspaces = InputSubspaces.from_pretrained(path) if path.is_dir() else InputSubspaces.load(path)
     trainer.add_callback(OrthoRegCallback(config, directions=directions, input_subspaces=subspaces))
-    return {"orthoreg": config.to_dict(), "directions": provenance, "world_size": _world_size(),
+    return {"orthoreg": config.to_dict(), "directions": provenance, "world_size": world_size(),
             "input_subspaces": None if subspaces is None else str(args.orthoreg_input_subspaces)}
 
 
@@ -325,7 +309,7 @@ def main(script_args, training_args, model_args, dataset_args, orthoreg_args) ->
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    run_info: dict[str, Any] = {"orthoreg": None, "world_size": _world_size()}
+    run_info: dict[str, Any] = {"orthoreg": None, "world_size": world_size()}
     if orthoreg_args.orthoreg:
         run_info = attach_orthoreg(trainer, orthoreg_args, model_args.model_name_or_path, model_args.model_revision)
         trainer.accelerator.print(f"orthoreg: {run_info['orthoreg']}; directions: {run_info['directions']}")

@@ -124,8 +124,8 @@ def test_zero_base_variance_is_refused_by_name():
         model(**batch)
 
 
-def test_recommended_config_and_the_command_line():
-    config = OrthoRegConfig.recommended(layers=[2, 5])
+def test_activation_projection_config_and_the_command_line():
+    config = OrthoRegConfig.activation_projection(layers=[2, 5])
     assert (config.units, config.anchor, config.proj_weight, config.cov_weight) == ("base", "base_mean", 0.1, 0.0)
     (parsed,) = HfArgumentParser(OrthoRegConfig).parse_args_into_dataclasses(["--units", "base", "--layers", "1,3"])
     assert parsed.units == "base" and parsed.layers == [1, 3]

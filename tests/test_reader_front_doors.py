@@ -105,9 +105,12 @@ def test_callback_full_finetuning_reads_against_the_start_and_resumes(tmp_path):
         again.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-1"))
 
 
-def test_callback_needs_the_subspaces():
-    with pytest.raises(ValueError, match="input subspaces"):
-        OrthoRegCallback(OrthoRegConfig(layers=[1], proj_weight=0.0, reader_weight=1.0))
+def test_callback_without_subspaces_records_them_at_train_start_or_reads_the_configured_file(tmp_path):
+    callback = OrthoRegCallback(OrthoRegConfig(layers=[1], proj_weight=0.0, reader_weight=1.0))
+    assert callback.config.uses_builtin_subspaces and callback.reader is None  # built in on_train_begin
+    with pytest.raises(FileNotFoundError, match="no input-subspaces file or folder at '.*nope'"):
+        OrthoRegCallback(OrthoRegConfig(layers=[1], proj_weight=0.0, reader_weight=1.0,
+                                        input_subspaces=str(tmp_path / "nope")))
 
 
 def test_ortholora_reader_term_through_the_loss(tmp_path):

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["register_external_parameters"]
+__all__ = ["is_zero3_partitioned", "register_external_parameters"]
 
 
 def register_external_parameters(module: nn.Module, parameters: Iterable[nn.Parameter]) -> bool:
@@ -27,3 +27,9 @@ def register_external_parameters(module: nn.Module, parameters: Iterable[nn.Para
     for parameter in parameters:
         register(module, parameter)
     return True
+
+
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are partitioned by DeepSpeed ZeRO-3 (each then carries a ``ds_id``): its
+    forward is then collective, so every rank must run it together."""
+    return "deepspeed" in sys.modules and any(hasattr(p, "ds_id") for p in model.parameters())

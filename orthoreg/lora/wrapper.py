@@ -37,7 +37,7 @@ from ..directions.harmful import HarmfulDirections
 from ..engine.health import StepHealth
 from ..engine.metrics import metric_names
 from ..engine.regularizer import OrthoRegularizer
-from ..reader.wiring import reader_penalty_for
+from ..reader.wiring import configured_subspaces, reader_penalty_for, record_builtin_subspaces
 from .io import load_ortholora, save_ortholora
 from .weight_term import WriterPenaltyHooks, WriterSession, select_penalized_writers
 from .writers import RESIDUAL_WRITER_NAMES, LoraWriter, find_residual_writers
@@ -102,6 +102,10 @@ class OrthoLoRA(nn.Module):
             ``is_main_process`` when saving, and to prepare for DeepSpeed ZeRO-3.
         writer_modules (`Sequence[str]`, *optional*): name suffixes of the residual writers, overriding the
             structural rule of ``find_residual_writers``.
+        input_subspaces (`InputSubspaces`, *optional*): the reader term's V_m; overrides ``config.input_subspaces``.
+        tokenizer (*optional*): with ``config.input_subspaces="builtin"`` (``OrthoRegConfig.recommended()``) V_m are
+            recorded here, on the model with its adapter switched off, with this tokenizer's chat template (one
+            process records, every rank receives them; ``orthoreg.reader.wiring``) and saved by ``save_pretrained``.
 
     Raises:
         ValueError: no LoRA layers, merged or several active adapters, no weight-penalised writer while
@@ -111,6 +115,10 @@ class OrthoLoRA(nn.Module):
 
     Example:
         >>> model = get_peft_model(base, LoraConfig(r=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+        >>> model = OrthoLoRA(model, OrthoRegConfig.recommended(), tokenizer=tokenizer, accelerator=accelerator)
+
+        The projection and writer terms on harmful directions instead:
+
         >>> config = OrthoRegConfig(layers=directions.layers, proj_weight=0.1, lora_weight=1.0)
         >>> model = OrthoLoRA(model, config, directions, accelerator=accelerator)
         >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -133,6 +141,7 @@ class OrthoLoRA(nn.Module):
         *,
         writer_modules: Sequence[str] | None = None,
         input_subspaces: Any = None,
+        tokenizer: Any = None,
     ):
         super().__init__()
         if not isinstance(config, OrthoRegConfig):
@@ -181,8 +190,10 @@ class OrthoLoRA(nn.Module):
             self.regularizer = OrthoRegularizer(config, directions, mode="return", check="step").attach(peft_model)
         self._health = StepHealth(config.on_nonfinite)
         # Reader-side weight term (orthoreg.reader.penalty): inside each adapted module's forward, through the loss.
-        self.input_subspaces = input_subspaces
-        self.reader = reader_penalty_for(config, input_subspaces, mode="return")
+        self.input_subspaces = configured_subspaces(config, input_subspaces)
+        if self.input_subspaces is None and config.reader_weight > 0:  # "builtin": before any update, adapter off
+            self.input_subspaces = record_builtin_subspaces(peft_model, tokenizer, config)
+        self.reader = reader_penalty_for(config, self.input_subspaces, mode="return")
         if self.reader is not None:
             self.reader.attach(peft_model)
         self._last_metric_tensors: dict[str, torch.Tensor] = {}

@@ -42,6 +42,8 @@ CARD_NAME = "input_subspaces.json"
 # Name components that wrappers insert without changing the model (FSDP1, activation-checkpoint wrappers, compile).
 _WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 _WRAPPER_PREFIXES = ("base_model.model.", "module.")
+# PEFT's adapter matrices: linear modules inside a LoraLayer that the base model does not have.
+_ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"})
 
 
 class InputSubspacesError(BasesError):
@@ -63,10 +65,11 @@ def canonical_module_name(name: str) -> str:
 
 def named_input_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Canonical name → module for every linear-like module of the unwrapped model (a PEFT ``LoraLayer`` wins over
-    its own ``base_layer``, which has the same canonical name)."""
+    its own ``base_layer``, which has the same canonical name; the adapter's own A and B are not modules of the
+    base model)."""
     found: dict[str, nn.Module] = {}
     for name, module in unwrap_model(model).named_modules():
-        if in_width(module) is not None:
+        if in_width(module) is not None and not _ADAPTER_PARTS.intersection(name.split(".")):
             found.setdefault(canonical_module_name(name), module)
     return found
 

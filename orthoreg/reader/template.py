@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from ..core.capture import find_decoder_stack
+from ..core.layers import is_lora_layer
 from .extraction import extract_input_subspaces
 from .subspaces import InputSubspaces, InputSubspacesError, named_input_modules
 
@@ -36,9 +37,11 @@ TEMPLATE_POSITIONS = ("post_instruction", "first_reply")
 TEMPLATE_READER_WEIGHT = 0.05
 
 
-def template_reader_modules(model: nn.Module, targets: Sequence[str] | None = None) -> list[str]:
+def template_reader_modules(model: nn.Module, targets: Sequence[str] | None = None,
+                            trainable_only: bool = False) -> list[str]:
     """Linear modules of every decoder layer but the first (base-model names), optionally only those whose last
-    name component is in ``targets`` (e.g. a LoRA config's ``target_modules``)."""
+    name component is in ``targets`` (e.g. a LoRA config's ``target_modules``), and with ``trainable_only`` only
+    those that train (a PEFT LoRA layer, or a weight that requires grad)."""
     stack = find_decoder_stack(model)
     if len(stack.layers) < 2:
         raise InputSubspacesError("the template-reader constraint needs at least two decoder layers (layer 0 is left out)")
@@ -46,14 +49,20 @@ def template_reader_modules(model: nn.Module, targets: Sequence[str] | None = No
     names = [n for n, m in named_input_modules(model).items() if id(m) in inside]
     if targets is not None:
         names = [n for n in names if n.rsplit(".", 1)[-1] in set(targets)]
+    if trainable_only:
+        modules = named_input_modules(model)
+        names = [n for n in names if is_lora_layer(modules[n]) or modules[n].weight.requires_grad]
     if not names:
-        raise InputSubspacesError(f"no linear module after the first decoder layer matches targets {targets!r}")
+        which = "trainable linear module" if trainable_only else "linear module"
+        raise InputSubspacesError(f"no {which} after the first decoder layer matches targets {targets!r}; wrap the "
+                                  "model with LoRA (or unfreeze its weights), or name other targets")
     return names
 
 
 def extract_template_subspaces(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, k: int = 16,
-                               targets: Sequence[str] | None = None, batch_size: int = 8,
-                               prompt_set: str | None = "template", **kwargs: Any) -> InputSubspaces:
+                               targets: Sequence[str] | None = None, trainable_only: bool = False,
+                               batch_size: int = 8, prompt_set: str | None = "template",
+                               **kwargs: Any) -> InputSubspaces:
     """V_m of the template-reader constraint: ``extract_input_subspaces`` at ``TEMPLATE_POSITIONS`` (the base
     model's greedy first reply token) over ``template_reader_modules(model, targets)``, uncentred PCA.
 
@@ -63,6 +72,8 @@ def extract_template_subspaces(model: nn.Module, tokenizer: Any, prompts: Sequen
         prompts: any user messages — the fine-tune's own prompts need no extra data (a few hundred suffice).
         k (`int`, *optional*, defaults to `16`): directions per module.
         targets (`Sequence[str]`, *optional*): module name suffixes to keep (the LoRA ``target_modules``).
+        trainable_only (`bool`, *optional*, defaults to `False`): keep only modules that train (LoRA-adapted, or
+            with a weight that requires grad).
         kwargs: passed on to ``extract_input_subspaces`` (``replies``, ``reply_tokens``, ``progress``, …).
 
     Example:
@@ -73,6 +84,7 @@ def extract_template_subspaces(model: nn.Module, tokenizer: Any, prompts: Sequen
     if not getattr(tokenizer, "chat_template", None):
         raise InputSubspacesError("the template-reader constraint reads the chat template's tokens: this tokenizer has "
                                   "no chat template (set tokenizer.chat_template, or use extract_input_subspaces)")
-    return extract_input_subspaces(model, tokenizer, prompts, modules=template_reader_modules(model, targets), k=k,
+    modules = template_reader_modules(model, targets, trainable_only)
+    return extract_input_subspaces(model, tokenizer, prompts, modules=modules, k=k,
                                    positions=TEMPLATE_POSITIONS, method="pca", batch_size=batch_size,
                                    prompt_set=prompt_set, **kwargs)

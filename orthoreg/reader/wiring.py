@@ -1,5 +1,13 @@
-"""The reader-side weight penalty in orthoreg's front doors: building it from an ``OrthoRegConfig``, and writing /
-reading full fine-tuning's W₀V_mᵀ in a checkpoint folder.
+"""The reader-side weight penalty in orthoreg's front doors: its input subspaces (given, read from a file, or recorded
+from the built-in prompts when training starts), the ``ReaderPenalty`` of an ``OrthoRegConfig``, and what a
+checkpoint folder carries for it (the subspaces; full fine-tuning's W₀V_mᵀ).
+
+``input_subspaces="builtin"`` (the default of ``OrthoRegConfig.recommended()``): V_m are recorded on the model as it
+is before any update — a PEFT adapter switched off — from orthoreg's built-in harmless requests at the chat
+template's assistant-turn positions (``extract_template_subspaces``), with the trainer's tokenizer. One process
+records them and every rank receives its tensors, so all ranks penalise the same V (under ZeRO-3 every rank runs the
+recording forward, which is collective there, and rank 0's result is kept). The front door saves them in the run's
+output folder and in each checkpoint (``SUBSPACES_FOLDER``), so a resumed run and later audits use the same V.
 
 ``OrthoRegCallback`` and ``OrthoLoRA`` both build their ``ReaderPenalty`` here. LoRA needs no saved state (ΔW = s·BA
 is the update itself); full fine-tuning needs W₀V_mᵀ from the *start* of training, which a resumed run cannot
@@ -13,34 +21,112 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..config import OrthoRegConfig
-from .penalty import InputSubspaces, ReaderPenalty
+from torch import nn
 
-__all__ = ["READER_BASE_FILE", "check_restored_base", "reader_penalty_for", "restore_reader_base", "save_reader_base"]
+from ..config import OrthoRegConfig
+from ..core.distributed import broadcast_from_main, is_main_process, world_size
+from ..core.zero3 import is_zero3_partitioned
+from .penalty import ReaderPenalty
+from .subspaces import InputSubspaces
+from .template import extract_template_subspaces
+
+__all__ = [
+    "BUILTIN_PROMPT_SET",
+    "READER_BASE_FILE",
+    "SUBSPACES_FOLDER",
+    "check_restored_base",
+    "configured_subspaces",
+    "reader_penalty_for",
+    "record_builtin_subspaces",
+    "restore_reader_base",
+    "save_reader_base",
+    "saved_subspaces",
+]
 
 READER_BASE_FILE = "orthoreg_reader_base.safetensors"
+SUBSPACES_FOLDER = "orthoreg_input_subspaces"
+BUILTIN_PROMPT_SET = "orthoreg builtin harmless (train)"
 
 
-def reader_penalty_for(config: OrthoRegConfig, input_subspaces: Any, mode: str) -> ReaderPenalty | None:
-    """The ``ReaderPenalty`` of ``config.reader_weight`` over ``input_subspaces`` (``None`` when the weight is 0).
+def configured_subspaces(config: OrthoRegConfig, input_subspaces: Any = None) -> InputSubspaces | None:
+    """The reader term's V_m as far as they are known before training: ``input_subspaces`` when given, else the
+    file, folder or Hub repo of ``config.input_subspaces``; ``None`` when the weight is 0 or they are ``"builtin"``
+    (recorded when training starts, ``record_builtin_subspaces``).
 
     Raises:
-        ValueError: ``reader_weight > 0`` without input subspaces. TypeError: not an ``InputSubspaces``.
+        TypeError: ``input_subspaces`` is not an ``InputSubspaces``.
+        FileNotFoundError, InputSubspacesError: ``config.input_subspaces`` names nothing readable.
     """
     if config.reader_weight == 0:
         return None
-    if input_subspaces is None:
+    if input_subspaces is not None:
+        if not isinstance(input_subspaces, InputSubspaces):
+            raise TypeError(f"`input_subspaces` must be an orthoreg.InputSubspaces; got "
+                            f"{type(input_subspaces).__name__}")
+        return input_subspaces
+    if config.uses_builtin_subspaces:
+        return None
+    return InputSubspaces.from_pretrained(config.input_subspaces)
+
+
+def _chat_tokenizer(tokenizer: Any) -> Any:
+    """The text tokenizer of a ``processing_class`` (a multimodal processor carries it as ``.tokenizer``)."""
+    if tokenizer is not None and not hasattr(tokenizer, "apply_chat_template") and hasattr(tokenizer, "tokenizer"):
+        return tokenizer.tokenizer
+    return tokenizer
+
+
+def record_builtin_subspaces(model: nn.Module, tokenizer: Any, config: OrthoRegConfig) -> InputSubspaces:
+    """V_m of ``input_subspaces="builtin"`` on every rank (module docstring): the template-reader constraint's
+    subspaces of the modules that train (``config.reader_targets``, k = ``config.reader_k``), from the built-in
+    harmless requests. Call it before the first update, on every rank.
+
+    Raises:
+        ValueError: no tokenizer (the fix: pass ``processing_class=`` / ``tokenizer=``).
+        InputSubspacesError: the tokenizer has no chat template, or no module matches.
+        RuntimeError: the recording failed on the main process (its error is named on every rank).
+    """
+    from ..core.prompts import load_builtin
+
+    tokenizer = _chat_tokenizer(tokenizer)
+    if tokenizer is None:
         raise ValueError(
-            "OrthoRegConfig(reader_weight > 0) needs the input subspaces V_m of the penalised modules: pass "
-            "`input_subspaces=` (orthoreg.extract_input_subspaces(...) or InputSubspaces.load(path)), or set "
-            "reader_weight=0"
+            "input_subspaces='builtin' records V_m with the model's chat template, but no tokenizer was given: pass "
+            "`processing_class=tokenizer` to the Trainer (or `tokenizer=` to OrthoLoRA), or record them yourself "
+            "(`orthoreg subspaces extract --model … --out DIR`) and set `input_subspaces=DIR`"
         )
-    if not isinstance(input_subspaces, InputSubspaces):
-        raise TypeError(f"`input_subspaces` must be an orthoreg.InputSubspaces; got "
-                        f"{type(input_subspaces).__name__}")
+    every_rank = is_zero3_partitioned(model)  # a ZeRO-3 forward is collective
+    payload: dict[str, Any] = {"error": None}
+    if every_rank or is_main_process():
+        try:
+            subspaces = extract_template_subspaces(
+                model, tokenizer, load_builtin("train").harmless, k=config.reader_k, targets=config.reader_targets,
+                trainable_only=True, prompt_set=BUILTIN_PROMPT_SET)
+            payload.update(tensors={n: v.cpu() for n, v in subspaces.items()}, metadata=subspaces.metadata)
+        except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised there
+            if world_size() == 1:
+                raise
+            payload["error"] = f"{type(err).__name__}: {err}"
+    payload = broadcast_from_main(payload)
+    if payload["error"]:
+        raise RuntimeError(f"recording the built-in input subspaces failed on the main process: {payload['error']}")
+    return InputSubspaces(payload["tensors"], metadata=payload["metadata"])
+
+
+def saved_subspaces(folder: str) -> InputSubspaces | None:
+    """The input subspaces a front door saved in ``folder`` (a run's output folder or a checkpoint), if any."""
+    path = os.path.join(folder, SUBSPACES_FOLDER)
+    return InputSubspaces.from_pretrained(path) if os.path.isdir(path) else None
+
+
+def reader_penalty_for(config: OrthoRegConfig, input_subspaces: InputSubspaces | None, mode: str) -> ReaderPenalty | None:
+    """The ``ReaderPenalty`` of ``config.reader_weight`` (in ``config.units``) over ``input_subspaces`` (``None``
+    when the weight is 0 or the subspaces are not known yet)."""
+    if config.reader_weight == 0 or input_subspaces is None:
+        return None
     # Checked once per optimizer step by the owner (OrthoRegCallback.on_pre_optimizer_step, OrthoLoRA.check_step),
     # like the activation terms: no host sync in the forward.
-    return ReaderPenalty(input_subspaces, config.reader_weight, mode=mode, check="step")
+    return ReaderPenalty(input_subspaces, config.reader_weight, mode=mode, check="step", units=config.units)
 
 
 def save_reader_base(reader: ReaderPenalty, folder: str) -> None:

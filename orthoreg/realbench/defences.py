@@ -80,7 +80,8 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any) -> tup
         if arm.endswith("+first_token_kl"):
             callbacks.append(FirstTokenKLCallback(DEFAULT_STRENGTH["first_token_kl"]))
     elif arm == "activation_projection":
-        config = OrthoRegConfig.recommended(layers=list(directions.layers), proj_weight=job.weight, mask="labels")
+        config = OrthoRegConfig.activation_projection(layers=list(directions.layers), proj_weight=job.weight,
+                                                      mask="labels")
         callbacks.append(OrthoRegCallback(config, directions=directions))
     elif arm == "covariance":
         config = OrthoRegConfig(layers=list(directions.layers), proj_weight=0.0, cov_weight=job.weight,
