@@ -15,7 +15,13 @@ Differences from TRL's script: ``--dataset_name`` may also be one local ``.json`
 file; the trainer state (with the ``orthoreg/...`` metrics in its log history) is saved to ``output_dir`` at the
 end, next to ``orthoreg_run.json`` (the regulariser's settings, the directions' provenance, the world size).
 
-Directions: ``--orthoreg_directions builtin`` (the default) extracts them on the main process from orthoreg's
+The default (no ``--orthoreg_*`` flag) is ``OrthoRegConfig.recommended()``: the template-reader constraint
+(``--orthoreg_reader_weight`` in base-model units) with ``--orthoreg_input_subspaces builtin`` — V_m recorded when
+training starts, on the main process, from the model before any update (``--use_peft``: adapter off) with its chat
+template, sent to every rank and saved to ``<output_dir>/orthoreg_input_subspaces`` — or a file, folder or Hub repo
+id of saved ``InputSubspaces`` (``orthoreg subspaces extract``). No harmful directions are needed for it.
+
+Directions (only for ``--orthoreg_proj_weight > 0``): ``--orthoreg_directions builtin`` (the default) extracts them on the main process from orthoreg's
 built-in contrast prompts, formatted with the model's chat template, at the guarded layers only; every other rank
 receives rank 0's tensors, so all ranks regularise against identical directions. They are saved to
 ``--orthoreg_directions_out`` (default ``<output_dir>/harmful_directions.safetensors``) for ``orthoreg audit`` and
@@ -63,20 +69,19 @@ class _OrthoRegSFTOptions:
     orthoreg_directions_method: Literal["diff_means", "pca_diff", "class_means"] = field(default="diff_means",
                                                                                           metadata={
         "help": "Extraction method for 'builtin' directions."})
-    orthoreg_input_subspaces: str | None = field(default=None, metadata={
-        "help": "Input subspaces V_m of the modules the reader penalty guards (--orthoreg_reader_weight > 0): a "
-                ".safetensors file or a save_pretrained folder of orthoreg.InputSubspaces."})
 
 
 def _prefixed_fields() -> list[tuple[str, Any, Any]]:
-    """``OrthoRegConfig``'s fields as ``orthoreg_<name>`` (same type, default and help), so a field added to the
-    config is a flag here without further code."""
+    """``OrthoRegConfig``'s fields as ``orthoreg_<name>`` (same type and help), so a field added to the config is a
+    flag here without further code. The defaults are ``OrthoRegConfig.recommended()``'s: with no ``--orthoreg_*``
+    flag, ``orthoreg sft`` runs the recommended setting."""
     import typing
 
     hints = typing.get_type_hints(OrthoRegConfig)
+    recommended = OrthoRegConfig.recommended()
     out = []
     for f in dataclasses.fields(OrthoRegConfig):
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = getattr(recommended, f.name) if f.default is not dataclasses.MISSING else None
         kwargs: dict[str, Any] = {"metadata": dict(f.metadata)}
         if f.default_factory is not dataclasses.MISSING:
             kwargs["default_factory"] = f.default_factory
@@ -102,10 +107,12 @@ def _post_init(self) -> None:
                              "a Hub repo id; write one with `orthoreg directions extract` or pass 'builtin'")
     if self.orthoreg_directions_k < 1:
         raise ValueError(f"--orthoreg_directions_k must be >= 1; got {self.orthoreg_directions_k}")
-    if self.config.reader_weight > 0 and not (self.orthoreg_input_subspaces and
-                                              Path(self.orthoreg_input_subspaces).exists()):
-        raise ValueError("--orthoreg_reader_weight > 0 needs --orthoreg_input_subspaces: an existing file or folder "
-                         f"written by InputSubspaces.save/save_pretrained (got {self.orthoreg_input_subspaces!r})")
+    where = self.config.input_subspaces
+    if self.config.reader_weight > 0 and not self.config.uses_builtin_subspaces and not Path(where).exists() \
+            and not (where.count("/") == 1 and not where.startswith((".", "/", "~"))):
+        raise ValueError(f"--orthoreg_input_subspaces {where!r} is neither 'builtin', an existing file or folder "
+                         "written by InputSubspaces.save/save_pretrained, nor a Hub repo id; record one with "
+                         "`orthoreg subspaces extract` or pass 'builtin'")
 
 
 def _to_config(self) -> OrthoRegConfig:
@@ -255,15 +262,11 @@ def attach_orthoreg(trainer, args, source_model: str, revision: str | None = Non
     directions, provenance = (None, {"source": None})
     if config.needs_directions:
         directions, provenance = obtain_directions(trainer, args, config, source_model, revision)
-    subspaces = None
-    if config.reader_weight > 0:
-        from .reader.subspaces import InputSubspaces
-
-        path = Path(args.orthoreg_input_subspaces)
-        subspaces = InputSubspaces.from_pretrained(path) if path.is_dir() else InputSubspaces.load(path)
-    trainer.add_callback(OrthoRegCallback(config, directions=directions, input_subspaces=subspaces))
+    # V_m of the reader term: the callback reads config.input_subspaces, or records 'builtin' ones at train start
+    # (main process, sent to every rank) and saves them in output_dir/orthoreg_input_subspaces.
+    trainer.add_callback(OrthoRegCallback(config, directions=directions))
     return {"orthoreg": config.to_dict(), "directions": provenance, "world_size": world_size(),
-            "input_subspaces": None if subspaces is None else str(args.orthoreg_input_subspaces)}
+            "input_subspaces": None if config.reader_weight == 0 else config.input_subspaces}
 
 
 def check_combination(training_args, model_args, orthoreg_args) -> None:

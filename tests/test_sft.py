@@ -17,6 +17,8 @@ import torch
 from orthoreg.cli import main as orthoreg_main
 from tests.distributed.scripts.sft_assets import HIDDEN, write_tiny_sft_assets
 
+# The activation projection (the defaults are OrthoRegConfig.recommended(): the reader term alone).
+PROJECTION = ["--orthoreg_proj_weight", "1", "--orthoreg_reader_weight", "0", "--orthoreg_units", "absolute"]
 COMMON = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--use_cpu", "--report_to", "none",
           "--disable_tqdm", "true", "--save_strategy", "no", "--learning_rate", "1e-3"]
 
@@ -37,7 +39,7 @@ def _train_logs(out: Path) -> list[dict]:
 def test_builtin_directions_one_process(assets, tmp_path):
     out = tmp_path / "out"
     code = orthoreg_main(["sft", "--model_name_or_path", assets["model"], "--dataset_name", assets["data"],
-                          "--output_dir", str(out), "--max_steps", "3", *COMMON,
+                          "--output_dir", str(out), "--max_steps", "3", *COMMON, *PROJECTION,
                           "--orthoreg_layers", "1,2", "--orthoreg_cov_weight", "1e-3", "--orthoreg_mask", "labels"])
     assert code == 0
     logs = _train_logs(out)
@@ -79,6 +81,9 @@ def test_yaml_config_packing_peft_paired_anchor_and_a_directions_file(assets, tm
         "lora_target_modules: [o_proj, down_proj]\n"
         "orthoreg_layers: [1]\n"
         "orthoreg_anchor: paired\n"
+        "orthoreg_proj_weight: 1.0\n"
+        "orthoreg_reader_weight: 0.0\n"
+        "orthoreg_units: absolute\n"
         f"orthoreg_directions: {dirs_file}\n"
     )
     # the command line overrides the YAML file, as in TRL
@@ -107,8 +112,9 @@ def test_no_orthoreg_is_trls_plain_sft(assets, tmp_path):
 
 @pytest.mark.parametrize("flags,match", [
     (["--orthoreg_layers", "middle"], "unknown layer selection 'middle'"),
-    (["--orthoreg_directions", "/no/such/harmful.safetensors"], "neither 'builtin', an existing file or folder"),
-    (["--orthoreg_anchor", "paired"], "needs --use_peft"),
+    ([*PROJECTION, "--orthoreg_directions", "/no/such/harmful.safetensors"],
+     "neither 'builtin', an existing file or folder"),
+    ([*PROJECTION, "--orthoreg_anchor", "paired"], "needs --use_peft"),
     (["--orthoreg_lora_weight", "0.5"], "OrthoLoRA"),
     (["--orthoreg_proj_weight", "-1"], "`proj_weight` must be a finite number >= 0"),
 ])
@@ -142,8 +148,8 @@ def test_directions_from_a_save_pretrained_folder(assets, tmp_path):
     HarmfulDirections({2: torch.randn(1, HIDDEN, generator=torch.Generator().manual_seed(1))}).save_pretrained(folder)
     out = tmp_path / "out"
     code = orthoreg_main(["sft", "--model_name_or_path", assets["model"], "--dataset_name", assets["data"],
-                          "--output_dir", str(out), "--max_steps", "1", *COMMON, "--orthoreg_layers", "-1",
-                          "--orthoreg_directions", str(folder)])
+                          "--output_dir", str(out), "--max_steps", "1", *COMMON, *PROJECTION, "--orthoreg_layers",
+                          "-1", "--orthoreg_directions", str(folder)])
     assert code == 0
     assert json.loads((out / "orthoreg_run.json").read_text())["directions"]["layers"] == [2]
     assert "orthoreg/proj" in _train_logs(out)[0]
@@ -173,10 +179,34 @@ def test_recommended_base_units_and_the_reader_term(assets, tmp_path):
     assert run["orthoreg"]["units"] == "base" and run["input_subspaces"].endswith("spaces.safetensors")
 
 
-def test_reader_weight_without_subspaces_fails_before_anything_loads(tmp_path, capsys):
+def test_missing_input_subspaces_fail_before_anything_loads(tmp_path, capsys):
     code = orthoreg_main(["sft", "--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", "x",
-                          "--output_dir", str(tmp_path / "out"), "--use_cpu", "--orthoreg_reader_weight", "1"])
+                          "--output_dir", str(tmp_path / "out"), "--use_cpu", "--orthoreg_input_subspaces",
+                          str(tmp_path / "no-such-subspaces")])
     assert code == 2 and "--orthoreg_input_subspaces" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_no_orthoreg_flag_runs_the_recommended_setting(assets, tmp_path, peft):
+    """No --orthoreg_* flag: the template-reader constraint, V_m recorded from the built-in prompts at train start."""
+    from orthoreg import InputSubspaces
+
+    out = tmp_path / "out"
+    lora = ["--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "down_proj"] if peft else []
+    code = orthoreg_main(["sft", "--model_name_or_path", assets["model"], "--dataset_name", assets["data"],
+                          "--output_dir", str(out), "--max_steps", "2", *COMMON, *lora])
+    assert code == 0
+    first, second = _train_logs(out)
+    assert first["orthoreg/reader"] == 0.0 and second["orthoreg/reader"] > 0  # ΔW = 0 before the first update
+    assert "orthoreg/proj" not in first
+    run = json.loads((out / "orthoreg_run.json").read_text())
+    assert run["orthoreg"]["units"] == "base" and run["input_subspaces"] == "builtin"
+    assert run["directions"] == {"source": None}  # no harmful directions needed
+    subspaces = InputSubspaces.from_pretrained(out / "orthoreg_input_subspaces")
+    leaves = {n.rsplit(".", 1)[-1] for n in subspaces.names}
+    assert leaves == ({"q_proj", "down_proj"} if peft else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"})
+    assert not any(n.startswith("model.layers.0.") for n in subspaces.names)
 
 
 def test_a_missing_local_dataset_is_named_before_anything_loads(tmp_path, capsys):

@@ -12,7 +12,10 @@ Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, dat
   from the user). A control's λ is scaled so that its penalty's gradient norm at a fixed
   trained adapter (plain, seed 0, the selection task) equals that of ``reader_harmful_post`` at the same λ
   (``scales``, from ``defence_subspaces.gradient_norm``).
-- ``activation_projection`` — ``OrthoRegConfig.recommended`` (λ_proj 0.1, base-mean anchor, base units) on the
+- ``recommended`` — ``OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=λ))`` and nothing else: the
+  template-reader constraint in base-model units, V_m recorded by the callback itself at train start from the
+  built-in harmless requests (what ``reader_builtin_harmless_post`` does by hand, in absolute units).
+- ``activation_projection`` — ``OrthoRegConfig.activation_projection`` (λ_proj 0.1, base-mean anchor, base units) on the
   refusal directions at the 14 candidate layers, ``mask="labels"`` (the attention-sink token excluded).
 - ``writer`` — the writer term of ``OrthoLoRA`` (λ_lora Σ‖U_ℓ ΔW_m‖² on o_proj/down_proj of the same layers).
 - ``covariance`` — the covariance penalty (λ_cov, base units, the same layers, ``mask="labels"``).
@@ -32,13 +35,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import RECOMMENDED_READER_WEIGHT
 from .task_runs import TaskBenchConfig
 
 READER_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random",
                "builtin_harmless_post")
-ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "activation_projection", "writer", "covariance",
+ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", "activation_projection", "writer", "covariance",
         "first_token_kl", "hard_projection", "interleave", "reader_harmless_post+first_token_kl")
-DEFAULT_STRENGTH = {"activation_projection": 0.1, "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0,
+DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, "activation_projection": 0.1, "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0,
                     "interleave": 0.1}
 
 
@@ -79,6 +83,8 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any) -> tup
         callbacks.append(OrthoRegCallback(config, input_subspaces=subspaces))
         if arm.endswith("+first_token_kl"):
             callbacks.append(FirstTokenKLCallback(DEFAULT_STRENGTH["first_token_kl"]))
+    elif arm == "recommended":
+        callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight)))
     elif arm == "activation_projection":
         config = OrthoRegConfig.activation_projection(layers=list(directions.layers), proj_weight=job.weight,
                                                       mask="labels")

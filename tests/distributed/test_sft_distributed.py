@@ -21,6 +21,8 @@ from tests.distributed.scripts.sft_assets import write_tiny_sft_assets
 
 pytestmark = pytest.mark.distributed
 
+# The activation projection (the defaults are OrthoRegConfig.recommended(): the reader term alone).
+PROJECTION = ["--orthoreg_proj_weight", "1", "--orthoreg_reader_weight", "0", "--orthoreg_units", "absolute"]
 COMMON = ["--per_device_train_batch_size", "2", "--logging_steps", "1", "--use_cpu", "--report_to", "none",
           "--disable_tqdm", "true", "--save_strategy", "no", "--learning_rate", "1e-3", "--max_steps", "3"]
 
@@ -54,9 +56,9 @@ def test_two_ranks(assets, tmp_path, variant):
     out = tmp_path / "out"
     extra = {
         # full fine-tuning, both terms, the covariance of the gathered global batch; directions from rank 0
-        "builtin_full_gather": ["--orthoreg_layers", "1,2", "--orthoreg_cov_weight", "1e-3", "--orthoreg_gather",
-                                "--orthoreg_mask", "labels"],
-        "packing_peft": ["--packing", "--max_length", "48", "--use_peft", "--lora_r", "4",
+        "builtin_full_gather": [*PROJECTION, "--orthoreg_layers", "1,2", "--orthoreg_cov_weight", "1e-3",
+                                "--orthoreg_gather", "--orthoreg_mask", "labels"],
+        "packing_peft": [*PROJECTION, "--packing", "--max_length", "48", "--use_peft", "--lora_r", "4",
                          "--lora_target_modules", "o_proj", "down_proj", "--orthoreg_layers", "-1"],
     }[variant]
     start = time.monotonic()
@@ -81,3 +83,21 @@ def test_two_ranks(assets, tmp_path, variant):
         assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     assert output.count("orthoreg: {") == 1  # the settings are printed once, by the main process
     print(f"{variant}: {seconds:.1f} s")
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_two_ranks_recommended_default(assets, tmp_path, peft):
+    """No --orthoreg_* flag: the main process records the built-in input subspaces, every rank receives them."""
+    from orthoreg import InputSubspaces
+
+    out = tmp_path / "out"
+    lora = ["--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "down_proj"] if peft else []
+    code, output = _launch_sft(["--model_name_or_path", assets["model"], "--dataset_name", assets["data"],
+                                "--output_dir", str(out), *COMMON, *lora])
+    assert code == 0, output_tail(output)
+    run = json.loads((out / "orthoreg_run.json").read_text())
+    assert run["world_size"] == 2 and run["input_subspaces"] == "builtin" and run["directions"] == {"source": None}
+    logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(logs) == 3 and logs[0]["orthoreg/reader"] == 0.0 and logs[-1]["orthoreg/reader"] > 0
+    subspaces = InputSubspaces.from_pretrained(out / "orthoreg_input_subspaces")
+    assert subspaces.metadata["prompt_set"]["count"] == 200
