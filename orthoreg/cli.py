@@ -1,4 +1,4 @@
-"""The ``orthoreg`` command: ``demo``, ``directions``, ``audit``, ``sft``; each subcommand lives in ``orthoreg.commands``.
+"""The ``orthoreg`` command: ``demo``, ``directions``, ``subspaces``, ``audit``, ``sft``; each subcommand lives in ``orthoreg.commands``.
 
 ``sft`` takes TRL's command line (``TrlParser``), so everything after ``orthoreg sft`` goes to ``orthoreg.sft``
 unparsed.
@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("demo", "directions", "audit", "sft")
+SUBCOMMANDS = ("demo", "directions", "subspaces", "audit", "sft")
 PASSTHROUGH = ("sft",)  # subcommands that parse their own command line
 
 

@@ -179,3 +179,54 @@ def test_dtype_auto_is_the_checkpoints_dtype(bf16_model, dtype, expected):
     # (before, "auto" meant "bfloat16 on a GPU, else float32" and loaded this checkpoint as float32).
     model, _ = _common.load_model(str(bf16_model), device="cpu", dtype=dtype, tokenizer=False)
     assert {p.dtype for p in model.parameters()} == {expected}
+
+
+# ----------------------------------------------------------------------------------------------- subspaces
+
+
+def test_subspaces_extract_then_show(saved, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orthoreg.commands import subspaces as subspaces_cmd
+    from orthoreg.reader import InputSubspaces, extract_template_subspaces
+
+    harmless = planted_prompts(4)[1]
+    (tmp_path / "prompts.txt").write_text("\n".join(harmless) + "\n")
+    out = tmp_path / "v"
+    assert _cli(subspaces_cmd, ["subspaces", "extract", "--model", str(saved / "model"), "--out", str(out),
+                                "--prompts", str(tmp_path / "prompts.txt"), "--k", "2", "--targets",
+                                "up_proj,o_proj", "--quiet"]) == 0
+    got = InputSubspaces.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(saved / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(saved / "model")
+    want = extract_template_subspaces(model, tokenizer, harmless, k=2, targets=["up_proj", "o_proj"])
+    assert got.names == want.names and all(n.rsplit(".", 1)[-1] in ("up_proj", "o_proj") for n in got.names)
+    assert not any(n.startswith("model.layers.0.") for n in got.names)  # layer 0 is left out
+    assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in got.names)
+    assert got.metadata["source_model"] == str(saved / "model") and got.k == 2
+    capsys.readouterr()
+    assert _cli(subspaces_cmd, ["subspaces", "show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert f"modules: {len(got)}, k: 2" in shown and got.names[0] in shown
+
+
+def test_subspaces_extract_names_bad_input(saved, tmp_path, capsys, monkeypatch):
+    from orthoreg.commands import subspaces as subspaces_cmd
+
+    monkeypatch.setattr(subspaces_cmd, "load_model", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("the command loaded a model before checking its output path")))
+    (tmp_path / "afile").write_text("x")
+    assert _cli(subspaces_cmd, ["subspaces", "extract", "--model", str(saved / "model"), "--out",
+                                str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    monkeypatch.undo()
+    plain = tmp_path / "plain-model"  # the same model, its tokenizer without a chat template
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(saved / "model").save_pretrained(plain)
+    tokenizer = AutoTokenizer.from_pretrained(saved / "model")
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(plain)
+    assert _cli(subspaces_cmd, ["subspaces", "extract", "--model", str(plain), "--out", str(tmp_path / "v2"),
+                                "--quiet"]) == 2
+    assert "no chat template" in capsys.readouterr().err
