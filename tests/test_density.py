@@ -92,9 +92,13 @@ def test_recommendation_rules(verdict, action, budget):
                                                                              "2: torch.eye(32)[1:2]})"),
          {"torch": torch}, namespace)  # ready to paste: it runs
     assert namespace["config"].layers == [1, 2]
+    # the protection comes first and needs nothing else
+    assert code.index("protect = OrthoRegCallback(OrthoRegConfig.recommended())") < code.index("config = ")
+    assert namespace["protect"].config.reader_weight > 0 and namespace["protect"].config.input_subspaces == "builtin"
     # the commented alternative for runs without the firewall runs too
-    alternative = next(line for line in code.splitlines() if line.startswith("# without the firewall: "))
-    exec(alternative.removeprefix("# without the firewall: "), namespace)
+    prefix = "# the projection without the firewall: "
+    alternative = next(line for line in code.splitlines() if line.startswith(prefix))
+    exec(alternative.removeprefix(prefix), namespace)
     assert namespace["config"].units == "base" and namespace["config"].layers == [1, 2]
 
 
@@ -147,7 +151,8 @@ def test_audit_ends_with_the_recommendation(saved, tmp_path, capsys):
     rec = data["recommendation"]
     assert rec["orthoreg_config"]["anchor"] == "paired" and rec["layers"] == rec["orthoreg_config"]["layers"]
     assert set(data["density"]["density"]) == {"0", "1", "2"} and data["verdict"] in ("low", "elevated", "high")
-    assert f"layers={rec['layers']!r}" in rec["code"]
+    assert f"layers={rec['layers']!r}" in rec["code"] and rec["recommended_config"] == "OrthoRegConfig.recommended()"
+    assert any(line.startswith("protect = OrthoRegCallback(OrthoRegConfig.recommended())") for line in lines)
 
     assert _audit(argv + ["--no-recommend", "--out", str(tmp_path / "plain")]) == 0
     plain = json.loads((tmp_path / "plain" / "overlap.json").read_text())

@@ -1,4 +1,10 @@
-"""A recommended orthoreg setting from an audit: which layers to guard, a drift budget (or a weight), which anchor.
+"""A recommended orthoreg setting from an audit: the protection, and what to watch along the harmful directions.
+
+The protection is ``OrthoRegConfig.recommended()`` whatever the audit measured: the template-reader constraint is the
+setting the defence benchmark supports on a real model, and the overlap score measured before training has not
+predicted which tasks erode a real model (``PREDICTIVE_VALIDATION`` in ``orthoreg.audit.overlap``). What the audit
+decides is the optional firewall on the harmful directions it measured: which layers to guard, a drift budget (or
+a weight), which anchor.
 
 Inputs are the measured geometric overlap (``orthoreg.audit.overlap.OverlapReport``) and, optionally, the superposition
 density (``orthoreg.audit.density.DensityReport``). The rules — heuristics, stated so they can be checked and changed:
@@ -45,7 +51,7 @@ class Recommendation:
         action: ``"adapt"`` (budget mode) or ``"warn"`` (monitor only).
         max_drift: the budget (``"adapt"``) or warning threshold (``"warn"``), σ units.
         proj_weight: λ_proj: the controller's initial weight in budget mode (absolute units, as the firewall's
-            controller was tuned); without a firewall the recommended setting is ``OrthoRegConfig.recommended()``.
+            controller was tuned); the projection without a firewall is ``OrthoRegConfig.activation_projection()``.
         reasons: one line per rule applied, with the measured numbers.
     """
 
@@ -57,14 +63,19 @@ class Recommendation:
     reasons: list[str] = field(default_factory=list)
 
     def code(self, directions_path: str = "harmful.safetensors") -> str:
-        """Ready-to-paste Python: the ``OrthoRegConfig(...)`` and the firewall that enforces the budget."""
+        """Ready-to-paste Python: the recommended protection first, then the firewall on the audited directions."""
         lines = [
-            "from orthoreg import HarmfulDirections, OrthoRegConfig",
+            "from orthoreg import HarmfulDirections, OrthoRegCallback, OrthoRegConfig",
             "from orthoreg.firewall.callback import FirewallConfig, budget_callbacks",
+            "# the protection: the template-reader constraint (needs no directions; README 'Protecting a real model')",
+            "protect = OrthoRegCallback(OrthoRegConfig.recommended())  # Trainer(..., processing_class=tokenizer, "
+            "callbacks=[protect])",
+            "# or: the projection onto these directions under a drift budget (the budget was calibrated in the toy "
+            "world only)",
             f"directions = HarmfulDirections.from_pretrained({directions_path!r})  # a file, folder or Hub repo id",
             f"config = OrthoRegConfig(layers={self.layers!r}, proj_weight={self.proj_weight!r}, "
             f"anchor={self.anchor!r})  # λ: the budget controller's starting weight",
-            f"# without the firewall: config = OrthoRegConfig.recommended(layers={self.layers!r}, "
+            f"# the projection without the firewall: config = OrthoRegConfig.activation_projection(layers={self.layers!r}, "
             f"anchor={self.anchor!r})",
             f"firewall = FirewallConfig(max_drift={self.max_drift!r}, action={self.action!r})",
             "callbacks = budget_callbacks(config, directions, firewall)  # Trainer(..., callbacks=callbacks)",
@@ -73,6 +84,7 @@ class Recommendation:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["recommended_config"] = "OrthoRegConfig.recommended()"
         data["orthoreg_config"] = {"layers": self.layers, "proj_weight": self.proj_weight, "anchor": self.anchor}
         data["firewall_config"] = {"max_drift": self.max_drift, "action": self.action}
         data["code"] = self.code()
