@@ -68,6 +68,8 @@ class OrthoRegCallback(TrainerCallback):
         directions (`HarmfulDirections`, *optional*): harmful subspaces; required when ``config.proj_weight > 0``.
         input_subspaces (`InputSubspaces`, *optional*): V_m per module (``extract_input_subspaces``); overrides
             ``config.input_subspaces``.
+        tokenizer (*optional*): the tokenizer whose chat template ``"builtin"`` subspaces are recorded with, when
+            the Trainer has no ``processing_class`` (it is used otherwise).
 
     Example:
         >>> from orthoreg import OrthoRegCallback, OrthoRegConfig
@@ -84,11 +86,12 @@ class OrthoRegCallback(TrainerCallback):
     """
 
     def __init__(self, config: OrthoRegConfig, directions: HarmfulDirections | None = None,
-                 input_subspaces: Any = None):
+                 input_subspaces: Any = None, tokenizer: Any = None):
         if not isinstance(config, OrthoRegConfig):
             raise TypeError(f"OrthoRegCallback needs an OrthoRegConfig; got {type(config).__name__}")
         self.config = config
         self.directions = directions
+        self.tokenizer = tokenizer
         self.input_subspaces = configured_subspaces(config, input_subspaces)  # None: "builtin", recorded at train start
         self.reader = reader_penalty_for(config, self.input_subspaces, mode="inject")
         # Health is checked once per optimizer step, in on_pre_optimizer_step (one host sync), not per micro-batch.
@@ -112,7 +115,7 @@ class OrthoRegCallback(TrainerCallback):
         if model is None:
             raise ValueError("OrthoRegCallback received no model in on_train_begin")
         if self.reader is None and self.config.reader_weight > 0:
-            self._build_builtin_reader(args, state, model, kwargs.get("processing_class"))
+            self._build_builtin_reader(args, state, model, kwargs.get("processing_class") or self.tokenizer)
         move_ahead_of_reporters(self)
         if not self.regularizer.attached:
             for stale in self.regularizer.others_attached(model):

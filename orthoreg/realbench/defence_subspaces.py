@@ -117,17 +117,27 @@ def lora_tensors(peft_model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor,
     return out
 
 
-def gradient_norm(adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], subspaces: Any) -> float:
-    """‖∇_{A,B} Σ_m s_m²‖B_m A_m V_mᵀ‖²_F‖ over all modules of ``subspaces``, in float64."""
+def gradient_norm(adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], subspaces: Any,
+                  base_readouts: Mapping[str, float] | None = None) -> float:
+    """‖∇_{A,B} Σ_m s_m²‖B_m A_m V_mᵀ‖²_F‖ over all modules of ``subspaces``, in float64; with ``base_readouts``
+    (‖W₀,m V_mᵀ‖²_F per module) the base-units term (1/M) Σ_m s_m²‖B_m A_m V_mᵀ‖²_F / ‖W₀,m V_mᵀ‖²_F instead."""
     total = torch.zeros((), dtype=torch.float64)
     for name, v in subspaces.items():
         a, b, s = adapter[name]
         a = a.double().requires_grad_(True)
         b = b.double().requires_grad_(True)
         penalty = s * s * (b @ (a @ v.double().T)).pow(2).sum()
+        if base_readouts is not None:
+            penalty = penalty / (base_readouts[name] * len(subspaces))
         ga, gb = torch.autograd.grad(penalty, (a, b))
         total = total + ga.pow(2).sum() + gb.pow(2).sum()
     return float(total.sqrt())
+
+
+def base_readouts(model: Any, subspaces: Any) -> dict[str, float]:
+    """‖W₀,m V_mᵀ‖²_F per module of ``subspaces`` (W₀ the base model's weight, ``nn.Linear`` layout), in float64."""
+    return {name: float((model.get_submodule(name).weight.double() @ v.double().T).pow(2).sum())
+            for name, v in subspaces.items()}
 
 
 def save_adapter(adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], path: str | Path) -> None:

@@ -70,7 +70,7 @@ def reader_set(arm: str) -> str | None:
     return head[len("reader_"):] if head.startswith("reader_") else None
 
 
-def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any) -> tuple[list[Any], Any]:
+def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokenizer: Any) -> tuple[list[Any], Any]:
     """The Trainer callbacks of ``job`` and a function that wraps the PEFT model (identity except ``writer``)."""
     from orthoreg import OrthoLoRA, OrthoRegCallback, OrthoRegConfig
     from orthoreg.baselines import FirstTokenKLCallback, HardProjectionCallback
@@ -84,7 +84,7 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any) -> tup
         if arm.endswith("+first_token_kl"):
             callbacks.append(FirstTokenKLCallback(DEFAULT_STRENGTH["first_token_kl"]))
     elif arm == "recommended":
-        callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight)))
+        callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight), tokenizer=tokenizer))
     elif arm == "activation_projection":
         config = OrthoRegConfig.activation_projection(layers=list(directions.layers), proj_weight=job.weight,
                                                       mask="labels")
@@ -170,7 +170,7 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
         n_task = round(len(ordered) * (1 - job.weight))
         examples = interleave(ordered[:n_task], safety_examples(tokenizer, info, config.max_length), job.weight,
                               seed=job.seed, replacement=True)
-    callbacks, wrap = _callbacks_and_wrap(job, subspaces, directions)
+    callbacks, wrap = _callbacks_and_wrap(job, subspaces, directions, tokenizer)
     peft_model = add_lora(model, seed=job.seed, r=config.rank, alpha=config.alpha)
     trained = wrap(peft_model) if wrap is not None else peft_model
     report = train_lora(trained, tokenizer, examples, steps=config.steps, batch_size=config.batch_size, lr=config.lr,

@@ -124,7 +124,7 @@ def train_lora(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                trainer = _InOrderTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                trainer = _InOrderTrainer(model=model, args=args, train_dataset=data,
                                           data_collator=lambda b: collate(b, pad_id),
                                           callbacks=[*callbacks, timer])
                 t0 = time.perf_counter()
