@@ -9,18 +9,39 @@
 | ``orthoreg/warmup`` | w(t), the warm-up factor of the step the values come from |
 | ``orthoreg/skipped`` | micro-batches whose penalty was dropped as non-finite (``on_nonfinite="skip"``), a count |
 | ``orthoreg/<term>/layer_<i>`` | one guarded layer's term (``per_layer_metrics=True``) |
+| ``orthoreg/harm_margin`` | refusal margin on the probe's harmful requests, nats: mean over them of logsumexp_{t∈R} log p(t|x) − logsumexp_{t∈C} log p(t|x) at the first reply token (R, C: the base model's refusal and compliance openers; ``HarmSignalCallback``); falls as safety erodes |
+| ``orthoreg/harm_margin_delta`` | ``harm_margin`` minus its base value (recorded before the first update; 0 until the weights move) |
+| ``orthoreg/overrefusal_margin`` | the same margin on the harmless partners of the probe's requests; rises with over-refusal |
+| ``orthoreg/overrefusal_margin_delta`` | ``overrefusal_margin`` minus its base value |
 
 Under data parallelism the callback averages each value over the ranks (``skipped`` is summed) and the Trainer logs
-it once, from rank 0; ``OrthoLoRA`` returns this rank's values (average them with ``accelerator.reduce``).
+it once, from rank 0; ``OrthoLoRA`` returns this rank's values (average them with ``accelerator.reduce``). The
+``harm_margin`` family (``orthoreg.firewall.harm_signal``) is measured on every rank and logged from rank 0, not
+averaged; it is the latest reading since the last log (every ``every_n_steps`` steps), not a mean.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["METRIC_PREFIX", "PenaltyMetrics", "metric_names"]
+__all__ = [
+    "HARM_MARGIN",
+    "HARM_MARGIN_DELTA",
+    "HARM_SIGNAL_METRICS",
+    "METRIC_PREFIX",
+    "OVERREFUSAL_MARGIN",
+    "OVERREFUSAL_MARGIN_DELTA",
+    "PenaltyMetrics",
+    "metric_names",
+]
 
 METRIC_PREFIX = "orthoreg/"
+# The live harm signal (orthoreg.firewall.harm_signal), unprefixed like the penalty names.
+HARM_MARGIN = "harm_margin"
+HARM_MARGIN_DELTA = "harm_margin_delta"
+OVERREFUSAL_MARGIN = "overrefusal_margin"
+OVERREFUSAL_MARGIN_DELTA = "overrefusal_margin_delta"
+HARM_SIGNAL_METRICS = (HARM_MARGIN, HARM_MARGIN_DELTA, OVERREFUSAL_MARGIN, OVERREFUSAL_MARGIN_DELTA)
 
 
 def metric_names(values: dict[str, float], warmup: float | None = None) -> dict[str, float]:

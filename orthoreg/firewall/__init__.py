@@ -6,12 +6,15 @@ One module a role:
 - ``monitor``: ``DriftMonitor``, the per-layer drift read on a fixed probe batch;
 - ``drift_statistics``: its per-layer sums, their reduction over ranks and the base statistics;
 - ``budget``: ``DriftBudgetController``, λ raised or lowered to keep the drift within a budget;
-- ``callback``: ``Firewall``/``FirewallCallback`` (the Trainer front door) and ``budget_callbacks``.
+- ``callback``: ``Firewall``/``FirewallCallback`` (the Trainer front door) and ``budget_callbacks``;
+- ``harm_signal``: ``RefusalMarginProbe``/``HarmSignalCallback``, the refusal margin at the first reply token of a
+  fixed probe set, logged every N steps without generation.
 """
 
 from .budget import BudgetConfig, DriftBudgetController
 from .callback import Firewall, FirewallCallback, FirewallConfig, FirewallEvent, budget_callbacks
 from .drift_statistics import DriftReading
+from .harm_signal import HarmSignalCallback, HarmSignalError, RefusalMarginProbe, builtin_probe_pairs
 from .monitor import DriftMonitor
 
 __all__ = [
@@ -23,5 +26,9 @@ __all__ = [
     "FirewallCallback",
     "FirewallConfig",
     "FirewallEvent",
+    "HarmSignalCallback",
+    "HarmSignalError",
+    "RefusalMarginProbe",
     "budget_callbacks",
+    "builtin_probe_pairs",
 ]
