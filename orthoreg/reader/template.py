@@ -3,15 +3,17 @@ r"""The template-reader constraint: keep a fine-tune from changing how the model
 A generic use of the reader-side weight term (``orthoreg.reader.penalty``) that needs **no harmful data**. V_m is the top-k
 uncentred principal subspace of module m's inputs at the tokens the chat template appends after the user's message
 (``<|im_end|>\n<|im_start|>assistant\n`` and the like) and at the first reply token, recorded on the base model from
-*any* prompts (the task's own, or everyday requests); the penalty
+everyday requests (orthoreg's built-in harmless ones by default); the penalty
 
 .. math:: \lambda \sum_m s^2 \lVert B_m (A_m V_m^\top) \rVert_F^2 \quad\text{(LoRA)}, \qquad
           \lambda \sum_m \lVert W_m V_m^\top - W_{0,m} V_m^\top \rVert_F^2 \quad\text{(full fine-tuning)}
 
-then resists any change of how each adapted module reads that subspace. Those positions are where a chat model
-decides whether to refuse; across prompt sets their top directions hold most of the input energy there (on
-SmolLM2-135M the subspaces of harmful, harmless and task prompts protect alike), which is why it is *generic*: it
-is a constraint on the assistant-turn read-out, not on a harmful direction. Measured: ``benchmarks/README_defences.md``.
+(or its base-units mean, ``orthoreg.terms.reader``) then resists any change of how each adapted module reads that
+subspace. Those positions are where a chat model decides whether to refuse. Measured on SmolLM2-135M
+(``benchmarks/README_defences.md``): the subspaces of harmful prompts, their harmless twins and the built-in harmless
+requests protect alike — the constraint is *generic*, on the assistant-turn read-out, not on a harmful direction —
+while the subspace of the fine-tune's own prompts protected worst (rises of +14 / +16 / +30 points over three
+seeds), so the task's prompts are not the recommended source.
 
 The first decoder layer is left out: there a module's input is the token's own embedding, so the few fixed
 template tokens span fewer than k directions (and nothing but those tokens is read there).
@@ -32,8 +34,10 @@ from .subspaces import InputSubspaces, InputSubspacesError, named_input_modules
 __all__ = ["TEMPLATE_POSITIONS", "TEMPLATE_READER_WEIGHT", "extract_template_subspaces", "template_reader_modules"]
 
 TEMPLATE_POSITIONS = ("post_instruction", "first_reply")
-# λ_reader of the benchmark (SmolLM2-135M-Instruct, LoRA r 16, α 32, all projections): the task loss's gradient
-# norm over the penalty's at a plain fine-tune's adapter. 10× and 100× it protected too, with more over-refusal.
+# λ_reader of the defence benchmark in absolute units (SmolLM2-135M-Instruct, LoRA r 16, α 32, all projections): the
+# task loss's gradient norm over the penalty's at a plain fine-tune's adapter. 10× and 100× it protected too, with
+# more over-refusal. It is a 135M-adapter number; OrthoRegConfig.recommended() uses the same strength in base-model
+# units (RECOMMENDED_READER_WEIGHT), which carries to other model sizes.
 TEMPLATE_READER_WEIGHT = 0.05
 
 
@@ -69,7 +73,8 @@ def extract_template_subspaces(model: nn.Module, tokenizer: Any, prompts: Sequen
     Args:
         model: the base causal LM (a PEFT model is read with its adapter disabled).
         tokenizer: its tokenizer; it must have a chat template.
-        prompts: any user messages — the fine-tune's own prompts need no extra data (a few hundred suffice).
+        prompts: user messages — orthoreg's built-in harmless requests (``load_builtin("train").harmless``) are what
+            the benchmark supports; the fine-tune's own prompts protected worst there.
         k (`int`, *optional*, defaults to `16`): directions per module.
         targets (`Sequence[str]`, *optional*): module name suffixes to keep (the LoRA ``target_modules``).
         trainable_only (`bool`, *optional*, defaults to `False`): keep only modules that train (LoRA-adapted, or
@@ -77,9 +82,10 @@ def extract_template_subspaces(model: nn.Module, tokenizer: Any, prompts: Sequen
         kwargs: passed on to ``extract_input_subspaces`` (``replies``, ``reply_tokens``, ``progress``, …).
 
     Example:
-        >>> v = extract_template_subspaces(base, tokenizer, [ex["prompt"] for ex in train_set][:256])
-        >>> config = OrthoRegConfig(proj_weight=0.0, reader_weight=TEMPLATE_READER_WEIGHT)
-        >>> trainer = Trainer(..., callbacks=[OrthoRegCallback(config, input_subspaces=v)])
+        >>> v = extract_template_subspaces(base, tokenizer, load_builtin("train").harmless)
+        >>> trainer = Trainer(..., callbacks=[OrthoRegCallback(OrthoRegConfig.recommended(), input_subspaces=v)])
+
+        (``OrthoRegCallback(OrthoRegConfig.recommended())`` alone records these V_m itself when training starts.)
     """
     if not getattr(tokenizer, "chat_template", None):
         raise InputSubspacesError("the template-reader constraint reads the chat template's tokens: this tokenizer has "
