@@ -360,8 +360,9 @@ def reader_report(args, smol, log=print) -> dict[str, Any]:
         rho, source = args.rho, "--rho"
     elif adapter is not None:
         rho, source = real["median ‖sBA‖/‖W₀‖ (all modules)"], (
-            f"median over the modules of ‖s·B·A‖_F / ‖W₀‖_F of {args.adapter} (a plain 50-step LoRA fine-tune of "
-            "SmolLM2 on identity_shift)")
+            f"median over the adapter's {len(adapter)} modules of ‖s·B·A‖_F / ‖W₀‖_F of {args.adapter}"
+            + (" (a plain 50-step LoRA fine-tune of the benchmark's aligned SmolLM2 on identity_shift, "
+               "scripts/bench_defences.py)" if args.adapter == REAL_ADAPTER else ""))
     else:
         rho, source = DEFAULT_RHO, (f"default: {args.adapter} did not exist when this ran"
                                     + (" (or --no-smollm2)" if smol is None else ""))
