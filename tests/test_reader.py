@@ -160,7 +160,10 @@ def test_full_finetuning_gradients_against_recorded_base(family, targets, checkp
     model = tiny_model(family)
     subspaces = random_subspaces(model, targets)
     base = {n: model.get_submodule(n).weight.detach().clone() for n in subspaces.names}
-    reader = ReaderPenalty(subspaces, LAMBDA).attach(model)  # records W₀Vᵀ now
+    base_bias = {n: model.get_submodule(n).bias.detach().clone() for n in subspaces.names
+                 if model.get_submodule(n).bias is not None}
+    assert bool(base_bias) == (family == "gpt2")  # GPT-2's Conv1Ds carry biases, Llama's projections none
+    reader = ReaderPenalty(subspaces, LAMBDA).attach(model)  # records W₀Vᵀ (and b₀) now
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # "training so far": every weight moved
         for p in model.parameters():
@@ -170,12 +173,16 @@ def test_full_finetuning_gradients_against_recorded_base(family, targets, checkp
     g_task = task_grads(model, data)
     reader.attach(model)  # keeps the W₀Vᵀ recorded at the first attach
     weights = {n: model.get_submodule(n).weight.detach().double().requires_grad_(True) for n in subspaces.names}
+    biases = {n: model.get_submodule(n).bias.detach().double().requires_grad_(True) for n in subspaces.names
+              if model.get_submodule(n).bias is not None}
     ref = 0
     for name, v in subspaces.items():
         diff = weights[name] - base[name].double()
         if family == "gpt2":  # Conv1D stores (d_in, d_out): its linear map is Wᵀ
             diff = diff.T
         ref = ref + (diff @ v.double().T).square().sum()
+        if name in biases:  # a trained bias shifts the read-out of span(V) too
+            ref = ref + (biases[name] - base_bias[name].double()).square().sum()
     ref.backward()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
@@ -186,6 +193,8 @@ def test_full_finetuning_gradients_against_recorded_base(family, targets, checkp
     want = dict(g_task)
     for name in subspaces.names:
         want[f"{name}.weight"] = want[f"{name}.weight"] + LAMBDA * weights[name].grad.float()
+        if name in biases:
+            want[f"{name}.bias"] = want[f"{name}.bias"] + LAMBDA * biases[name].grad.float()
     assert_grads_close({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, want)
     assert metrics["reader"] == pytest.approx(float(ref.detach()), rel=1e-5)
 

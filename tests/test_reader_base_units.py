@@ -16,7 +16,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-import orthoreg.reader.penalty as penalty_module
+import orthoreg.reader.base_state as base_state_module
 from orthoreg.reader.penalty import ReaderPenalty
 from orthoreg.reader.subspaces import InputSubspaces, InputSubspacesError
 from tests.models import tiny_model
@@ -115,6 +115,8 @@ def test_full_finetuning_base_units_use_the_recorded_base_and_survive_a_resume(f
     _massive_column(model, targets)
     subspaces = _subspaces(model, targets)
     w0 = {n: _linear_map(model.get_submodule(n).weight, family) for n in subspaces.names}
+    b0 = {n: model.get_submodule(n).bias.detach().double().clone() for n in subspaces.names
+          if model.get_submodule(n).bias is not None}  # GPT-2's Conv1D biases train with the weights
     reader = ReaderPenalty(subspaces, LAMBDA, units="base").attach(model)  # records W₀Vᵀ and ‖W₀Vᵀ‖² now
     saved = reader.reference_state()
     reader.detach()
@@ -125,10 +127,14 @@ def test_full_finetuning_base_units_use_the_recorded_base_and_survive_a_resume(f
     data = _batch(2)
     g_task = _task_grads(model, data)
     weights = {n: model.get_submodule(n).weight.detach().double().requires_grad_(True) for n in subspaces.names}
+    biases = {n: model.get_submodule(n).bias.detach().double().requires_grad_(True) for n in b0}
     terms = []
     for name, v in subspaces.items():
         w = weights[name].T if family == "gpt2" else weights[name]
-        terms.append(((w - w0[name]) @ v.double().T).square().sum() / (w0[name] @ v.double().T).square().sum())
+        change, readout = ((w - w0[name]) @ v.double().T).square().sum(), (w0[name] @ v.double().T).square().sum()
+        if name in biases:
+            change, readout = change + (biases[name] - b0[name]).square().sum(), readout + b0[name].square().sum()
+        terms.append(change / readout)
     reference = sum(terms) / len(terms)
     reference.backward()
     resumed = ReaderPenalty(subspaces, LAMBDA, units="base")
@@ -141,6 +147,8 @@ def test_full_finetuning_base_units_use_the_recorded_base_and_survive_a_resume(f
     want = dict(g_task)
     for name in subspaces.names:
         want[f"{name}.weight"] = want[f"{name}.weight"] + LAMBDA * weights[name].grad.float()
+        if name in biases:
+            want[f"{name}.bias"] = want[f"{name}.bias"] + LAMBDA * biases[name].grad.float()
     assert_grads_close({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, want)
     assert metrics["reader"] == pytest.approx(float(reference.detach()), rel=1e-5)
 
@@ -156,7 +164,7 @@ def test_sharded_base_weight_is_read_inside_its_first_forward(monkeypatch):
     model(**_batch()).loss.backward()
     want = eager.pop_metrics()["reader"]
     eager.detach()
-    monkeypatch.setattr(penalty_module, "is_sharded", lambda weight: True)
+    monkeypatch.setattr(base_state_module, "is_sharded", lambda weight: True)
     deferred = ReaderPenalty(subspaces, LAMBDA, units="base").attach(model)
     assert deferred.resident_tensors == []  # no denominator (nor V copy) recorded at attach
     monkeypatch.undo()
@@ -179,3 +187,57 @@ def test_a_module_that_reads_nothing_of_its_subspace_is_refused_by_name():
     ReaderPenalty(subspaces, LAMBDA).attach(model).detach()  # absolute units need no denominator
     with pytest.raises(ValueError, match="units"):
         ReaderPenalty(subspaces, LAMBDA, units="relative")
+
+
+@pytest.mark.parametrize("units", ["absolute", "base"])
+def test_a_trained_bias_is_part_of_the_read_out_and_a_lora_base_bias_is_refused(units):
+    """Qwen2's q/k/v projections carry biases; under full fine-tuning they train, and a shifted bias moves every
+    read-out of span(V): reader(m) = ‖W Vᵀ − W₀Vᵀ‖² + ‖b − b₀‖² (base units: over ‖W₀Vᵀ‖² + ‖b₀‖²)."""
+    model = tiny_model("qwen2")
+    targets = ["q_proj", "v_proj", "o_proj"]  # o_proj has no bias
+    subspaces = _subspaces(model, targets)
+    w0 = {n: model.get_submodule(n).weight.detach().double().clone() for n in subspaces.names}
+    b0 = {n: model.get_submodule(n).bias.detach().double().clone() for n in subspaces.names
+          if model.get_submodule(n).bias is not None}
+    assert len(b0) == 2 * 3  # q and v of every layer
+    reader = ReaderPenalty(subspaces, LAMBDA, units=units).attach(model)
+    state = reader.reference_state()
+    reader.detach()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    data = _batch(4)
+    g_task = _task_grads(model, data)
+    leaves = {n: (model.get_submodule(n).weight.detach().double().requires_grad_(True),
+                  model.get_submodule(n).bias.detach().double().requires_grad_(True) if n in b0 else None)
+              for n in subspaces.names}
+    terms = []
+    for name, v in subspaces.items():
+        w, b = leaves[name]
+        term = ((w - w0[name]) @ v.double().T).square().sum()
+        readout = (w0[name] @ v.double().T).square().sum()
+        if b is not None:
+            term = term + (b - b0[name]).square().sum()
+            readout = readout + b0[name].square().sum()
+        terms.append(term / (readout * len(subspaces)) if units == "base" else term)
+    reference = sum(terms)
+    reference.backward()
+    resumed = ReaderPenalty(subspaces, LAMBDA, units=units)
+    resumed.load_reference_state(state)  # b₀ travels with W₀Vᵀ
+    resumed.attach(model)
+    model.train()
+    model(**data).loss.backward()
+    metrics = resumed.pop_metrics()
+    resumed.detach()
+    want = dict(g_task)
+    for name, (w, b) in leaves.items():
+        want[f"{name}.weight"] = want[f"{name}.weight"] + LAMBDA * w.grad.float()
+        if b is not None:
+            want[f"{name}.bias"] = want[f"{name}.bias"] + LAMBDA * b.grad.float()
+    assert_grads_close({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, want)
+    assert metrics["reader"] == pytest.approx(float(reference.detach()), rel=1e-5)
+
+    lora = get_peft_model(tiny_model("qwen2"), LoraConfig(r=4, target_modules=["q_proj"], bias="all"))
+    with pytest.raises(NotImplementedError, match=r"q_proj.*bias='all'.*LoraConfig\(bias='none'\)"):
+        ReaderPenalty(_subspaces(lora.get_base_model(), ["q_proj"]), LAMBDA).attach(lora)

@@ -15,16 +15,11 @@ import torch
 from torch import nn
 
 from ..core.capture import unwrap_model
-from ..core.layers import active_lora_adapter, check_gathered, is_conv1d, is_lora_layer, is_sharded
+from ..core.layers import active_lora_adapter, check_gathered, is_conv1d, is_lora_layer
 from ..core.zero3 import register_external_parameters
 from ..terms.injection import PenaltyScale, inject_penalty
-from ..terms.reader import (
-    BASE_READOUT_FLOOR,
-    base_readout,
-    full_reader_penalty,
-    lora_reader_penalty,
-    weight_times_basis,
-)
+from ..terms.reader import full_reader_penalty, lora_reader_penalty, weight_times_basis
+from .base_state import ReaderBaseState
 from .extraction import extract_input_subspaces
 from .subspaces import InputSubspaces, InputSubspacesError
 
@@ -96,8 +91,9 @@ class ReaderPenalty:
 
     **Full fine-tuning.** W₀Vᵀ is recorded when attaching, from the weights as they are then (attach before the
     first optimizer step); a weight that is sharded at that point (ZeRO-3, FSDP2) is recorded at the module's first
-    forward instead, inside its gathered region. ``reference_state()`` / ``load_reference_state()`` carry them
-    across a resume.
+    forward instead, inside its gathered region. A bias that trains is part of the term (‖b − b₀‖², b₀ recorded
+    with W₀Vᵀ); under LoRA a trainable base bias is refused by name (``orthoreg.reader.base_state``).
+    ``reference_state()`` / ``load_reference_state()`` carry them across a resume.
 
     **Non-finite values** raise ``NonFiniteReaderPenaltyError``, so a NaN never reaches the weights: with
     ``check="forward"`` at the end of each forward, before its backward (one host sync per forward); with
@@ -146,8 +142,7 @@ class ReaderPenalty:
         self._stack: list[_Session] = []  # forwards in progress (a reference forward may run inside another)
         self._last_active: _Session | None = None  # the latest regularised forward, for recomputes in its backward
         self._pending: torch.Tensor | None = None
-        self._base_products: dict[str, torch.Tensor] = {}
-        self._base_readouts: dict[str, torch.Tensor] = {}  # units="base": ‖W₀,m V_mᵀ‖²_F per module (float32 scalar)
+        self._base = ReaderBaseState(self._basis, units)  # W₀V_mᵀ, b₀, base read-outs
         self._basis_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
@@ -167,7 +162,7 @@ class ReaderPenalty:
     def resident_tensors(self) -> list[torch.Tensor]:
         """The tensors this penalty keeps besides the subspaces it was given: the float32 copy of each V_m on every
         device it was used on, and (full fine-tuning) the recorded W₀V_mᵀ. What it adds to memory, for accounting."""
-        return list(self._basis_cache.values()) + list(self._base_products.values()) + list(self._base_readouts.values())
+        return list(self._basis_cache.values()) + self._base.tensors()
 
     # ------------------------------------------------------------------ attachment
     def attach(self, model: nn.Module) -> ReaderPenalty:
@@ -186,6 +181,7 @@ class ReaderPenalty:
         for name, module in self.subspaces.resolve(model).items():
             if is_lora_layer(module):
                 active_lora_adapter(name, module)
+                ReaderBaseState.refuse_lora_bias(name, module)
                 modules.append(ReaderModule(name, module, "lora"))
             elif module.weight.requires_grad:
                 modules.append(ReaderModule(name, module, "full"))
@@ -198,12 +194,7 @@ class ReaderPenalty:
             )
         self.modules, self.skipped = modules, skipped
         for entry in modules:
-            if entry.kind == "full" and entry.name not in self._base_products and not is_sharded(entry.module.weight):
-                self._record_base_product(entry)
-            if entry.kind == "lora" and self.units == "base" and entry.name not in self._base_readouts:
-                base_layer = entry.module.get_base_layer()
-                if not is_sharded(base_layer.weight):
-                    self._record_base_readout(entry.name, base_layer, base_layer.weight)
+            self._base.record_on_attach(entry.name, entry.kind, entry.module)
         try:
             self._handles.append(lm.register_forward_pre_hook(self._open))
             self._handles.append(lm.register_forward_hook(self._close, always_call=True))
@@ -213,7 +204,7 @@ class ReaderPenalty:
                     # Inside the base layer's own forward its weight is gathered (ZeRO-3) / unsharded (FSDP2).
                     base_layer = entry.module.get_base_layer()
                     self._handles.append(base_layer.register_forward_hook(
-                        partial(self._base_layer_hook, entry.name), prepend=True))
+                        partial(self._base.base_layer_hook, entry.name), prepend=True))
             self._register_zero3_external_parameters()
         except BaseException:
             self.detach()
@@ -245,39 +236,6 @@ class ReaderPenalty:
                 register_external_parameters(entry.module, [
                     p for adapter in entry.module.lora_A
                     for p in (entry.module.lora_A[adapter].weight, entry.module.lora_B[adapter].weight)])
-
-    @torch.no_grad()
-    def _record_base_product(self, entry: ReaderModule) -> None:
-        weight = entry.module.weight
-        self._base_products[entry.name] = weight_times_basis(
-            weight, self._basis(entry.name, weight.device), is_conv1d(entry.module)
-        ).detach().clone()
-        if self.units == "base":
-            self._record_base_readout(entry.name, entry.module, weight)
-
-    @torch.no_grad()
-    def _record_base_readout(self, name: str, module: nn.Module, weight: torch.Tensor) -> None:
-        """‖W₀Vᵀ‖²_F of ``module``'s unsharded base weight, refused by name when ~0 or not finite."""
-        if not weight.is_floating_point():
-            raise NotImplementedError(
-                f"{name!r} has a {weight.dtype} (quantised) base weight; units='base' reads ‖W₀Vᵀ‖² from it. Use "
-                "units='absolute' with a quantised base model"
-            )
-        basis = self._basis(name, weight.device)
-        readout, random_readout = base_readout(weight, basis, is_conv1d(module), self._base_products.get(name))
-        if not bool(torch.isfinite(readout)) or not bool(readout > BASE_READOUT_FLOOR * random_readout):
-            raise InputSubspacesError(
-                f"the base model reads almost nothing of span(V) at {name!r} (‖W₀Vᵀ‖²_F = {float(readout):.3g}, a "
-                f"random {basis.shape[0]}-dimensional subspace would read {float(random_readout):.3g}), so a change "
-                "relative to it is undefined: leave this module out of the input subspaces, or use units='absolute'"
-            )
-        self._base_readouts[name] = readout.detach().clone()
-
-    def _base_layer_hook(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        if name not in self._base_readouts:
-            check_gathered(name, module.weight)
-            self._record_base_readout(name, module, module.weight)
-        return None
 
     def _basis(self, name: str, device: torch.device) -> torch.Tensor:
         key = (name, device)
@@ -321,11 +279,11 @@ class ReaderPenalty:
     def _module_hook(self, entry: ReaderModule, module: nn.Module, args: tuple, output: Any) -> Any:
         in_forward = bool(self._stack)
         session = self._stack[-1] if in_forward else self._last_active
-        if not in_forward and entry.kind == "full" and entry.name not in self._base_products:
+        if not in_forward and entry.kind == "full" and entry.name not in self._base.products:
             return None
-        if entry.kind == "full" and entry.name not in self._base_products:
+        if entry.kind == "full" and entry.name not in self._base.products:
             check_gathered(entry.name, module.weight)
-            self._record_base_product(entry)  # first forward after attach, inside the gathered region
+            self._base.record_full(entry.name, module)  # first forward after attach, inside the gathered region
         if session is None or not session.active:
             return None
         if not in_forward and (session.scale.finished or not (module.training and torch.is_grad_enabled())):
@@ -356,12 +314,13 @@ class ReaderPenalty:
         else:
             weight = module.weight
             check_gathered(entry.name, weight)
-            value = full_reader_penalty(weight, self._basis(entry.name, weight.device), self._base_products[entry.name],
+            value = full_reader_penalty(weight, self._basis(entry.name, weight.device), self._base.products[entry.name],
                                         is_conv1d(module))
-        if self.units == "base":
-            # This module's share of mean_m reader(m)/‖W₀,m V_mᵀ‖²_F.
-            readout = self._base_readouts[entry.name].to(value.device)
-            value = value / (readout * len(self.modules))
+            bias_change = self._base.full_bias_change(entry.name, module)
+            if bias_change is not None:  # a trained bias shifts every read-out of span(V)
+                value = value + bias_change
+        if self.units == "base":  # this module's share of mean_m reader(m)/‖W₀,m V_mᵀ‖²_F
+            value = value * self._base.scale(entry.name, value.device, len(self.modules))
         return value
 
     def check_step(self) -> None:
@@ -399,18 +358,13 @@ class ReaderPenalty:
         return metrics
 
     def reference_state(self) -> dict[str, torch.Tensor]:
-        """The stored W₀Vᵀ per full-FT module (float32, d_out × k), for a checkpoint (safetensors-serialisable)."""
-        return {name: t.detach().cpu().contiguous() for name, t in self._base_products.items()}
+        """W₀Vᵀ (and b₀ of a bias that trains) per full-FT module (float32), for a checkpoint
+        (safetensors-serialisable)."""
+        return self._base.state()
 
     def load_reference_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restores ``reference_state()`` (before the first forward after a resume)."""
-        unknown = set(state) - set(self.subspaces.names)
-        if unknown:
-            raise InputSubspacesError(f"reference state for modules {sorted(unknown)[:4]} the subspaces do not name")
-        self._base_products = {name: t.detach().to(torch.float32).clone() for name, t in state.items()}
-        # In base units the denominators of full-FT modules come from the restored W₀Vᵀ, not the resumed weights.
-        for name, product in self._base_products.items():
-            self._base_readouts[name] = product.square().sum()
+        self._base.load(state, self.subspaces.names)
 
 
 def _raise_nonfinite(forwards: list[dict[str, torch.Tensor]]) -> None:
