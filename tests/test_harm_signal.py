@@ -125,7 +125,7 @@ def test_margin_falls_when_trained_to_answer_harmful_requests_with_a_compliance_
     probe = RefusalMarginProbe(pairs=8)
     base = probe.record_base(model, tokenizer)
     assert probe.measure(model)[KEYS[1]] == 0.0
-    batch = probe._batch_on(torch.device("cpu"), {"position_ids"})
+    batch = probe.probe_inputs(torch.device("cpu"), {"position_ids"})
     rows = len(probe.harmful)
     harmful = {k: v[:rows] for k, v in batch.items()}
     target = torch.full((rows,), probe.compliance_openers[0])

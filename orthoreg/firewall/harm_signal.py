@@ -220,7 +220,7 @@ class RefusalMarginProbe:
         if isinstance(rows, int) and top >= rows:
             raise HarmSignalError(f"the probe's token ids reach {top} but the model embeds {rows} tokens: the tokenizer "
                                   "belongs to another model; record the probe with this model's own tokenizer")
-        batch = self._batch_on(device, _forward_parameters(model))
+        batch = self.probe_inputs(device, _forward_parameters(model))
         forward = getattr(model, "_original_forward", model)  # accelerate's mixed-precision wrapper re-enters autocast
         modes = [(module, module.training) for module in model.modules()]
         rng_devices = [device.index or 0] if device.type == "cuda" else []
@@ -237,7 +237,10 @@ class RefusalMarginProbe:
                                   "record_base on this model's base before training")
         return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
-    def _batch_on(self, device: torch.device, accepted: set[str]) -> dict[str, torch.Tensor]:
+    def probe_inputs(self, device: torch.device, accepted: set[str]) -> dict[str, torch.Tensor]:
+        """The probe set as one left-padded batch on ``device`` (cached per device): ``input_ids``,
+        ``attention_mask`` and, where the model's forward takes them (``accepted``), ``position_ids`` counted from
+        each row's first real token, ``use_cache=False`` and ``logits_to_keep=1``."""
         if device not in self._batches:
             width = max(map(len, self.prompt_ids))
             ids = torch.full((len(self.prompt_ids), width), self.pad_id, dtype=torch.long)
