@@ -31,6 +31,7 @@ repo id (``HarmfulDirections.from_pretrained``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import OrthoRegConfig
-from .core.distributed import broadcast_from_main, world_size
+from .core.distributed import run_on_main, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def _extract_builtin(trainer, args, config: OrthoRegConfig, source_model: str, r
     from . import extract_directions
     from .core.capture import find_decoder_stack, resolve_layers
     from .core.prompts import load_builtin
+    from .directions.harmful import HarmfulDirections
 
     model = trainer.model
     stack = find_decoder_stack(model, layers_path=config.layers_path)
@@ -205,10 +207,11 @@ def _extract_builtin(trainer, args, config: OrthoRegConfig, source_model: str, r
                   source_revision=revision)
     # A PEFT adapter is the identity at initialisation, but extract from the base model whatever its init.
     disable = getattr(model, "disable_adapter", None)
-    if callable(disable):
-        with disable():
-            return extract_directions(model, trainer.processing_class, load_builtin("train"), **kwargs)
-    return extract_directions(model, trainer.processing_class, load_builtin("train"), **kwargs)
+    with disable() if callable(disable) else contextlib.nullcontext():
+        directions = extract_directions(model, trainer.processing_class, load_builtin("train"), **kwargs)
+    # On the CPU: what is sent to the other ranks must not depend on the main process's device.
+    return HarmfulDirections({layer: u.cpu() for layer, u in directions.directions.items()},
+                             metadata=directions.metadata)
 
 
 def obtain_directions(trainer, args, config: OrthoRegConfig, source_model: str, revision: str | None = None):
@@ -231,20 +234,9 @@ def obtain_directions(trainer, args, config: OrthoRegConfig, source_model: str, 
                          "partitioned weights do not allow; extract first (`orthoreg directions extract ... --out "
                          "harmful.safetensors`) and pass --orthoreg_directions harmful.safetensors")
     out = Path(args.orthoreg_directions_out or Path(trainer.args.output_dir) / DIRECTIONS_FILE)
-    payload: dict[str, Any] = {"error": None}
-    if trainer.accelerator.is_main_process:
-        try:
-            extracted = _extract_builtin(trainer, args, config, source_model, revision)
-            payload.update(tensors={layer: u.cpu() for layer, u in extracted.directions.items()},
-                           metadata=extracted.metadata)
-        except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised there
-            payload["error"] = f"{type(err).__name__}: {err}"
-    payload = broadcast_from_main(payload)
-    if payload["error"]:
-        raise RuntimeError(f"extracting the built-in harmful directions failed on the main process: "
-                           f"{payload['error']}")
-    # Every rank (the main one included) builds the directions from the same tensors: bit-identical everywhere.
-    directions = HarmfulDirections(payload["tensors"], metadata=payload["metadata"])
+    # Every rank holds the main process's tensors: bit-identical directions everywhere.
+    directions = run_on_main(lambda: _extract_builtin(trainer, args, config, source_model, revision),
+                             "extracting the built-in harmful directions")
     if trainer.accelerator.is_main_process:
         out.parent.mkdir(parents=True, exist_ok=True)
         directions.save(out)

@@ -27,7 +27,7 @@ import torch
 
 from .hub import check_card, push_folder, resolve_files, write_folder
 
-__all__ = ["BasesError", "BasesFormat", "OrthonormalBases", "check_output_file", "orthonormalize"]
+__all__ = ["BasesError", "BasesFormat", "OrthonormalBases", "check_output_file", "is_orthonormal", "orthonormalize"]
 
 _ALREADY_ORTHONORMAL_TOL = 1e-6
 _RANK_TOL = 1e-6

@@ -4,9 +4,12 @@ input subspaces)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-__all__ = ["broadcast_from_main", "is_main_process", "world_size"]
+__all__ = ["broadcast_from_main", "is_main_process", "run_on_main", "world_size"]
+
+T = TypeVar("T")
 
 
 def world_size() -> int:
@@ -32,3 +35,25 @@ def broadcast_from_main(payload: Any) -> Any:
     box = [payload]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def run_on_main(compute: Callable[[], T], what: str, *, every_rank: bool = False) -> T:
+    """``compute()`` on the main process, its result on every rank (bit-identical there); with ``every_rank`` every
+    rank runs it (a DeepSpeed ZeRO-3 forward is collective) and rank 0's result is kept. Every rank must call it.
+
+    Raises:
+        whatever ``compute`` raises, in one process; with several, ``RuntimeError`` naming ``what`` and the main
+        process's error, on every rank (so no rank waits forever for a result that will not come).
+    """
+    if world_size() == 1:
+        return compute()
+    payload: dict[str, Any] = {"error": None, "result": None}
+    if every_rank or is_main_process():
+        try:
+            payload["result"] = compute()
+        except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised there
+            payload["error"] = f"{type(err).__name__}: {err}"
+    payload = broadcast_from_main(payload)
+    if payload["error"]:
+        raise RuntimeError(f"{what} failed on the main process: {payload['error']}")
+    return payload["result"]

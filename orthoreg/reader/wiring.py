@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from ..config import OrthoRegConfig
-from ..core.distributed import broadcast_from_main, is_main_process, world_size
+from ..core.distributed import run_on_main
 from ..core.zero3 import is_zero3_partitioned
 from .penalty import ReaderPenalty
 from .subspaces import InputSubspaces
@@ -95,22 +95,16 @@ def record_builtin_subspaces(model: nn.Module, tokenizer: Any, config: OrthoRegC
             "`processing_class=tokenizer` to the Trainer (or `tokenizer=` to OrthoLoRA), or record them yourself "
             "(`orthoreg subspaces extract --model … --out DIR`) and set `input_subspaces=DIR`"
         )
-    every_rank = is_zero3_partitioned(model)  # a ZeRO-3 forward is collective
-    payload: dict[str, Any] = {"error": None}
-    if every_rank or is_main_process():
-        try:
-            subspaces = extract_template_subspaces(
-                model, tokenizer, load_builtin("train").harmless, k=config.reader_k, targets=config.reader_targets,
-                trainable_only=True, prompt_set=BUILTIN_PROMPT_SET)
-            payload.update(tensors={n: v.cpu() for n, v in subspaces.items()}, metadata=subspaces.metadata)
-        except Exception as err:  # noqa: BLE001 - shared with every rank below, then raised there
-            if world_size() == 1:
-                raise
-            payload["error"] = f"{type(err).__name__}: {err}"
-    payload = broadcast_from_main(payload)
-    if payload["error"]:
-        raise RuntimeError(f"recording the built-in input subspaces failed on the main process: {payload['error']}")
-    return InputSubspaces(payload["tensors"], metadata=payload["metadata"])
+
+    def record() -> InputSubspaces:
+        subspaces = extract_template_subspaces(model, tokenizer, load_builtin("train").harmless, k=config.reader_k,
+                                               targets=config.reader_targets, trainable_only=True,
+                                               prompt_set=BUILTIN_PROMPT_SET)
+        # On the CPU: what is sent to the other ranks must not depend on the main process's device.
+        return InputSubspaces({n: v.cpu() for n, v in subspaces.items()}, metadata=subspaces.metadata)
+
+    return run_on_main(record, "recording the built-in input subspaces",
+                       every_rank=is_zero3_partitioned(model))  # a ZeRO-3 forward is collective
 
 
 def saved_subspaces(folder: str) -> InputSubspaces | None:
