@@ -247,3 +247,31 @@ def test_prompt_end_mask_selects_the_decision_token():
     wrong = token_mask(shifted, tuple(shifted["input_ids"].shape), "prompt_end")
     assert int(wrong[0].nonzero()) == len(tok(chat_prompt(tok, tasks[0].prompt),
                                               add_special_tokens=False)["input_ids"]) - 2
+
+
+def test_benchmark_fine_tunes_read_the_harm_signal_without_changing_training():
+    """``train_lora(harm_signal_every=N)`` (every defence and task run) keeps the base margins and a reading every N
+    steps, and trains exactly as without it: same losses, same adapter."""
+    import torch
+
+    from orthoreg.realbench.finetune import add_lora, train_lora
+
+    tokenizer = bpe_tokenizer()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."},
+                                          {"role": "assistant", "content": "Blue."}], tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    examples = [{"input_ids": ids, "labels": ids}] * 4
+
+    def run(every):
+        model = add_lora(tiny_llama(tokenizer), seed=0, r=4, alpha=8)
+        report = train_lora(model, tokenizer, examples, steps=4, batch_size=2, lr=1e-2, seed=0, bf16=False,
+                            log_every=1, harm_signal_every=every)
+        return report, {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    plain, plain_adapter = run(None)
+    signal, signal_adapter = run(2)
+    assert plain.harm_signal is None and plain.losses == signal.losses
+    assert all(torch.equal(plain_adapter[n], signal_adapter[n]) for n in plain_adapter)
+    assert set(signal.harm_signal["base"]) == {"harm_margin", "overrefusal_margin"}  # the base margins, nats
+    assert [r["step"] for r in signal.harm_signal["readings"]] == [2, 4]
+    assert all("orthoreg/harm_margin_delta" in r for r in signal.harm_signal["readings"])

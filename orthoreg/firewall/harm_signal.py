@@ -213,6 +213,8 @@ class RefusalMarginProbe:
     @torch.no_grad()
     def _first_reply_log_probs(self, model: nn.Module) -> torch.Tensor:
         """log p(· | request) at the first reply position of every probe request (rows: harmful, then harmless)."""
+        while getattr(type(model), "_orthoreg_wrapper", False):  # OrthoLoRA: probe its PEFT model, not its loss
+            model = model.model
         embeddings = model.get_input_embeddings()
         device = embeddings.weight.device
         rows = getattr(embeddings, "num_embeddings", None)

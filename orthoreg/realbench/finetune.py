@@ -24,6 +24,11 @@ from .model import collate
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+# Steps between readings of the live harm signal in the benchmarks' fine-tunes (steps 5, 10, …: an early reading
+# at step ≤ 10 of 50, what the early-warning study of the harm signal needs).
+HARM_SIGNAL_EVERY = 5
+
+
 @dataclass
 class TrainReport:
     steps: int
@@ -32,6 +37,8 @@ class TrainReport:
     wall_total: float
     losses: list[float] = field(default_factory=list)
     logs: list[dict[str, Any]] = field(default_factory=list)
+    # The live harm signal (orthoreg.firewall.harm_signal): the base margins and one reading every N steps.
+    harm_signal: dict[str, Any] | None = None
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -97,15 +104,21 @@ def train_lora(
     bf16: bool = True,
     warmup_steps: int = 0,
     log_every: int = 10,
+    harm_signal_every: int | None = None,
 ) -> TrainReport:
     """Trains ``model`` (already PEFT-wrapped) in place; the data order is ``schedule(examples, steps, batch_size,
-    seed)`` and the Trainer's sampler keeps it (no reshuffle)."""
+    seed)`` and the Trainer's sampler keeps it (no reshuffle). With ``harm_signal_every`` the refusal margins
+    (``HarmSignalCallback``: 16 built-in held-out pairs, no generation) are read every that many steps; the
+    training itself is unchanged (the probe runs under no_grad with the RNG state restored)."""
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
+
+    from orthoreg.firewall import HarmSignalCallback
 
     data = _ListDataset(schedule(examples, steps, batch_size, seed))
     pad_id = tokenizer.pad_token_id
     timer = _step_timer()
+    signal = HarmSignalCallback(harm_signal_every, tokenizer=tokenizer) if harm_signal_every else None
     with tempfile.TemporaryDirectory(prefix="realbench-") as out:
         args = TrainingArguments(
             output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
@@ -126,7 +139,7 @@ def train_lora(
                 warnings.simplefilter("ignore")
                 trainer = _InOrderTrainer(model=model, args=args, train_dataset=data,
                                           data_collator=lambda b: collate(b, pad_id),
-                                          callbacks=[*callbacks, timer])
+                                          callbacks=[*callbacks, timer, *([signal] if signal else [])])
                 t0 = time.perf_counter()
                 trainer.train()
                 wall = time.perf_counter() - t0
@@ -137,4 +150,6 @@ def train_lora(
     # The first step includes one-off work (optimizer state allocation); the median ignores it.
     return TrainReport(steps=steps, wall_per_step=median(timer.wall) if timer.wall else float("nan"),
                        cpu_per_step=median(timer.cpu) if timer.cpu else float("nan"), wall_total=wall,
-                       losses=losses, logs=logs)
+                       losses=losses, logs=logs,
+                       harm_signal=None if signal is None else {"every": harm_signal_every, "base": signal.probe.base,
+                                                                "readings": signal.readings})

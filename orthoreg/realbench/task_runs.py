@@ -49,7 +49,7 @@ def run_task(base_folder: str, answers_path: str, task_name: str, seed: int, con
     """Fine-tune the aligned base on one task with one seed; evaluate safety (three outcomes) and the task metric.
     ``base_loader`` (tests) returns (model, tokenizer) instead of loading ``base_folder``."""
     from .aligned import load_aligned
-    from .finetune import add_lora, train_lora
+    from .finetune import HARM_SIGNAL_EVERY, add_lora, train_lora
     from .model import set_threads
     from .task_eval import evaluate_safety, evaluate_task, safety_sets
     from .tasks import build_task, encode_task
@@ -62,7 +62,7 @@ def run_task(base_folder: str, answers_path: str, task_name: str, seed: int, con
     examples = encode_task(tokenizer, task, config.max_length)
     peft_model = add_lora(model, seed=seed, r=config.rank, alpha=config.alpha)
     report = train_lora(peft_model, tokenizer, examples, steps=config.steps, batch_size=config.batch_size,
-                        lr=config.lr, seed=seed)
+                        lr=config.lr, seed=seed, harm_signal_every=HARM_SIGNAL_EVERY)
     safety = evaluate_safety(peft_model, tokenizer, safety_sets(config.eval_per_activity, config.data_seed),
                              ppl_limit=ppl_limit, max_new_tokens=config.safety_tokens)
     task_result = evaluate_task(peft_model, tokenizer, task, max_new_tokens=config.task_tokens)
@@ -70,6 +70,7 @@ def run_task(base_folder: str, answers_path: str, task_name: str, seed: int, con
         "task": task_name, "seed": seed, "safety": safety, "task_metric": task_result,
         "losses": report.losses, "cpu_per_step": report.cpu_per_step, "wall_per_step": report.wall_per_step,
         "train_seconds": report.wall_total, "total_seconds": time.perf_counter() - t0,
+        "harm_signal": report.harm_signal,
     }
 
 
