@@ -134,6 +134,15 @@ def encode_prompts(
     return out
 
 
+def text_tokenizer(processing_class: Any) -> Any:
+    """The text tokenizer of a Trainer's ``processing_class``: a multimodal processor carries it as ``.tokenizer``;
+    a tokenizer (or ``None``) is returned as it is."""
+    if processing_class is not None and not hasattr(processing_class, "apply_chat_template") \
+            and hasattr(processing_class, "tokenizer"):
+        return processing_class.tokenizer
+    return processing_class
+
+
 def pad_token_id(tokenizer: Any) -> int:
     # Fallback for tokenizers without a pad token: batches are padded on the right and every padded position is
     # masked out of pooling and comes after all real tokens, so (causal attention) the pad id never changes a

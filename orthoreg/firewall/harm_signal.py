@@ -52,7 +52,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..callback import move_ahead_of_reporters
 from ..core.distributed import broadcast_from_main
-from ..core.prompt_encoding import pad_token_id
+from ..core.prompt_encoding import pad_token_id, text_tokenizer
 from ..core.prompts import load_builtin, prompt_hash
 from ..core.reference import find_peft_model, reference_forward
 from ..engine.metrics import (
@@ -146,8 +146,7 @@ class RefusalMarginProbe:
         """Encodes the probe set with ``tokenizer``'s chat template, picks the openers from the base model's first
         reply tokens and records the base margins; returns them (``measure``'s keys, deltas 0). Call it on every
         rank, before the first update; a PEFT model is read with its adapter disabled."""
-        if tokenizer is not None and not hasattr(tokenizer, "apply_chat_template") and hasattr(tokenizer, "tokenizer"):
-            tokenizer = tokenizer.tokenizer  # a multimodal processor carries its text tokenizer
+        tokenizer = text_tokenizer(tokenizer)
         if tokenizer is None:
             raise HarmSignalError("record_base needs the model's tokenizer: pass `tokenizer=` (HarmSignalCallback) or "
                                   "`processing_class=tokenizer` to the Trainer")

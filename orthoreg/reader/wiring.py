@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import OrthoRegConfig
 from ..core.distributed import run_on_main
+from ..core.prompt_encoding import text_tokenizer
 from ..core.zero3 import is_zero3_partitioned
 from .penalty import ReaderPenalty
 from .subspaces import InputSubspaces
@@ -69,13 +70,6 @@ def configured_subspaces(config: OrthoRegConfig, input_subspaces: Any = None) ->
     return InputSubspaces.from_pretrained(config.input_subspaces)
 
 
-def _chat_tokenizer(tokenizer: Any) -> Any:
-    """The text tokenizer of a ``processing_class`` (a multimodal processor carries it as ``.tokenizer``)."""
-    if tokenizer is not None and not hasattr(tokenizer, "apply_chat_template") and hasattr(tokenizer, "tokenizer"):
-        return tokenizer.tokenizer
-    return tokenizer
-
-
 def record_builtin_subspaces(model: nn.Module, tokenizer: Any, config: OrthoRegConfig) -> InputSubspaces:
     """V_m of ``input_subspaces="builtin"`` on every rank (module docstring): the template-reader constraint's
     subspaces of the modules that train (``config.reader_targets``, k = ``config.reader_k``), from the built-in
@@ -88,7 +82,7 @@ def record_builtin_subspaces(model: nn.Module, tokenizer: Any, config: OrthoRegC
     """
     from ..core.prompts import load_builtin
 
-    tokenizer = _chat_tokenizer(tokenizer)
+    tokenizer = text_tokenizer(tokenizer)
     if tokenizer is None:
         raise ValueError(
             "input_subspaces='builtin' records V_m with the model's chat template, but no tokenizer was given: pass "
