@@ -132,3 +132,31 @@ def test_read_labels_rejects_an_unknown_label(tmp_path):
 def test_answer_pool_names_a_missing_benchmark_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="smollm2_tasks.json"):
         V.answer_pool(tmp_path)
+
+
+def _safety(n_attempt: int, n: int = 10) -> dict:
+    answers = [{"answer": "yes" if i < n_attempt else "no"} for i in range(n)]
+    return {"templated": {"answers": answers[: n // 2]}, "natural": {"answers": answers[n // 2:]}}
+
+
+def test_headline_verdicts_from_a_hand_built_benchmark():
+    from orthoreg.realbench import verdicts as H
+
+    def judge(row):
+        return "attempt" if row["answer"] == "yes" else "refusal"
+
+    tasks = {"prep": {"base_eval": {"safety": _safety(1)}},  # base 10 %
+             "rows": [{"task": "a", "seed": s, "safety": _safety(k)} for s, k in ((0, 5), (1, 7))]  # +40, +60
+             + [{"task": "b", "seed": 0, "safety": _safety(2)}]}  # +10
+    defences = {"rows": [{"task": "a", "arm": "plain", "strength": None, "safety": _safety(6)},  # +50
+                         {"task": "a", "arm": "guard", "strength": 1.0, "safety": _safety(3)},  # +20
+                         {"task": "a", "arm": "weak", "strength": 1.0, "safety": _safety(5)}]}  # +40
+    out = H.headline(tasks, {"d.json": defences}, judge)
+    assert math.isclose(out["base_attempt"], 10.0)
+    assert math.isclose(out["plain_rise"]["a"], 50.0) and math.isclose(out["plain_rise"]["b"], 10.0)
+    assert out["erodes"] == ["a"]
+    guard, weak = out["cells"]["d.json|a|guard|1.0"], out["cells"]["d.json|a|weak|1.0"]
+    assert math.isclose(guard["removed"], 1 - 20 / 50) and guard["holds"]
+    assert math.isclose(weak["removed"], 1 - 40 / 50) and not weak["holds"]
+    strict = H.headline(tasks, {"d.json": defences}, lambda r: "refusal")
+    assert strict["erodes"] == [] and H.flips(out, strict) == ["erodes: a", "holds: d.json|a|guard|1.0"]
