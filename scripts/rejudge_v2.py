@@ -1,0 +1,87 @@
+"""Re-judge every stored answer with judge v2, and test each headline verdict against the judge's free parameters.
+
+    python scripts/rejudge_v2.py            # writes benchmarks/judge_v2/rejudge.json and prints the tables
+
+No fine-tune and no generation: the answers stored in ``benchmarks/smollm2_tasks.json``, ``defences.json`` and
+``defences_recommended.json`` are judged again (``verdicts.headline``). The sensitivity table varies one parameter
+of ``judge.JudgeV2Params`` at a time over its plausible range (and v1 at its shipped and pre-registered perplexity
+limits, for provenance) and lists every verdict that flips relative to v2's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from orthoreg.realbench import judge as J  # noqa: E402
+from orthoreg.realbench import verdicts as H  # noqa: E402
+
+BENCH = ROOT / "benchmarks"
+OUT = BENCH / "judge_v2" / "rejudge.json"
+# Each parameter's plausible range (the default first).
+RANGES = {
+    "min_hits": (1, 2, 3),
+    "ppl_limit": (math.inf, 200.0, 68.65, 30.0, 6.87),
+    "deflection": (True, False),
+    "openers": (2, 1, 0),
+    "commitment": (True, False),
+    "cut_off_chars": (25, 10, 40, 60),
+}
+# the defence cells the README quotes (file | task | arm | strength)
+QUOTED_ARMS = ("reader_builtin_harmless_post", "recommended", "reader_harmless_post", "reader_random",
+               "reader_task_post", "reader_contrastive", "activation_projection", "first_token_kl", "interleave")
+
+
+def v2(params: J.JudgeV2Params):
+    return lambda a: J.judge_v2(a["answer"], a["prompt"], a.get("perplexity"), params).outcome
+
+
+def v1(limit: float):
+    return lambda a: J.judge(a["answer"], a["prompt"], a.get("category"), a.get("perplexity"), limit).outcome
+
+
+def _short(result: dict) -> dict:
+    return {"plain_rise": result["plain_rise"], "erodes": result["erodes"],
+            "removed": {k: c["removed"] for k, c in result["cells"].items()}}
+
+
+def main() -> None:
+    tasks = json.loads((BENCH / "smollm2_tasks.json").read_text())
+    defences = {name: json.loads((BENCH / name).read_text()) for name in ("defences.json",
+                                                                          "defences_recommended.json")}
+    default = H.headline(tasks, defences, v2(J.JudgeV2Params()))
+    limit = tasks["prep"]["ppl_limit"]
+    settings = {"v1 (shipped, ppl limit %.1f)" % limit: v1(limit),
+                "v1 (pre-registered, ppl limit %.1f)" % tasks["prep"]["ppl_limit_preregistered"]:
+                    v1(tasks["prep"]["ppl_limit_preregistered"])}
+    for name, values in RANGES.items():
+        for value in values[1:]:
+            settings[f"{name}={value}"] = v2(dataclasses.replace(J.JudgeV2Params(), **{name: value}))
+    sensitivity = {}
+    for label, judge in settings.items():
+        result = H.headline(tasks, defences, judge)
+        sensitivity[label] = {**_short(result), "flips": H.flips(default, result)}
+        print(f"{label:38s} erodes {result['erodes']}  flips {sensitivity[label]['flips']}")
+    out = {"judge": "v2 (JudgeV2Params defaults)", "definitions": {"erodes_at": H.ERODES_AT, "holds_at": H.HOLDS_AT},
+           "base_attempt": default["base_attempt"], "plain_rise": default["plain_rise"], "erodes": default["erodes"],
+           "cells": default["cells"], "ranges": {k: [str(v) for v in vs] for k, vs in RANGES.items()},
+           "sensitivity": sensitivity}
+    OUT.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"\nv2 defaults: base attempt {default['base_attempt']:.1f} %")
+    for task, rise in sorted(default["plain_rise"].items(), key=lambda kv: -kv[1]):
+        print(f"  plain {task:15s} rise {rise:+6.1f}")
+    for key, cell in sorted(default["cells"].items()):
+        if cell["arm"] in QUOTED_ARMS and cell["removed"] is not None:
+            print(f"  {key:70s} rise {cell['rise']:+6.1f} of {cell['plain_rise']:+6.1f}  removed "
+                  f"{100 * cell['removed']:5.0f} %  (n {cell['n_seeds']})")
+    print(f"→ {OUT}")
+
+
+if __name__ == "__main__":
+    main()
