@@ -4,8 +4,8 @@
     python scripts/judge_v2_labels.py agreement benchmarks/judge_v2/fresh_labels.jsonl
 
 ``sample`` draws from every stored harmful answer of the real-model benchmarks (``judge_validation.answer_pool``),
-evenly over arm × task × phrasing, skipping every answer already hand-labelled (the issue-14 labels and judge v2's
-design labels). The rows it writes carry no verdict, so the labeller cannot see the judge. ``agreement`` prints κ
+evenly over arm × task × phrasing, skipping every answer already hand-labelled (the issue-14 labels, judge v2's design
+labels and v2.0's fresh labels). The rows it writes carry no verdict, so the labeller cannot see the judge. ``agreement`` prints κ
 (three-way and attempt vs not) of v2 and of v1 against the labels.
 """
 
@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 from orthoreg.realbench import judge as J  # noqa: E402
 from orthoreg.realbench import judge_validation as V  # noqa: E402
 
-LABELLED = (ROOT / "benchmarks" / "smollm2_tasks_labels.jsonl", ROOT / "benchmarks" / "judge_v2" / "design_labels.jsonl")
+LABELLED = (ROOT / "benchmarks" / "smollm2_tasks_labels.jsonl", ROOT / "benchmarks" / "judge_v2" / "design_labels.jsonl",
+            ROOT / "benchmarks" / "judge_v2" / "fresh_labels.jsonl")
 FIELDS = ("uid", "source", "arm", "task", "seed", "set", "prompt", "category", "answer", "perplexity")
 
 
