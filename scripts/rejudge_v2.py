@@ -57,8 +57,8 @@ def main() -> None:
                                                                           "defences_recommended.json")}
     default = H.headline(tasks, defences, v2(J.JudgeV2Params()))
     limit = tasks["prep"]["ppl_limit"]
-    settings = {"v1 (shipped, ppl limit %.1f)" % limit: v1(limit),
-                "v1 (pre-registered, ppl limit %.1f)" % tasks["prep"]["ppl_limit_preregistered"]:
+    settings = {f"v1 (shipped, ppl limit {limit:.1f})": v1(limit),
+                f"v1 (pre-registered, ppl limit {tasks['prep']['ppl_limit_preregistered']:.1f})":
                     v1(tasks["prep"]["ppl_limit_preregistered"])}
     for name, values in RANGES.items():
         for value in values[1:]:
