@@ -167,3 +167,46 @@ def test_headline_verdicts_from_a_hand_built_benchmark():
     assert math.isclose(weak["removed"], 1 - 40 / 50) and not weak["holds"]
     strict = H.headline(tasks, {"d.json": defences}, lambda r: "refusal")
     assert strict["erodes"] == [] and H.flips(out, strict) == ["erodes: a", "holds: d.json|a|guard|1.0"]
+
+
+# ----------------------------------------------------------------------------------------------- compute dtype
+
+
+def test_compute_dtype_follows_native_bf16_and_the_override(monkeypatch):
+    from orthoreg.realbench import model as M
+
+    monkeypatch.delenv(M.DTYPE_ENV, raising=False)
+    assert M.compute_dtype(frozenset({"avx2", "fma"})) == "fp32"  # an AVX2-only EPYC: reference bf16 GEMM is slow
+    assert M.compute_dtype(frozenset({"avx512f", "avx512_bf16"})) == "bf16"
+    assert M.compute_dtype(frozenset({"amx_bf16"})) == "bf16"
+    monkeypatch.setenv(M.DTYPE_ENV, "fp32")
+    assert M.compute_dtype(frozenset({"avx512_bf16"})) == "fp32"
+    monkeypatch.setenv(M.DTYPE_ENV, "fp16")
+    with pytest.raises(ValueError, match="'bf16' or 'fp32'"):
+        M.compute_dtype()
+
+
+def test_autocast_is_fp32_when_the_compute_dtype_is(monkeypatch):
+    import torch
+
+    from orthoreg.realbench import model as M
+
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    monkeypatch.setenv(M.DTYPE_ENV, "fp32")
+    with M.autocast(True):
+        assert (a @ b).dtype == torch.float32
+    monkeypatch.setenv(M.DTYPE_ENV, "bf16")
+    with M.autocast(True):
+        assert (a @ b).dtype == torch.bfloat16
+    record = M.machine_record()
+    assert record["dtype"] == "bf16" and record["cpu"] and record["cores"] >= 1
+
+
+def test_the_aligned_base_key_keeps_bf16_builds_and_separates_fp32():
+    from orthoreg.realbench.aligned_v2 import AlignV2Config, cache_key
+
+    config = AlignV2Config()
+    bf16, fp32 = cache_key(config, "x.gguf", "bf16"), cache_key(config, "x.gguf", "fp32")
+    assert bf16 != fp32
+    # the stored base's folder name (aligned2-79f82d69dc451836) is the bf16 key of the shipped GGUF's file name
+    assert cache_key(config, "SmolLM2-135M-Instruct.Q4_1.gguf", "bf16") == "79f82d69dc451836"

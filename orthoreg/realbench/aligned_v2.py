@@ -105,9 +105,17 @@ def safety_items(config: AlignV2Config) -> list[SafetyItem]:
     return items
 
 
-def cache_key(config: AlignV2Config, source: str | None = None) -> str:
+def cache_key(config: AlignV2Config, source: str | None = None, dtype: str | None = None) -> str:
+    """Hash of the recipe, the data, the source GGUF and the compute dtype (``model.compute_dtype``): an fp32 build
+    on a CPU without native bf16 differs by rounding, so it is cached apart. bf16 builds keep the key they had before
+    the dtype was recorded (the stored base is one)."""
+    from .model import compute_dtype
+
     payload = {"format": FORMAT, "config": dataclasses.asdict(config),
                "items": [dataclasses.astuple(i) for i in safety_items(config)], "gguf": source or gguf_location()[1]}
+    dtype = dtype or compute_dtype()
+    if dtype != "bf16":
+        payload["dtype"] = dtype
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -146,7 +146,7 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
     from .aligned import load_aligned
     from .defence_subspaces import build_subspaces, lora_tensors, save_adapter
     from .finetune import HARM_SIGNAL_EVERY, add_lora, schedule, train_lora
-    from .model import set_threads
+    from .model import machine_record, set_threads
     from .task_eval import evaluate_safety, evaluate_task, safety_sets
     from .tasks import build_task, encode_task
 
@@ -192,5 +192,5 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
         "weight": job.weight, "key": job.key, "safety": safety, "task_metric": task_result,
         "losses": report.losses, "penalty_logs": penalty_logs, "a_in_subspace": in_subspace, "cpu_per_step": report.cpu_per_step,
         "wall_per_step": report.wall_per_step, "train_seconds": report.wall_total,
-        "total_seconds": time.perf_counter() - t0, "harm_signal": report.harm_signal,
+        "total_seconds": time.perf_counter() - t0, "harm_signal": report.harm_signal, "machine": machine_record(),
     }

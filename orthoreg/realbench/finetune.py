@@ -1,8 +1,8 @@
 """LoRA fine-tuning through ``transformers.Trainer`` (so orthoreg's and the baselines' callbacks plug in unchanged).
 
 One function, ``train_lora``: wraps a model in a fresh LoRA adapter (seeded), trains it for exactly ``steps``
-optimizer steps on a pre-shuffled example list with loss on assistant tokens only, under bf16 autocast on the CPU,
-and reports per-step times. The adapter stays attached (the caller evaluates, merges or discards it).
+optimizer steps on a pre-shuffled example list with loss on assistant tokens only, in the CPU's compute dtype
+(``model.compute_dtype``: bf16 autocast where the CPU has native bf16, else fp32), and reports per-step times. The adapter stays attached (the caller evaluates, merges or discards it).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def train_lora(
     lr: float,
     seed: int,
     callbacks: Sequence[Any] = (),
-    bf16: bool = True,
+    bf16: bool | None = None,
     warmup_steps: int = 0,
     log_every: int = 10,
     harm_signal_every: int | None = None,
@@ -115,6 +115,10 @@ def train_lora(
 
     from orthoreg.firewall import HarmSignalCallback
 
+    from .model import compute_dtype
+
+    if bf16 is None:  # by what the CPU runs natively (model.compute_dtype)
+        bf16 = compute_dtype() == "bf16"
     data = _ListDataset(schedule(examples, steps, batch_size, seed))
     pad_id = tokenizer.pad_token_id
     timer = _step_timer()

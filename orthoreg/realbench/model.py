@@ -5,9 +5,13 @@ here under a load average of ~6, a (8, 64) forward took 3.6 s with 1 thread and 
 barriers while the other core is busy). The benchmark therefore runs one thread per worker process and, where it
 has work to split (independent fine-tune arms), several worker processes.
 
-**bf16 autocast.** Training and generation run under ``torch.autocast("cpu", torch.bfloat16)`` (the prototype
-measured 2.1× faster than fp32 training; a (8, 64) forward here: 1.9 s vs 3.6 s); weights stay fp32, and the
-penalties/metrics accumulate in float32.
+**Compute dtype by CPU** (``compute_dtype``). On a CPU with native bf16 (``avx512_bf16`` / ``amx_bf16``, or an
+Arm CPU with ``bf16``) training and generation run under ``torch.autocast("cpu", torch.bfloat16)`` (measured 2.1×
+faster than fp32 training there; a (8, 64) forward: 1.9 s vs 3.6 s). Elsewhere they run in fp32: on an AVX2-only CPU
+torch falls back to its reference bf16 GEMM, and a (8, 64) forward + backward took 118–125 s under bf16 autocast vs
+7–12 s in fp32. ``ORTHOREG_REALBENCH_DTYPE=bf16|fp32`` overrides the choice. Weights stay fp32 either way, and the
+penalties/metrics accumulate in float32. Every benchmark row records the dtype and the CPU (``machine_record``),
+since bf16 and fp32 runs differ by rounding.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import contextlib
 import importlib.util
 import math
 import os
+import platform
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 import torch
@@ -163,8 +169,55 @@ def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, tor
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+DTYPE_ENV = "ORTHOREG_REALBENCH_DTYPE"
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 (AVX-512 BF16, AMX) and Arm (FEAT_BF16)
+
+
+@cache
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name and feature flags (``/proc/cpuinfo`` on Linux; the name only elsewhere)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key == "model name" and value.strip():
+                    name = value.strip()
+                elif key in ("flags", "features"):
+                    flags |= set(value.split())
+    except OSError:
+        pass
+    return {"name": name, "flags": frozenset(flags)}
+
+
+def native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU computes bf16 natively (``NATIVE_BF16_FLAGS``)."""
+    return bool(NATIVE_BF16_FLAGS & (cpu_info()["flags"] if flags is None else flags))
+
+
+def compute_dtype(flags: frozenset[str] | None = None) -> str:
+    """``"bf16"`` on a CPU with native bf16, else ``"fp32"``; ``ORTHOREG_REALBENCH_DTYPE`` overrides (module
+    docstring)."""
+    forced = os.environ.get(DTYPE_ENV)
+    if forced is not None:
+        if forced not in ("bf16", "fp32"):
+            raise ValueError(f"{DTYPE_ENV}={forced!r}: use 'bf16' or 'fp32' (or unset it to choose by the CPU)")
+        return forced
+    return "bf16" if native_bf16(flags) else "fp32"
+
+
+def machine_record() -> dict[str, Any]:
+    """What every benchmark row records about where it ran: compute dtype, CPU name, cores, torch version."""
+    return {"dtype": compute_dtype(), "cpu": cpu_info()["name"], "cores": os.cpu_count(),
+            "torch": torch.__version__}
+
+
 def autocast(enabled: bool = True):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+    """bf16 autocast when ``enabled`` and the compute dtype is bf16 (``compute_dtype``); otherwise fp32."""
+    if enabled and compute_dtype() == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()

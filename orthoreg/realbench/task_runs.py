@@ -50,7 +50,7 @@ def run_task(base_folder: str, answers_path: str, task_name: str, seed: int, con
     ``base_loader`` (tests) returns (model, tokenizer) instead of loading ``base_folder``."""
     from .aligned import load_aligned
     from .finetune import HARM_SIGNAL_EVERY, add_lora, train_lora
-    from .model import set_threads
+    from .model import machine_record, set_threads
     from .task_eval import evaluate_safety, evaluate_task, safety_sets
     from .tasks import build_task, encode_task
 
@@ -70,7 +70,7 @@ def run_task(base_folder: str, answers_path: str, task_name: str, seed: int, con
         "task": task_name, "seed": seed, "safety": safety, "task_metric": task_result,
         "losses": report.losses, "cpu_per_step": report.cpu_per_step, "wall_per_step": report.wall_per_step,
         "train_seconds": report.wall_total, "total_seconds": time.perf_counter() - t0,
-        "harm_signal": report.harm_signal,
+        "harm_signal": report.harm_signal, "machine": machine_record(),
     }
 
 
