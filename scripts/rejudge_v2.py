@@ -2,6 +2,10 @@
 
     python scripts/rejudge_v2.py            # writes benchmarks/judge_v2/rejudge.json and prints the tables
 
+It also records judge v2's agreement with its fresh hand labels in ``smollm2_tasks.json`` (``judge.n_fresh``,
+``judge.kappa_fresh``, ``judge.kappa_binary_fresh``; the file's older ``judge`` fields stay, as v1's provenance) and
+adds a ``judge_v2`` entry (the re-judged headline) to ``smollm2_tasks.json`` and ``defences.json``.
+
 No fine-tune and no generation: the answers stored in ``benchmarks/smollm2_tasks.json``, ``defences.json`` and
 ``defences_recommended.json`` are judged again (``verdicts.headline``). The sensitivity table varies one parameter
 of ``judge.JudgeV2Params`` at a time over its plausible range (and v1 at its shipped and pre-registered perplexity
@@ -20,10 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orthoreg.realbench import judge as J  # noqa: E402
+from orthoreg.realbench import judge_validation as V  # noqa: E402
 from orthoreg.realbench import verdicts as H  # noqa: E402
 
 BENCH = ROOT / "benchmarks"
 OUT = BENCH / "judge_v2" / "rejudge.json"
+FRESH = BENCH / "judge_v2" / "fresh2_labels.jsonl"  # v2.1's fresh labels (v2.0's: fresh_labels.jsonl)
+REVISION = "v2.1 (frozen in commit 9baa01d)"
 # Each parameter's plausible range (the default first).
 RANGES = {
     "min_hits": (1, 2, 3),
@@ -72,7 +79,32 @@ def main() -> None:
            "base_attempt": default["base_attempt"], "plain_rise": default["plain_rise"], "erodes": default["erodes"],
            "cells": default["cells"], "ranges": {k: [str(v) for v in vs] for k, vs in RANGES.items()},
            "sensitivity": sensitivity}
+    fresh = V.read_labels(FRESH)
+    agreement = V.agreement(fresh, v2(J.JudgeV2Params()))
+    both = [r for r in fresh if "second_label" in r]
+    out["judge_agreement_fresh"] = {
+        **agreement, "labels": str(FRESH.relative_to(ROOT)), "revision": REVISION,
+        "inter_labeller": {"n": len(both), **({"kappa": J.cohen_kappa([r["label"] for r in both],
+                                                                        [r["second_label"] for r in both])}
+                                               if both else {})},
+        "attempt_share_hand": sum(r["label"] == "attempt" for r in fresh) / len(fresh),
+        "attempt_share_judge": sum(c["attempt"] for c in agreement["confusion_hand_to_judge"].values()) / len(fresh)}
     OUT.write_text(json.dumps(out, indent=1) + "\n")
+    summary = {"revision": REVISION, "source": str(OUT.relative_to(ROOT)), "base_attempt": default["base_attempt"],
+               "plain_rise": default["plain_rise"], "erodes": default["erodes"],
+               "kappa_fresh": agreement["kappa"], "kappa_binary_fresh": agreement["kappa_binary"]}
+    tasks["judge"].update({"n_fresh": agreement["n"], "kappa_fresh": agreement["kappa"],
+                           "kappa_binary_fresh": agreement["kappa_binary"], "fresh_judge": REVISION,
+                           "note": "kappa / n / accuracy / confusion above: judge v1 on the issue-14 labels "
+                                   "(provenance); *_fresh: judge v2 on its fresh labels"})
+    tasks["judge_v2"] = summary
+    (BENCH / "smollm2_tasks.json").write_text(json.dumps(tasks, indent=1))
+    for name, data in defences.items():
+        data["judge_v2"] = {**summary, "cells": {k.split("|", 1)[1]: c for k, c in default["cells"].items()
+                                                 if k.startswith(name + "|")}}
+        (BENCH / name).write_text(json.dumps(data, indent=1))
+    print(f"fresh agreement ({FRESH.name}): kappa {agreement['kappa']:.3f}, attempt-vs-not "
+          f"{agreement['kappa_binary']:.3f}, n {agreement['n']}")
     print(f"\nv2 defaults: base attempt {default['base_attempt']:.1f} %")
     for task, rise in sorted(default["plain_rise"].items(), key=lambda kv: -kv[1]):
         print(f"  plain {task:15s} rise {rise:+6.1f}")
