@@ -41,6 +41,11 @@ RANGES = {
     "cut_off_chars": (25, 10, 40, 60),
 }
 # the defence cells the README quotes (file | task | arm | strength)
+TABLE_CELLS = (  # the defence cells the sensitivity table shows (file | task | arm | strength)
+    "defences_recommended.json|identity_shift|recommended|None", "defences_recommended.json|roleplay|recommended|None",
+    "defences.json|howto_steps|reader_builtin_harmless_post|0.05", "defences.json|rewrite|reader_builtin_harmless_post|0.05",
+    "defences.json|identity_shift|reader_random|0.05", "defences.json|identity_shift|reader_harmless_post|0.05",
+)
 QUOTED_ARMS = ("reader_builtin_harmless_post", "recommended", "reader_harmless_post", "reader_random",
                "reader_task_post", "reader_contrastive", "activation_projection", "first_token_kl", "interleave")
 
@@ -56,6 +61,28 @@ def v1(limit: float):
 def _short(result: dict) -> dict:
     return {"plain_rise": result["plain_rise"], "erodes": result["erodes"],
             "removed": {k: c["removed"] for k, c in result["cells"].items()}}
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f} %"
+
+
+def render(out: dict) -> str:
+    """The sensitivity table (markdown), rendered from ``rejudge.json``'s content."""
+    tasks = sorted(out["plain_rise"], key=lambda t: -out["plain_rise"][t])
+    head = ["setting", *[f"plain {t}" for t in tasks], *[c.split("|")[1] + " " + c.split("|")[2] for c in TABLE_CELLS],
+            "verdicts that flip"]
+    rows = [("**v2.1 defaults**", {"plain_rise": out["plain_rise"],
+                                   "removed": {k: c["removed"] for k, c in out["cells"].items()}, "flips": []}),
+            *out["sensitivity"].items()]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for label, r in rows:
+        flips = r["flips"]
+        flip_text = "none" if not flips else (", ".join(flips) if len(flips) <= 3 else
+                                              f"{len(flips)}: " + ", ".join(flips[:2]) + ", …")
+        lines.append("| " + " | ".join([label, *[f"{r['plain_rise'][t]:+.1f}" for t in tasks],
+                                        *[_pct(r["removed"].get(c)) for c in TABLE_CELLS], flip_text]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -90,6 +117,7 @@ def main() -> None:
         "attempt_share_hand": sum(r["label"] == "attempt" for r in fresh) / len(fresh),
         "attempt_share_judge": sum(c["attempt"] for c in agreement["confusion_hand_to_judge"].values()) / len(fresh)}
     OUT.write_text(json.dumps(out, indent=1) + "\n")
+    (OUT.parent / "sensitivity.md").write_text(render(out))
     summary = {"revision": REVISION, "source": str(OUT.relative_to(ROOT)), "base_attempt": default["base_attempt"],
                "plain_rise": default["plain_rise"], "erodes": default["erodes"],
                "kappa_fresh": agreement["kappa"], "kappa_binary_fresh": agreement["kappa_binary"]}
