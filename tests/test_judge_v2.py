@@ -210,3 +210,27 @@ def test_the_aligned_base_key_keeps_bf16_builds_and_separates_fp32():
     assert bf16 != fp32
     # the stored base's folder name (aligned2-79f82d69dc451836) is the bf16 key of the shipped GGUF's file name
     assert cache_key(config, "SmolLM2-135M-Instruct.Q4_1.gguf", "bf16") == "79f82d69dc451836"
+
+
+# ----------------------------------------------------------------------------------------------- aligned base v3
+
+
+def test_base_v3_adds_near_miss_requests_and_keeps_every_heldout_prompt_out():
+    from orthoreg.realbench.aligned_v2 import AlignV2Config, cache_key, folder_for
+    from orthoreg.realbench.aligned_v3 import AlignV3Config
+    from orthoreg.realbench.near_miss import NEAR_MISS, near_miss_requests
+
+    assert set(NEAR_MISS) == set(D.CATEGORIES) and all(len(v) == 12 for v in NEAR_MISS.values())
+    v2_items, v3_items = AlignV2Config().items(), AlignV3Config().items()
+    assert v3_items[: len(v2_items)] == v2_items
+    extra = v3_items[len(v2_items):]
+    assert [(i.prompt, i.category) for i in extra] == near_miss_requests() and not any(i.harmful for i in extra)
+    assert len(AlignV3Config(near_miss_repeats=2).items()) == len(v2_items) + 2 * 96
+    held = {p.harmful for p in N.HELDOUT} | {p.harmless for p in N.HELDOUT}
+    ev_bad, ev_good = D.harm_requests("eval", per_activity=len(D.EVAL_TEMPLATES))
+    held |= {r.prompt for r in ev_bad + ev_good}
+    assert not held & {i.prompt for i in v3_items}
+    topics = {p.topic.lower() for p in N.HELDOUT}
+    assert not any(t in i.prompt.lower() for t in topics for i in extra)
+    assert cache_key(AlignV3Config(), "x.gguf", "bf16") != cache_key(AlignV2Config(), "x.gguf", "bf16")
+    assert folder_for("/c", AlignV3Config(), "x.gguf").name.startswith("aligned3-")

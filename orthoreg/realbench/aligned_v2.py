@@ -27,7 +27,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -77,6 +77,12 @@ class AlignV2Config(FinetuneHyperparams, SafetyTuneV2Data):
     lr: float = 3e-4
     max_length: int = 112
 
+    PREFIX: ClassVar[str] = "aligned2"  # the cache folder's name is <PREFIX>-<cache_key>
+
+    def items(self) -> list[SafetyItem]:
+        """The safety tune's requests (``safety_items``); a later recipe adds its own."""
+        return safety_items(self)
+
 
 @dataclass(frozen=True)
 class SafetyItem:
@@ -112,7 +118,7 @@ def cache_key(config: AlignV2Config, source: str | None = None, dtype: str | Non
     from .model import compute_dtype
 
     payload = {"format": FORMAT, "config": dataclasses.asdict(config),
-               "items": [dataclasses.astuple(i) for i in safety_items(config)], "gguf": source or gguf_location()[1]}
+               "items": [dataclasses.astuple(i) for i in config.items()], "gguf": source or gguf_location()[1]}
     dtype = dtype or compute_dtype()
     if dtype != "bf16":
         payload["dtype"] = dtype
@@ -120,13 +126,13 @@ def cache_key(config: AlignV2Config, source: str | None = None, dtype: str | Non
 
 
 def folder_for(cache_dir: str | os.PathLike, config: AlignV2Config, source: str | None = None) -> Path:
-    return Path(cache_dir) / f"aligned2-{cache_key(config, source)}"
+    return Path(cache_dir) / f"{config.PREFIX}-{cache_key(config, source)}"
 
 
 def reusable_targets(cache_dir: str | os.PathLike, config: AlignV2Config, source: str) -> dict[str, tuple]:
     """prompt → (answer, finished) from earlier builds with the same source model and answer length."""
     out: dict[str, tuple] = {}
-    for info_path in sorted(Path(cache_dir).glob("aligned2-*/aligned_info.json")):
+    for info_path in sorted(Path(cache_dir).glob("aligned[23]-*/aligned_info.json")):
         info = json.loads(info_path.read_text())
         same_source = info.get("source_key") == source
         if same_source and info["config"]["harmless_answer_tokens"] == config.harmless_answer_tokens:
@@ -146,7 +152,7 @@ def build_aligned_v2(cache_dir: str | os.PathLike = DEFAULT_CACHE, config: Align
         return folder
     t0 = time.perf_counter()
     model, tokenizer = shipped if shipped is not None else load_shipped()
-    items = safety_items(config)
+    items = config.items()
     harmless = [i for i in items if not i.harmful]
     # Greedy answers of the same model at the same length are the same answers: reuse other builds' (a shortcut).
     targets = reusable_targets(cache_dir, config, source or gguf_location()[1])

@@ -151,8 +151,8 @@ def summarise(rows: list[dict[str, Any]], prep: dict[str, Any], selection_seeds:
               labels: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     from .task_eval import rejudge
 
-    base = rejudge(prep["base_eval"]["safety"], prep["ppl_limit"])
-    rows = [{**r, "safety": rejudge(r["safety"], prep["ppl_limit"])} for r in rows]
+    base = rejudge(prep["base_eval"]["safety"])  # judge v2 (task_eval.rejudge)
+    rows = [{**r, "safety": rejudge(r["safety"])} for r in rows]
     tasks: dict[str, Any] = {}
     for name in dict.fromkeys(r["task"] for r in rows):
         mine = sorted((r for r in rows if r["task"] == name), key=lambda r: r["seed"])
@@ -193,35 +193,13 @@ def summarise(rows: list[dict[str, Any]], prep: dict[str, Any], selection_seeds:
             "judge": judge_agreement(labels, rows, prep) if labels else None}
 
 
-def _agreement(labels: list[dict[str, Any]], ppl_limit: float) -> dict[str, Any]:
-    hand, machine, confusion = [], [], {a: {b: 0 for b in J.OUTCOMES} for a in J.OUTCOMES}
-    for item in labels:
-        v = J.judge(item["answer"], item["prompt"], item.get("category"), item.get("perplexity"), ppl_limit)
-        hand.append(item["label"])
-        machine.append(v.outcome)
-        confusion[item["label"]][v.outcome] += 1
-    return {"kappa": J.cohen_kappa(hand, machine), "n": len(hand),
-            "accuracy": sum(a == b for a, b in zip(hand, machine, strict=True)) / len(hand),
-            "confusion_hand_to_judge": confusion, "hand_shares": {k: hand.count(k) / len(hand) for k in J.OUTCOMES}}
-
-
 def judge_agreement(labels: list[dict[str, Any]], rows: list[dict[str, Any]], prep: dict[str, Any]) -> dict:
-    """κ between the hand labels and the judge's verdicts on the same answers (the judge re-run on each labelled
-    answer with the perplexity stored for it, so a changed judge is what is measured): with the judge as shipped,
-    on the labels not used to choose its perplexity factor (``used_for_revision`` false), and with the
-    pre-registered factor."""
-    out = _agreement(labels, prep["ppl_limit"])
-    per_arm: dict[str, dict[str, Any]] = {}
-    for item in labels:
-        v = J.judge(item["answer"], item["prompt"], item.get("category"), item.get("perplexity"), prep["ppl_limit"])
-        entry = per_arm.setdefault(item.get("arm") or "?", {"n": 0, "hand_attempt": 0, "judge_attempt": 0})
-        entry["n"] += 1
-        entry["hand_attempt"] += item["label"] == "attempt"
-        entry["judge_attempt"] += v.outcome == "attempt"
-    out["attempts_by_arm"] = per_arm  # counts on the labelled sample: where the judge over- or under-counts
-    fresh = [item for item in labels if not item.get("used_for_revision")]
-    if len(fresh) >= 2 and len(fresh) < len(labels):
-        out["not_used_for_revision"] = _agreement(fresh, prep["ppl_limit"])
-    if "ppl_limit_preregistered" in prep:
-        out["preregistered"] = _agreement(labels, prep["ppl_limit_preregistered"])
-    return out
+    """Judge v2's agreement with hand labels it was not designed on (``labels``: its fresh labels,
+    ``benchmarks/judge_v2/fresh2_labels.jsonl``), re-run on each labelled answer so a changed judge is what is
+    measured: κ three-way and attempt-vs-not, accuracy, confusion (``judge_validation.agreement``)."""
+    from .judge_validation import agreement
+
+    out = agreement(labels, lambda r: J.judge_v2(r["answer"], r["prompt"], r.get("perplexity")).outcome)
+    return {"judge": "v2", "n_fresh": out["n"], "kappa_fresh": out["kappa"],
+            "kappa_binary_fresh": out["kappa_binary"], "accuracy_fresh": out["accuracy"],
+            "confusion_hand_to_judge": out["confusion_hand_to_judge"]}

@@ -6,9 +6,10 @@ Two held-out sets, each harmful requests with their harmless partners, never tra
   evaluation-only request forms), 48 + 48;
 - ``natural``: the hand-written ``natural.HELDOUT`` pairs, 48 + 48.
 
-For each harmful answer the judge (``judge.judge``) gives refusal / harmful attempt / neither, with the answer's
-perplexity under the aligned base (a PEFT model is scored with its adapter disabled); a harmless answer counts as
-over-refused when the judge's refusal rule fires. Answers are greedy, so the spread across seeds is training noise.
+For each harmful answer judge v2 (``judge.judge_v2``) gives refusal / harmful attempt / neither; v1's outcome
+(``judge.judge`` with the answer's perplexity under the aligned base — a PEFT model is scored with its adapter
+disabled) is kept beside it as provenance. A harmless answer counts as over-refused when v2's refusal rule fires for
+its request (``judge.is_refusal_v2``). Answers are greedy, so the spread across seeds is training noise.
 """
 
 from __future__ import annotations
@@ -72,18 +73,22 @@ def evaluate_safety(model: nn.Module, tokenizer: Any, sets: list[SafetySet], *, 
         i += len(s.harmless)
         with base_context(model):
             ppl = J.answer_perplexity(model, tokenizer, [p for p, _ in s.harmful], bad)
-        verdicts = [J.judge(a, p, c, q, ppl_limit) for a, (p, c), q in zip(bad, s.harmful, ppl, strict=True)]
+        verdicts = [J.judge_v2(a, p, q) for a, (p, _), q in zip(bad, s.harmful, ppl, strict=True)]
+        v1 = [J.judge(a, p, c, q, ppl_limit).outcome for a, (p, c), q in zip(bad, s.harmful, ppl, strict=True)]
         outcomes = [v.outcome for v in verdicts]
-        over = [J.is_refusal(a, c) for a, (_, c) in zip(good, s.harmless, strict=True)]
+        over = [J.is_refusal_v2(a, p) for a, (p, _) in zip(good, s.harmless, strict=True)]
+        over_v1 = [J.is_refusal(a, c) for a, (_, c) in zip(good, s.harmless, strict=True)]
         pooled_outcomes += outcomes
         pooled_over += over
         out[s.name] = {
             **shares(outcomes), "over_refusal": sum(over) / max(len(over), 1),
+            "judge": "v2", "v1": {**shares(v1), "over_refusal": sum(over_v1) / max(len(over_v1), 1)},
             "answers": [{"prompt": p, "category": c, "answer": a, "outcome": v.outcome, "reason": v.reason,
+                         "outcome_v1": o1,
                          "perplexity": v.perplexity if v.perplexity is None or math.isfinite(v.perplexity) else None}
-                        for a, (p, c), v in zip(bad, s.harmful, verdicts, strict=True)],
-            "harmless_answers": [{"prompt": p, "answer": a, "refused": f}
-                                 for a, (p, _), f in zip(good, s.harmless, over, strict=True)],
+                        for a, (p, c), v, o1 in zip(bad, s.harmful, verdicts, v1, strict=True)],
+            "harmless_answers": [{"prompt": p, "answer": a, "refused": f, "refused_v1": f1}
+                                 for a, (p, _), f, f1 in zip(good, s.harmless, over, over_v1, strict=True)],
         }
     out["pooled"] = {**shares(pooled_outcomes), "over_refusal": sum(pooled_over) / max(len(pooled_over), 1)}
     out["seconds"] = time.perf_counter() - t0
@@ -99,19 +104,30 @@ def evaluate_task(model: nn.Module, tokenizer: Any, task: Any, max_new_tokens: i
                         for e, a in list(zip(task.eval, answers, strict=True))[:4]]}
 
 
-def rejudge(safety: dict[str, Any], ppl_limit: float) -> dict[str, Any]:
-    """``evaluate_safety``'s result with every stored harmful answer judged again (its stored perplexity, this
-    ``ppl_limit``) and the outcome shares recomputed; over-refusal is unchanged (the refusal rule comes first)."""
+def rejudge(safety: dict[str, Any], ppl_limit: float | None = None) -> dict[str, Any]:
+    """``evaluate_safety``'s result with every stored answer judged again and the shares recomputed: by v1 with
+    the stored perplexity and ``ppl_limit`` when one is given (the old tables' judge), else by v2 (harmful answers
+    and the over-refusal of harmless ones)."""
     out = dict(safety)
     pooled: list[str] = []
+    pooled_over: list[bool] = []
     for name in SETS:
         part = dict(safety[name])
-        part["answers"] = [{**a, **{k: v for k, v in J.judge(a["answer"], a["prompt"], a["category"],
-                                                             a["perplexity"], ppl_limit).to_dict().items()
-                                    if k in ("outcome", "reason")}} for a in part["answers"]]
+        if ppl_limit is None:
+            verdicts = [J.judge_v2(a["answer"], a["prompt"], a.get("perplexity")) for a in part["answers"]]
+            over = [J.is_refusal_v2(h["answer"], h["prompt"]) for h in part["harmless_answers"]]
+            part["over_refusal"] = sum(over) / max(len(over), 1)
+            pooled_over += over
+        else:
+            verdicts = [J.judge(a["answer"], a["prompt"], a["category"], a["perplexity"], ppl_limit)
+                        for a in part["answers"]]
+        part["answers"] = [{**a, "outcome": v.outcome, "reason": v.reason}
+                           for a, v in zip(part["answers"], verdicts, strict=True)]
         outcomes = [a["outcome"] for a in part["answers"]]
         part.update(shares(outcomes))
         pooled += outcomes
         out[name] = part
-    out["pooled"] = {**shares(pooled), "over_refusal": safety["pooled"]["over_refusal"]}
+    over_refusal = (sum(pooled_over) / max(len(pooled_over), 1) if ppl_limit is None
+                    else safety["pooled"]["over_refusal"])
+    out["pooled"] = {**shares(pooled), "over_refusal": over_refusal}
     return out
