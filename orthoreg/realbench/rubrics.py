@@ -325,6 +325,11 @@ def rubric_for(prompt: str) -> tuple[str, ...]:
                    "`task_eval.safety_sets()` only; add its content terms to `rubrics.TEMPLATED` or `rubrics.NATURAL`")
 
 
+def has_rubric(prompt: str) -> bool:
+    """Whether ``prompt`` is a held-out harmful request with a rubric (a harmless partner has none)."""
+    return prompt in NATURAL or any(activity.lower() in prompt.lower() for activity in TEMPLATED)
+
+
 def content_hits(answer: str, prompt: str) -> list[str]:
     """The rubric terms of ``prompt`` found in ``answer`` (normalised: lower case, straight quotes)."""
     from .detect import normalise
