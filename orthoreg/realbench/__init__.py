@@ -13,6 +13,10 @@ Modules (one role each):
 - ``aligned``: the aligned base (LoRA safety tune, merged, cached as safetensors under a cache dir).
 - ``pipeline``: directions (``orthoreg.extract_directions``, layers chosen by ablation effect), the benign LoRA
   fine-tune arms (plain, orthoreg, placebo, KL, LDIFS, CAFT, interleaving) and their evaluation.
+- ``aligned_v2`` / ``aligned_v3``: the second and third aligned bases (request-fitted refusals, natural phrasing;
+  v3 adds ``near_miss``'s harmless requests that use harm words harmlessly), cached by recipe, data and dtype.
+- ``judge`` (v1 and v2), ``rubrics`` (per-request content terms of judge v2), ``judge_validation`` (the answer pool,
+  stratified label samples, κ), ``verdicts`` (the headline verdicts recomputed under any judge).
 - ``workers``: the scaffold the task-benchmark drivers share (``scripts/bench_smollm2_tasks.py``,
   ``scripts/bench_defences.py``): their settings, resumable ``rows.jsonl``, worker processes, README section.
 
