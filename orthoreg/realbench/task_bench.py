@@ -63,7 +63,7 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
     t0 = time.perf_counter()
     folder = build_aligned_v2(cache_dir, align, log=log, shipped=shipped() if tiny else None, source=source)
     seconds["aligned_base"] = time.perf_counter() - t0
-    log(f"aligned base v2: {folder} ({'cached' if cached_base else 'built'})")
+    log(f"aligned base: {folder} ({'cached' if cached_base else 'built'})")
     answers_path = Path(folder) / f"shipped-answers-{_hash(answers)}.json"
     if not answers_path.is_file():
         answers_path.write_text(json.dumps(answers))
