@@ -56,7 +56,7 @@ def main() -> None:
     result = {"recipe": dataclasses.asdict(config), "folder": str(folder), "judge": "v2",
               "targets": TARGETS, "base_v3": measured(safety), "minutes": (time.perf_counter() - t0) / 60,
               "machine": machine_record()}
-    v2_base = json.loads((ROOT / "benchmarks" / "smollm2_tasks.json").read_text())["prep"]["base_eval"]["safety"]
+    v2_base = json.loads((ROOT / "benchmarks" / "smollm2_tasks_base_v2.json").read_text())["prep"]["base_eval"]["safety"]
     result["base_v2_same_judge"] = measured(rejudge(v2_base))
     result["met"] = {s: {"refusal": result["base_v3"][s]["refusal"] >= TARGETS["refusal"],
                          "over_refusal": result["base_v3"][s]["over_refusal"] <= TARGETS["over_refusal"]}

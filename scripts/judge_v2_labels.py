@@ -28,7 +28,7 @@ FIELDS = ("uid", "source", "arm", "task", "seed", "set", "prompt", "category", "
 
 
 def v1_limit() -> float:
-    return json.loads((ROOT / "benchmarks" / "smollm2_tasks.json").read_text())["prep"]["ppl_limit"]
+    return json.loads((ROOT / "benchmarks" / "smollm2_tasks_base_v2.json").read_text())["prep"]["ppl_limit"]
 
 
 def main() -> None:

@@ -2,11 +2,11 @@
 
     python scripts/rejudge_v2.py            # writes benchmarks/judge_v2/rejudge.json and prints the tables
 
-It also records judge v2's agreement with its fresh hand labels in ``smollm2_tasks.json`` (``judge.n_fresh``,
+It also records judge v2's agreement with its fresh hand labels in ``smollm2_tasks_base_v2.json`` (``judge.n_fresh``,
 ``judge.kappa_fresh``, ``judge.kappa_binary_fresh``; the file's older ``judge`` fields stay, as v1's provenance) and
-adds a ``judge_v2`` entry (the re-judged headline) to ``smollm2_tasks.json`` and ``defences.json``.
+adds a ``judge_v2`` entry (the re-judged headline) to ``smollm2_tasks_base_v2.json`` and ``defences.json``.
 
-No fine-tune and no generation: the answers stored in ``benchmarks/smollm2_tasks.json``, ``defences.json`` and
+No fine-tune and no generation: the answers stored in ``benchmarks/smollm2_tasks_base_v2.json``, ``defences.json`` and
 ``defences_recommended.json`` are judged again (``verdicts.headline``). The sensitivity table varies one parameter
 of ``judge.JudgeV2Params`` at a time over its plausible range (and v1 at its shipped and pre-registered perplexity
 limits, for provenance) and lists every verdict that flips relative to v2's defaults.
@@ -86,7 +86,7 @@ def render(out: dict) -> str:
 
 
 def main() -> None:
-    tasks = json.loads((BENCH / "smollm2_tasks.json").read_text())
+    tasks = json.loads((BENCH / "smollm2_tasks_base_v2.json").read_text())
     defences = {name: json.loads((BENCH / name).read_text()) for name in ("defences.json",
                                                                           "defences_recommended.json")}
     default = H.headline(tasks, defences, v2(J.JudgeV2Params()))
@@ -126,7 +126,7 @@ def main() -> None:
                            "note": "kappa / n / accuracy / confusion above: judge v1 on the issue-14 labels "
                                    "(provenance); *_fresh: judge v2 on its fresh labels"})
     tasks["judge_v2"] = summary
-    (BENCH / "smollm2_tasks.json").write_text(json.dumps(tasks, indent=1))
+    (BENCH / "smollm2_tasks_base_v2.json").write_text(json.dumps(tasks, indent=1))
     for name, data in defences.items():
         data["judge_v2"] = {**summary, "cells": {k.split("|", 1)[1]: c for k, c in default["cells"].items()
                                                  if k.startswith(name + "|")}}

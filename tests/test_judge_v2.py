@@ -137,7 +137,7 @@ def test_read_labels_rejects_an_unknown_label(tmp_path):
 
 
 def test_answer_pool_names_a_missing_benchmark_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="smollm2_tasks.json"):
+    with pytest.raises(FileNotFoundError, match="smollm2_tasks_base_v2.json"):
         V.answer_pool(tmp_path)
 
 
@@ -243,3 +243,19 @@ def test_over_refusal_rule_works_on_harmless_requests_without_a_rubric():
     # a refusal phrase followed by a procedure: the harmless request was answered after all
     assert not J.is_refusal_v2("I'm sorry, but here's how: first, ask open questions and let her talk.", harmless)
     assert not J.is_refusal_v2("Start by asking her to describe the room.", harmless)
+
+
+def test_the_declared_fresh_samples_are_what_the_committed_protocol_draws():
+    """The fresh samples in benchmarks/judge_v2/ are reproduced from the stored answers by their declared seeds,
+    each excluding every label made before it: no answer was hand-picked, and none was labelled twice."""
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    pool = V.answer_pool(bench)
+    earlier = V.read_labels(bench / "smollm2_tasks_labels.jsonl") + V.read_labels(bench / "judge_v2" / "design_labels.jsonl")
+    for name, n, seed in (("fresh_labels.jsonl", 240, 2), ("fresh2_labels.jsonl", 200, 3)):
+        labelled = V.read_labels(bench / "judge_v2" / name)
+        drawn = V.stratified_sample(pool, n, seed, exclude=earlier)
+        assert [r["uid"] for r in drawn] == [r["uid"] for r in labelled]
+        assert not {V.text_key(r) for r in labelled} & {V.text_key(r) for r in earlier}
+        earlier += labelled

@@ -1,6 +1,6 @@
 """Validating a judge against hand labels: the pool of stored answers, a stratified sample to label, and agreement.
 
-The pool is every harmful-request answer stored in the real-model benchmarks (``smollm2_tasks.json``: the aligned
+The pool is every harmful-request answer stored in the real-model benchmarks (``smollm2_tasks_base_v2.json``: the aligned
 base and plain fine-tunes of 8 tasks; ``defences.json`` and ``defences_recommended.json``: every defence arm), each
 with its provenance (file, arm, task, seed, phrasing set). ``stratified_sample`` draws from it evenly over strata
 (arm × task × phrasing), skipping every answer already labelled (by request and answer text), so fresh labels
@@ -19,7 +19,10 @@ from typing import Any
 
 from . import judge as J
 
-SOURCES = ("smollm2_tasks.json", "defences.json", "defences_recommended.json")
+SOURCES = ("smollm2_tasks_base_v2.json", "defences.json", "defences_recommended.json")
+# The first file was called smollm2_tasks.json when the fresh samples were drawn; uids keep that name so the
+# committed samples stay reproducible (tests/test_judge_v2.py).
+UID_NAMES = {"smollm2_tasks_base_v2.json": "smollm2_tasks.json"}
 
 
 def _uid(*parts: Any) -> str:
@@ -43,14 +46,15 @@ def answer_pool(bench_dir: str | Path) -> list[dict[str, Any]]:
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: the answer pool reads {', '.join(SOURCES)} in {bench_dir}")
         data = json.loads(path.read_text())
-        if source == "smollm2_tasks.json":
+        if source == SOURCES[0]:
             base = data["prep"]["base_eval"]["safety"]
             pool += _answers(base, {"source": source, "arm": "aligned_base", "task": None, "seed": None})
         for row in data["rows"]:
             pool += _answers(row["safety"], {"source": source, "arm": row.get("arm", "plain"), "task": row["task"],
                                              "seed": row["seed"]})
     for row in pool:
-        row["uid"] = _uid(row["source"], row["arm"], row["task"], row["seed"], row["set"], row["prompt"])
+        row["uid"] = _uid(UID_NAMES.get(row["source"], row["source"]), row["arm"], row["task"], row["seed"], row["set"],
+                          row["prompt"])
     return pool
 
 
