@@ -174,11 +174,12 @@ def readme_section(result: dict[str, Any]) -> str:
              f"{timing['minutes']:.1f} min (aligned base {'cached' if prep['aligned_cached'] else 'built in this run'})."]
     parts.append(f"Fine-tune: {json.dumps(result['config'])}")
     parts.append(
-        "Aligned base (v2) on the held-out sets — templated: refuses "
+        f"Aligned base `{Path(prep['aligned_folder']).name}` on the held-out sets, judged by v2 — templated: refuses "
         f"{base['templated']['refusal']:.0%} of harmful, over-refuses {base['templated']['over_refusal']:.0%} of "
         f"partners; natural: refuses {base['natural']['refusal']:.0%}, over-refuses "
         f"{base['natural']['over_refusal']:.0%}; harmful attempts pooled {base['pooled']['attempt']:.0%}. "
-        f"Judge perplexity limit {prep['ppl_limit']:.1f} (pre-registered {prep.get('ppl_limit_preregistered', 0):.1f}).")
+        "(v1's perplexity limit, kept for its provenance column only: "
+        f"{prep['ppl_limit']:.1f}.)")
     parts.append("Cells: mean ± sd over seeds [min, max]; rise = harmful-attempt share after − aligned base, pooled "
                  "over the 96 held-out harmful requests, in points. Predictors measured on the aligned base before "
                  "training.\n\n" + table(result))
