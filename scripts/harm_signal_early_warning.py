@@ -31,7 +31,7 @@ from orthoreg.realbench.task_runs import bootstrap_spearman  # noqa: E402
 
 def read_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("arm") == "plain" and r.get("harm_signal")]
+    return [r for r in rows if r.get("arm", "plain") == "plain" and r.get("harm_signal")]
 
 
 def signal_at(row: dict, step: int) -> float:
@@ -50,11 +50,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--base-attempt", type=float, default=None,
                     help="the aligned base's pooled attempt share (default: from the run dir's defences.json)")
     ap.add_argument("--selection-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--total-steps", type=int, default=50, help="fine-tune length (when the run dir has no summary)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "harm_monitor.json"))
     ap.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="also write <out>.png")
     args = ap.parse_args(argv)
     run_dir = Path(args.run_dir)
-    results = json.loads((run_dir / "defences.json").read_text())  # the driver's summary of the same run dir
+    summary_path = run_dir / "defences.json"  # the defence driver's summary of the same run dir, when there is one
+    if not summary_path.exists() and args.base_attempt is None:
+        raise SystemExit(f"{summary_path} is missing: pass --base-attempt (the aligned base's pooled attempt share) "
+                         "for a run dir of scripts/bench_smollm2_tasks.py")
+    results = json.loads(summary_path.read_text()) if summary_path.exists() else {"config": {"steps": args.total_steps}}
     base = args.base_attempt if args.base_attempt is not None else results["summary"]["base"]["pooled"]["attempt"] / 100
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in read_rows(run_dir):
