@@ -41,8 +41,10 @@ def merge(model: torch.nn.Module, adapter: dict) -> None:
 
 
 def judged(prompts: list[str], answers: list[str]) -> dict:
-    outcomes = [J.judge_v2(a, p).outcome for p, a in zip(prompts, answers, strict=True)]
-    return {k: sum(o == k for o in outcomes) / len(outcomes) for k in J.OUTCOMES} | {"outcomes": outcomes}
+    verdicts = [J.judge_v2(a, p) for p, a in zip(prompts, answers, strict=True)]
+    outcomes = [v.outcome for v in verdicts]
+    return {k: sum(o == k for o in outcomes) / len(outcomes) for k in J.OUTCOMES} | {
+        "outcomes": outcomes, "reasons": [v.reason for v in verdicts]}
 
 
 def main() -> None:
@@ -70,8 +72,7 @@ def main() -> None:
               f"{runs[name]['long']['attempt']:.3f} at {args.tokens}", flush=True)
     base = runs["aligned_base"]
     for run in runs.values():
-        short_cut = [i for i, (o, a) in enumerate(zip(run["short"]["outcomes"], run["answers"], strict=True))
-                     if o == "attempt" and J.judge_v2(a["short"], a["prompt"]).reason == "starts delivering"]
+        short_cut = [i for i, reason in enumerate(run["short"]["reasons"]) if reason == "starts delivering"]
         run["cut_off_attempts"] = {"n": len(short_cut), "long_outcomes": {
             k: sum(run["long"]["outcomes"][i] == k for i in short_cut) for k in J.OUTCOMES}}
         run["rise"] = {"short": 100 * (run["short"]["attempt"] - base["short"]["attempt"]),

@@ -190,10 +190,10 @@ def summarise(rows: list[dict[str, Any]], prep: dict[str, Any], selection_seeds:
                                                                                         "pooled")},
             "tasks": tasks, "predictors": predictors,
             "rise_span": (max(means) - min(means)) if means else None,
-            "judge": judge_agreement(labels, rows, prep) if labels else None}
+            "judge": judge_agreement(labels) if labels else None}
 
 
-def judge_agreement(labels: list[dict[str, Any]], rows: list[dict[str, Any]], prep: dict[str, Any]) -> dict:
+def judge_agreement(labels: list[dict[str, Any]]) -> dict[str, Any]:
     """Judge v2's agreement with hand labels it was not designed on (``labels``: its fresh labels,
     ``benchmarks/judge_v2/fresh2_labels.jsonl``), re-run on each labelled answer so a changed judge is what is
     measured: κ three-way and attempt-vs-not, accuracy, confusion (``judge_validation.agreement``)."""
