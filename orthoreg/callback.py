@@ -92,6 +92,8 @@ class OrthoRegCallback(TrainerCallback):
         self.config = config
         self.directions = directions
         self.tokenizer = tokenizer
+        # The terms built for: set_weight may change their λ later (0 included), but cannot switch another one on.
+        self.wired_terms = {t for t in ("reader", "proj", "cov") if getattr(config, f"{t}_weight") > 0}
         self.input_subspaces = configured_subspaces(config, input_subspaces)  # None: "builtin", recorded at train start
         self.reader = reader_penalty_for(config, self.input_subspaces, mode="inject")
         # Health is checked once per optimizer step, in on_pre_optimizer_step (one host sync), not per micro-batch.
@@ -200,7 +202,7 @@ class OrthoRegCallback(TrainerCallback):
         if self.reader is not None:
             reader = self.reader.pop_metrics(per_module=self.config.per_layer_metrics)
             if "reader" in reader:
-                metrics["total"] = metrics.get("total", 0.0) + self.config.reader_weight * warmup * reader["reader"]
+                metrics["total"] = metrics.get("total", 0.0) + warmup * self.reader.weighted_mean
             metrics.update(reader)
         report_metrics(metrics, METRIC_PREFIX, logs, state, extra={"warmup": warmup})
 
@@ -213,6 +215,21 @@ class OrthoRegCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.detach()
+
+    def set_weight(self, term: str, value: float) -> None:
+        """Sets λ of one term (``"reader"``, ``"proj"``, ``"cov"``) from the next forward on: the firewall's budget
+        modes change the weight during training through this. A term that was off at construction (λ = 0, nothing
+        built or attached for it) cannot be switched on here; one that was on may go to 0 and back."""
+        if term not in ("reader", "proj", "cov"):
+            raise ValueError(f"`term` must be 'reader', 'proj' or 'cov'; got {term!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"the weight of {term!r} must be a finite number >= 0; got {value!r}")
+        if term not in self.wired_terms:
+            raise ValueError(f"OrthoRegCallback was built with {term}_weight=0, so the {term} term is not wired; "
+                             f"construct it with {term}_weight > 0 to adapt that weight")
+        setattr(self.config, f"{term}_weight", float(value))
+        if term == "reader" and self.reader is not None:
+            self.reader.weight = float(value)
 
     def detach(self) -> None:
         """Removes every hook this callback installed (also when ``train()`` raised; see ``_detach_when_train_exits``)."""

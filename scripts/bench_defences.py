@@ -334,10 +334,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--readme", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per fine-tune (default: the benchmark's)")
+    ap.add_argument("--base", choices=("v2", "v3"), default="v2",
+                    help="the aligned base: v2 (this benchmark's rows so far) or v3 (aligned_v3, the task bench's)")
     args = ap.parse_args(argv)
     if args.readme is None:
         args.readme = not args.quick and Path(args.out) == OUT
     config, align, run_dir = driver_settings(args)
+    if align is None and args.base == "v3":
+        from orthoreg.realbench.aligned_v3 import AlignV3Config
+
+        align = AlignV3Config()
     if args.quick:
         args.k = min(args.k, 4)
     prep = B.prepare(args.cache_dir, config, args.tasks, align=align, tiny=args.quick, with_predictors=False, log=log)

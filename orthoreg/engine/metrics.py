@@ -13,6 +13,9 @@
 | ``orthoreg/harm_margin_delta`` | ``harm_margin`` minus its base value (recorded before the first update; 0 until the weights move) |
 | ``orthoreg/overrefusal_margin`` | the same margin on the harmless partners of the probe's requests; rises with over-refusal |
 | ``orthoreg/overrefusal_margin_delta`` | ``overrefusal_margin`` minus its base value |
+| ``orthoreg/harm_fall`` | −``harm_margin_delta``, the fall the harm-margin guard acts on (``MarginGuardCallback``), nats |
+| ``orthoreg/guard_alerts`` | crossings of ``harm_fall`` over the guard's ``max_fall`` since the last log, a count |
+| ``orthoreg/guard_weight`` | the guard's budget mode: λ of the adapted term in force from the next step |
 
 Under data parallelism the callback averages each value over the ranks (``skipped`` is summed) and the Trainer logs
 it once, from rank 0; ``OrthoLoRA`` returns this rank's values (average them with ``accelerator.reduce``). The
@@ -25,6 +28,9 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "GUARD_ALERTS",
+    "GUARD_WEIGHT",
+    "HARM_FALL",
     "HARM_MARGIN",
     "HARM_MARGIN_DELTA",
     "HARM_SIGNAL_METRICS",
@@ -42,6 +48,10 @@ HARM_MARGIN_DELTA = "harm_margin_delta"
 OVERREFUSAL_MARGIN = "overrefusal_margin"
 OVERREFUSAL_MARGIN_DELTA = "overrefusal_margin_delta"
 HARM_SIGNAL_METRICS = (HARM_MARGIN, HARM_MARGIN_DELTA, OVERREFUSAL_MARGIN, OVERREFUSAL_MARGIN_DELTA)
+# The harm-margin guard (orthoreg.firewall.margin_guard), read with the harm signal.
+HARM_FALL = "harm_fall"
+GUARD_ALERTS = "guard_alerts"
+GUARD_WEIGHT = "guard_weight"
 
 
 def metric_names(values: dict[str, float], warmup: float | None = None) -> dict[str, float]:

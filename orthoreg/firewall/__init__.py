@@ -8,13 +8,16 @@ One module a role:
 - ``budget``: ``DriftBudgetController``, λ raised or lowered to keep the drift within a budget;
 - ``callback``: ``Firewall``/``FirewallCallback`` (the Trainer front door) and ``budget_callbacks``;
 - ``harm_signal``: ``RefusalMarginProbe``/``HarmSignalCallback``, the refusal margin at the first reply token of a
-  fixed probe set, logged every N steps without generation.
+  fixed probe set, logged every N steps without generation;
+- ``margin_guard``: ``MarginGuardCallback``, that signal with an action: warn, stop, or raise a penalty's λ when the
+  margin falls more than a bound below the base model's.
 """
 
 from .budget import BudgetConfig, DriftBudgetController
 from .callback import Firewall, FirewallCallback, FirewallConfig, FirewallEvent, budget_callbacks
 from .drift_statistics import DriftReading
 from .harm_signal import HarmSignalCallback, HarmSignalError, RefusalMarginProbe, builtin_probe_pairs
+from .margin_guard import MarginGuardCallback, MarginGuardConfig
 from .monitor import DriftMonitor
 
 __all__ = [
@@ -28,6 +31,8 @@ __all__ = [
     "FirewallEvent",
     "HarmSignalCallback",
     "HarmSignalError",
+    "MarginGuardCallback",
+    "MarginGuardConfig",
     "RefusalMarginProbe",
     "budget_callbacks",
     "builtin_probe_pairs",

@@ -70,6 +70,9 @@ class BudgetConfig:
         ema (`float`, *optional*, defaults to `0.0`): weight a of the previous filtered drift (0: no filter).
         start (`str`, *optional*, defaults to `"min"`): first λ: ``"min"`` (λ_min, then up as needed) or
             ``"initial"`` (``initial_weight``, then down).
+        floor (`str`, *optional*, defaults to `"off"`): what λ does when the reading stays below the set point at
+            λ_min: ``"off"`` switches the penalty off (λ = 0, the drift budget's floor), ``"hold"`` keeps λ_min (the
+            harm-margin guard's floor: the user's own λ is never lowered).
     """
 
     target: float = field(default=0.8, metadata={"help": "set point as a fraction of max_drift"})
@@ -82,6 +85,8 @@ class BudgetConfig:
     error_clip: float = field(default=2.0, metadata={"help": "largest |log(drift / set point)| acted on"})
     ema: float = field(default=0.0, metadata={"help": "EMA weight of the previous filtered drift"})
     start: Literal["min", "initial"] = field(default="min", metadata={"help": "first λ", "choices": ("min", "initial")})
+    floor: Literal["off", "hold"] = field(default="off", metadata={"help": "below the set point at λ_min: 0 or λ_min",
+                                                                   "choices": ("off", "hold")})
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
@@ -105,6 +110,8 @@ class BudgetConfig:
             raise ValueError(f"`ema` must be in [0, 1); got {self.ema!r}")
         if self.start not in ("min", "initial"):
             raise ValueError(f"`start` must be 'min' or 'initial'; got {self.start!r}")
+        if self.floor not in ("off", "hold"):
+            raise ValueError(f"`floor` must be 'off' or 'hold'; got {self.floor!r}")
 
 
 class DriftBudgetController:
@@ -173,7 +180,7 @@ class DriftBudgetController:
         if self.off and error <= 0:
             step = 0.0  # stays off while within the set point
         self.log_weight = max(low, min(high, self.log_weight + step))
-        self.off = self.log_weight <= low and error < 0
+        self.off = self.config.floor == "off" and self.log_weight <= low and error < 0
         self.prev_error = error
         self.updates += 1
         return self.weight

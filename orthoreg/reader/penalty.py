@@ -145,7 +145,9 @@ class ReaderPenalty:
         self._base = ReaderBaseState(self._basis, units)  # W₀V_mᵀ, b₀, base read-outs
         self._basis_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._sums: dict[str, torch.Tensor] = {}
+        self._weighted: torch.Tensor | None = None  # Σ over forwards of λ · Σ_m reader(m)
         self._count = 0
+        self.weighted_mean = 0.0  # set by pop_metrics: mean over its forwards of λ · Σ_m reader(m)
         self._nonfinite: torch.Tensor | None = None  # check="step": forwards with a non-finite total since the check
         self._unchecked: list[dict[str, torch.Tensor]] = []  # their per-module values, read only on failure
 
@@ -270,6 +272,9 @@ class ReaderPenalty:
             self._unchecked.append(dict(session.values))
         for name, value in session.values.items():
             self._sums[name] = self._sums[name] + value.to(device) if name in self._sums else value.to(device)
+        # λ in force at this forward: a budget mode may change it between steps, and the logged total must follow.
+        self._weighted = self.weight * total if self._weighted is None else self._weighted + self.weight * total.to(
+            self._weighted.device)
         self._count += 1
         if self.mode == "return":
             anchor = _differentiable_output(output)
@@ -343,18 +348,21 @@ class ReaderPenalty:
 
     def pop_metrics(self, per_module: bool = True) -> dict[str, float]:
         """Means over the regularised forwards since the last call, then resets: ``reader`` (Σ_m reader(m),
-        unweighted) and, with ``per_module``, ``reader/<module name>``. One host sync; this rank's values."""
-        count, sums = self._count, self._sums
-        self._sums, self._count = {}, 0
+        unweighted) and, with ``per_module``, ``reader/<module name>``. One host sync; this rank's values.
+        ``weighted_mean`` becomes the mean of λ · Σ_m reader(m) with the λ in force at each forward."""
+        count, sums, weighted = self._count, self._sums, self._weighted
+        self._sums, self._count, self._weighted = {}, 0, None
+        self.weighted_mean = 0.0
         if count == 0:
             return {}
         names = list(sums)
         device = sums[names[0]].device
         values = torch.stack([sums[n].to(device).float() for n in names]) / count
-        listed = torch.cat([values.sum().reshape(1), values]).tolist()
+        listed = torch.cat([values.sum().reshape(1), weighted.to(device).float().reshape(1) / count, values]).tolist()
         metrics = {"reader": listed[0]}
+        self.weighted_mean = listed[1]
         if per_module:
-            metrics.update({f"reader/{n}": v for n, v in zip(names, listed[1:], strict=True)})
+            metrics.update({f"reader/{n}": v for n, v in zip(names, listed[2:], strict=True)})
         return metrics
 
     def reference_state(self) -> dict[str, torch.Tensor]:

@@ -25,6 +25,10 @@ Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, dat
 - ``interleave`` — 10 % of the examples replaced by safety-tune examples (refusals and harmless answers),
   ``baselines.interleave``, same number of steps.
 - ``reader_harmless_post+first_token_kl`` — the generic reader term and the first-token KL together.
+- ``margin_budget`` — ``recommended`` plus the harm-margin guard in budget mode
+  (``firewall.MarginGuardCallback``, ``action="adapt"``, every 5 steps): the reader λ starts at the recommended
+  value and is raised while the probe's refusal margin has fallen more than B nats below the base's. Its
+  ``strength`` is B (nats), not a λ.
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ from .task_runs import TaskBenchConfig
 READER_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random",
                "builtin_harmless_post")
 ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", "activation_projection", "writer", "covariance",
-        "first_token_kl", "hard_projection", "interleave", "reader_harmless_post+first_token_kl")
+        "first_token_kl", "hard_projection", "interleave", "reader_harmless_post+first_token_kl", "margin_budget")
 DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, "activation_projection": 0.1, "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0,
-                    "interleave": 0.1}
+                    "interleave": 0.1, "margin_budget": 1.0}
 
 
 @dataclass
@@ -85,6 +89,15 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokeni
             callbacks.append(FirstTokenKLCallback(DEFAULT_STRENGTH["first_token_kl"]))
     elif arm == "recommended":
         callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight), tokenizer=tokenizer))
+    elif arm == "margin_budget":
+        from orthoreg.firewall import MarginGuardCallback, MarginGuardConfig
+
+        from .finetune import HARM_SIGNAL_EVERY
+
+        orthoreg = OrthoRegCallback(OrthoRegConfig.recommended(), tokenizer=tokenizer)
+        guard = MarginGuardCallback(MarginGuardConfig(max_fall=job.weight, action="adapt"), orthoreg=orthoreg,
+                                    every_n_steps=HARM_SIGNAL_EVERY, tokenizer=tokenizer)
+        callbacks += [orthoreg, guard]
     elif arm == "activation_projection":
         config = OrthoRegConfig.activation_projection(layers=list(directions.layers), proj_weight=job.weight,
                                                       mask="labels")
@@ -187,10 +200,14 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
                      for n, (a, _, _) in lora_tensors(peft_model).items() if n in subspaces]
         in_subspace = {"max": max(fractions), "mean": sum(fractions) / len(fractions)}
     penalty_logs = {k: v for e in report.logs for k, v in e.items() if "/" in k}  # the last logged value per key
+    from orthoreg.firewall import MarginGuardCallback
+
+    guard = next((c.history for c in callbacks if isinstance(c, MarginGuardCallback)), None)
     return {
         "task": job.task, "arm": job.arm, "seed": job.seed, "strength": job.strength, "scale": job.scale,
         "weight": job.weight, "key": job.key, "safety": safety, "task_metric": task_result,
         "losses": report.losses, "penalty_logs": penalty_logs, "a_in_subspace": in_subspace, "cpu_per_step": report.cpu_per_step,
         "wall_per_step": report.wall_per_step, "train_seconds": report.wall_total,
         "total_seconds": time.perf_counter() - t0, "harm_signal": report.harm_signal, "machine": machine_record(),
+        **({"guard": guard} if guard is not None else {}),
     }

@@ -122,7 +122,11 @@ def train_lora(
     data = _ListDataset(schedule(examples, steps, batch_size, seed))
     pad_id = tokenizer.pad_token_id
     timer = _step_timer()
-    signal = HarmSignalCallback(harm_signal_every, tokenizer=tokenizer) if harm_signal_every else None
+    # A HarmSignalCallback among `callbacks` (the harm-margin guard is one) is the run's signal: one probe, not two.
+    given = [c for c in callbacks if isinstance(c, HarmSignalCallback)]
+    signal = given[0] if given else HarmSignalCallback(harm_signal_every, tokenizer=tokenizer) \
+        if harm_signal_every else None
+    extra = [signal] if signal is not None and not given else []
     with tempfile.TemporaryDirectory(prefix="realbench-") as out:
         args = TrainingArguments(
             output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
@@ -143,7 +147,7 @@ def train_lora(
                 warnings.simplefilter("ignore")
                 trainer = _InOrderTrainer(model=model, args=args, train_dataset=data,
                                           data_collator=lambda b: collate(b, pad_id),
-                                          callbacks=[*callbacks, timer, *([signal] if signal else [])])
+                                          callbacks=[*callbacks, timer, *extra])
                 t0 = time.perf_counter()
                 trainer.train()
                 wall = time.perf_counter() - t0
@@ -155,5 +159,5 @@ def train_lora(
     return TrainReport(steps=steps, wall_per_step=median(timer.wall) if timer.wall else float("nan"),
                        cpu_per_step=median(timer.cpu) if timer.cpu else float("nan"), wall_total=wall,
                        losses=losses, logs=logs,
-                       harm_signal=None if signal is None else {"every": harm_signal_every, "base": signal.probe.base,
+                       harm_signal=None if signal is None else {"every": signal.every_n_steps, "base": signal.probe.base,
                                                                 "readings": signal.readings})
