@@ -98,6 +98,11 @@ class OrthoRegCallback(TrainerCallback):
         self.reader = reader_penalty_for(config, self.input_subspaces, mode="inject")
         # Health is checked once per optimizer step, in on_pre_optimizer_step (one host sync), not per micro-batch.
         self.regularizer = OrthoRegularizer(config, directions, mode="inject", check="step")
+        self.harm_signal = None
+        if config.harm_signal_every is not None:
+            from .firewall.harm_signal import HarmSignalCallback  # the firewall builds on this module
+
+            self.harm_signal = HarmSignalCallback(config.harm_signal_every, tokenizer=tokenizer)
         self._saved_calibration = False
         self._steps_in_epoch: int | None = None
 
@@ -118,6 +123,8 @@ class OrthoRegCallback(TrainerCallback):
             raise ValueError("OrthoRegCallback received no model in on_train_begin")
         if self.reader is None and self.config.reader_weight > 0:
             self._build_builtin_reader(args, state, model, kwargs.get("processing_class") or self.tokenizer)
+        if self.harm_signal is not None:  # the base margins, before any update and before this callback's hooks
+            self.harm_signal.on_train_begin(args, state, control, model=model, **kwargs)
         move_ahead_of_reporters(self)
         if not self.regularizer.attached:
             for stale in self.regularizer.others_attached(model):
@@ -189,6 +196,8 @@ class OrthoRegCallback(TrainerCallback):
             self.reader.check_step()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.harm_signal is not None:
+            self.harm_signal.on_step_end(args, state, control, **kwargs)
         # Written into TrainerState so every later checkpoint's trainer_state.json (JSON, no pickle) carries it.
         if not self._saved_calibration and not self.regularizer.calibrating:
             state.stateful_callbacks[STATE_KEY] = self.regularizer.state_dict()
@@ -205,6 +214,8 @@ class OrthoRegCallback(TrainerCallback):
                 metrics["total"] = metrics.get("total", 0.0) + warmup * self.reader.weighted_mean
             metrics.update(reader)
         report_metrics(metrics, METRIC_PREFIX, logs, state, extra={"warmup": warmup})
+        if self.harm_signal is not None:
+            self.harm_signal.on_log(args, state, control, logs=logs, **kwargs)
 
     def on_save(self, args, state, control, **kwargs):
         if self.reader is not None and state.is_world_process_zero:

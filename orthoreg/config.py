@@ -31,6 +31,9 @@ RECOMMENDED_PROJ_WEIGHT = 0.1
 # benchmarks/reader_weight_match.json). The base-units term is a mean of relative changes ‖ΔW_m V_mᵀ‖²/‖W₀,m V_mᵀ‖²,
 # so λ is large: a 1 % relative change of every module's read-out costs λ·1e-4 = 0.5.
 RECOMMENDED_READER_WEIGHT = 5000.0
+# The live harm signal in recommended(): a reading every 10 optimizer steps (its cost against the step time:
+# scripts/bench_harm_signal.py, benchmarks/harm_signal_cost.json).
+RECOMMENDED_HARM_SIGNAL_EVERY = 10
 # ``input_subspaces="builtin"``: V_m recorded at train start from orthoreg's built-in harmless requests.
 BUILTIN_SUBSPACES = "builtin"
 assert set(get_args(Mask)) == set(MASK_POLICIES), "OrthoRegConfig.mask and capture.MASK_POLICIES disagree"
@@ -203,6 +206,10 @@ class OrthoRegConfig:
         "help": "Compute both terms over the global batch of every data-parallel rank (covariance all-gather, "
                 "projection all-reduce) instead of each rank's own tokens."})
     # ---- diagnostics and escape hatches
+    harm_signal_every: int | None = field(default=None, metadata={
+        "help": "Log the live harm signal (orthoreg/harm_margin…: the refusal margin at the first reply token of 16 "
+                "built-in held-out harmful requests and their harmless partners, one no-grad forward, no "
+                "generation) every this many optimizer steps; needs a chat template. None: off."})
     per_layer_metrics: bool = field(default=False, metadata={
         "help": "Also log orthoreg/cov/layer_i and orthoreg/proj/layer_i."})
     layers_path: str | None = field(default=None, metadata={
@@ -242,6 +249,10 @@ class OrthoRegConfig:
                 raise ValueError(f"`reader_targets` must be module name suffixes (e.g. ['q_proj', 'v_proj']); got "
                                  f"{self.reader_targets!r}")
             self.reader_targets = list(self.reader_targets)
+        if self.harm_signal_every is not None and (isinstance(self.harm_signal_every, bool) or not isinstance(
+                self.harm_signal_every, int) or self.harm_signal_every < 1):
+            raise ValueError(f"`harm_signal_every` must be an int >= 1 (optimizer steps) or None; got "
+                             f"{self.harm_signal_every!r}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_POLICIES}; got {self.on_nonfinite!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -261,13 +272,15 @@ class OrthoRegConfig:
         Measured on SmolLM2-135M-Instruct (``benchmarks/README_defences.md``): it removes most of the rise in
         harmful compliance that benign fine-tunes cause, and does so generically (harmless prompts protect like
         harmful ones). ``OrthoRegConfig.activation_projection()`` is the projection onto harmful directions.
+        The live harm signal (``harm_signal_every``) is logged every 10 steps: the probe costs one no-grad forward
+        of 32 short prompts per reading (``scripts/bench_harm_signal.py``) and never changes training.
 
         Example:
             >>> trainer = Trainer(..., processing_class=tokenizer,
             ...                   callbacks=[OrthoRegCallback(OrthoRegConfig.recommended())])
         """
         settings = dict(proj_weight=0.0, cov_weight=0.0, reader_weight=RECOMMENDED_READER_WEIGHT, units="base",
-                        input_subspaces=BUILTIN_SUBSPACES)
+                        input_subspaces=BUILTIN_SUBSPACES, harm_signal_every=RECOMMENDED_HARM_SIGNAL_EVERY)
         settings.update(overrides)
         return cls(**settings)
 

@@ -105,7 +105,8 @@ class MarginGuardCallback(HarmSignalCallback):
     """The harm signal, read every ``every_n_steps`` steps, with an action on its fall (module docstring).
 
     Put it in ``callbacks=`` after the ``OrthoRegCallback`` it adapts (``"adapt"``), or alone to warn about / stop
-    a fine-tune whose refusals erode. It is a ``HarmSignalCallback``: do not add another one beside it.
+    a fine-tune whose refusals erode. It is a ``HarmSignalCallback``: do not add another one beside it; a linked
+    ``OrthoRegCallback`` whose config logs the signal (``harm_signal_every``) leaves the reading to the guard.
 
     Args:
         config (`MarginGuardConfig`): the bound and the action.
@@ -122,6 +123,9 @@ class MarginGuardCallback(HarmSignalCallback):
             raise TypeError(f"`config` must be a MarginGuardConfig; got {type(config).__name__}")
         self.config = config
         self.orthoreg = orthoreg
+        if orthoreg is not None and orthoreg.harm_signal is not None:
+            # One probe per run: the guard reads and logs the signal the linked callback would have logged.
+            orthoreg.harm_signal = None
         self.controller: DriftBudgetController | None = None
         if config.action == "adapt":
             if not isinstance(orthoreg, OrthoRegCallback):

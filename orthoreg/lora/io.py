@@ -91,6 +91,7 @@ def load_ortholora(
     *,
     is_trainable: bool = True,
     writer_modules: Sequence[str] | None = None,
+    tokenizer: Any = None,
     **peft_kwargs: Any,
 ) -> Any:
     """Restores an OrthoLoRA written by ``save_pretrained``: the adapter (``PeftModel.from_pretrained`` on
@@ -103,6 +104,9 @@ def load_ortholora(
         accelerator: as in ``OrthoLoRA``.
         is_trainable (`bool`, *optional*, defaults to `True`): load the adapter trainable (to resume training);
             ``False`` freezes it (PEFT's inference mode).
+        tokenizer (*optional*): the chat tokenizer; needed only to record the harm signal's base when the saved
+            config reads it (``harm_signal_every``) and the folder holds no saved base (it is restored, not
+            re-recorded).
         peft_kwargs: passed to ``PeftModel.from_pretrained`` (``adapter_name``, ``revision``, …).
 
     Raises:
@@ -134,7 +138,8 @@ def load_ortholora(
     subspaces_path = os.path.join(folder, SUBSPACES_NAME)
     subspaces = InputSubspaces.load(subspaces_path) if os.path.isfile(subspaces_path) else None
     peft_model = PeftModel.from_pretrained(base_model, folder, is_trainable=is_trainable, **peft_kwargs)
+    state = payload.get("state", {})
     ortho = cls(peft_model, config, directions, accelerator, writer_modules=writer_modules,
-                input_subspaces=subspaces)
-    ortho.load_state_dict_orthoreg(payload.get("state", {}))
+                input_subspaces=subspaces, tokenizer=tokenizer, harm_signal_state=state.get("harm_signal"))
+    ortho.load_state_dict_orthoreg(state)
     return ortho

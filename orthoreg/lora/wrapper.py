@@ -106,6 +106,10 @@ class OrthoLoRA(nn.Module):
         tokenizer (*optional*): with ``config.input_subspaces="builtin"`` (``OrthoRegConfig.recommended()``) V_m are
             recorded here, on the model with its adapter switched off, with this tokenizer's chat template (one
             process records, every rank receives them; ``orthoreg.reader.wiring``) and saved by ``save_pretrained``.
+            With ``config.harm_signal_every`` the harm signal's base margins are recorded with it too (adapter off);
+            the readings come every that many updates (``read_harm_signal``) and join ``pop_metrics``.
+        harm_signal_state (`dict`, *optional*): a saved probe state (``state_dict_orthoreg()["harm_signal"]``)
+            instead of recording one; ``from_pretrained`` passes it.
 
     Raises:
         ValueError: no LoRA layers, merged or several active adapters, no weight-penalised writer while
@@ -142,6 +146,7 @@ class OrthoLoRA(nn.Module):
         writer_modules: Sequence[str] | None = None,
         input_subspaces: Any = None,
         tokenizer: Any = None,
+        harm_signal_state: dict[str, Any] | None = None,
     ):
         super().__init__()
         if not isinstance(config, OrthoRegConfig):
@@ -196,6 +201,21 @@ class OrthoLoRA(nn.Module):
         self.reader = reader_penalty_for(config, self.input_subspaces, mode="return")
         if self.reader is not None:
             self.reader.attach(peft_model)
+        # The live harm signal (orthoreg.firewall.harm_signal): base margins now, a reading every N updates.
+        self.harm_signal = None
+        self.harm_readings: list[dict[str, float]] = []
+        self._harm_popped: int | None = None
+        if config.harm_signal_every is not None:
+            from ..firewall.harm_signal import RefusalMarginProbe  # the firewall builds on the core, not on this
+
+            self.harm_signal = RefusalMarginProbe()
+            if harm_signal_state is not None:  # from_pretrained: the base of step 0, as saved
+                self.harm_signal.load_state_dict(harm_signal_state)
+            elif tokenizer is None:
+                raise ValueError("OrthoRegConfig(harm_signal_every=...) reads the model's refusal margin through its "
+                                 "chat template: pass OrthoLoRA(..., tokenizer=tokenizer), or harm_signal_every=None")
+            else:
+                self.harm_signal.record_base(peft_model, tokenizer)
         self._last_metric_tensors: dict[str, torch.Tensor] = {}
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_count = 0
@@ -223,6 +243,9 @@ class OrthoLoRA(nn.Module):
             self.regularizer.pending_penalty = None
         if self.reader is not None:
             self.reader.grad_scale = self.config.warmup_factor(self.step)
+        if active and self.harm_signal is not None and self.step % self.config.harm_signal_every == 0 \
+                and self.step > 0 and (not self.harm_readings or self.harm_readings[-1]["step"] != self.step):
+            self.read_harm_signal()  # the first forward after `step` updates, before it changes anything
         try:
             outputs = self.model(*args, **kwargs)
         finally:
@@ -297,6 +320,17 @@ class OrthoLoRA(nn.Module):
         """The latest training forward's penalties, in the vocabulary of ``orthoreg.engine.metrics``."""
         return metric_names(_to_floats(self._last_metric_tensors))
 
+    def read_harm_signal(self) -> dict[str, float]:
+        """Measures the refusal margins now (``orthoreg/harm_margin``…, one no-grad forward; every rank must call
+        it under ZeRO-3/FSDP) and keeps them for the next ``pop_metrics``. ``forward`` calls it by itself every
+        ``config.harm_signal_every`` updates; call it after the last step for a final reading."""
+        if self.harm_signal is None:
+            raise ValueError("this OrthoLoRA reads no harm signal: build it with OrthoRegConfig(harm_signal_every=N) "
+                             "and tokenizer=")
+        reading = self.harm_signal.measure(self.model)
+        self.harm_readings.append({"step": self.step, **reading})
+        return reading
+
     def check_step(self) -> int:
         """The numerical health check of the optimizer step (one host sync; see ``orthoreg.engine.health``). Called by
         ``forward`` at the end of each accumulation cycle; returns the micro-batches whose penalty was dropped."""
@@ -315,8 +349,9 @@ class OrthoLoRA(nn.Module):
         penalised writers, unweighted), ``orthoreg/cov``, ``orthoreg/proj`` (sums over guarded layers, unweighted),
         ``orthoreg/total`` (the weighted penalty added to the loss, with warm-up), ``orthoreg/warmup`` (w(t)),
         ``orthoreg/<term>/layer_i`` with ``per_layer`` (default ``config.per_layer_metrics``), ``orthoreg/skipped``
-        (micro-batches whose penalty was dropped as non-finite). Values are this rank's; average across ranks with
-        ``accelerator.reduce`` if needed.
+        (micro-batches whose penalty was dropped as non-finite), and the latest harm-signal reading not yet popped
+        (``orthoreg/harm_margin``…, with ``config.harm_signal_every``). Values are this rank's; average across
+        ranks with ``accelerator.reduce`` if needed (not the harm signal: every rank measures the same model).
         """
         per_layer = self.config.per_layer_metrics if per_layer is None else per_layer
         count, sums, skipped = self._metric_count, self._metric_sums, self._skipped
@@ -326,7 +361,11 @@ class OrthoLoRA(nn.Module):
             out.update(self.reader.pop_metrics(per_module=per_layer))
         if skipped:
             out["skipped"] = float(skipped)
-        return metric_names(out, warmup=self.config.warmup_factor(max(self.step - 1, 0)) if count else None)
+        named = metric_names(out, warmup=self.config.warmup_factor(max(self.step - 1, 0)) if count else None)
+        if self.harm_readings and self.harm_readings[-1]["step"] != self._harm_popped:
+            self._harm_popped = self.harm_readings[-1]["step"]
+            named.update({k: v for k, v in self.harm_readings[-1].items() if k != "step"})
+        return named
 
     # ------------------------------------------------------------------ lifecycle
     def remove_hooks(self) -> None:
@@ -343,12 +382,16 @@ class OrthoLoRA(nn.Module):
         return {
             "step": self.step,
             "regularizer": self.regularizer.state_dict() if self.regularizer is not None else None,
+            "harm_signal": self.harm_signal.state_dict() if self.harm_signal is not None else None,
         }
 
     def load_state_dict_orthoreg(self, state: dict[str, Any]) -> None:
         self.step = int(state.get("step", 0))
         if state.get("regularizer") is not None and self.regularizer is not None:
             self.regularizer.load_state_dict(state["regularizer"])
+        if state.get("harm_signal") is not None and self.harm_signal is not None:  # the base of step 0, not now's
+            self.harm_signal.load_state_dict(state["harm_signal"])
+            self.harm_readings = []
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, is_main_process: bool | None = None,
                         state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
@@ -358,10 +401,10 @@ class OrthoLoRA(nn.Module):
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, pretrained_path: str | os.PathLike, accelerator: Any = None, *,
                         is_trainable: bool = True, writer_modules: Sequence[str] | None = None,
-                        **peft_kwargs: Any) -> OrthoLoRA:
+                        tokenizer: Any = None, **peft_kwargs: Any) -> OrthoLoRA:
         """Restores an OrthoLoRA written by ``save_pretrained``; see ``orthoreg.lora.io.load_ortholora``."""
         return load_ortholora(cls, base_model, pretrained_path, accelerator, is_trainable=is_trainable,
-                              writer_modules=writer_modules, **peft_kwargs)
+                              writer_modules=writer_modules, tokenizer=tokenizer, **peft_kwargs)
 
 
 def _to_floats(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
