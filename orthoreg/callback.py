@@ -124,7 +124,14 @@ class OrthoRegCallback(TrainerCallback):
         if self.reader is None and self.config.reader_weight > 0:
             self._build_builtin_reader(args, state, model, kwargs.get("processing_class") or self.tokenizer)
         if self.harm_signal is not None:  # the base margins, before any update and before this callback's hooks
-            self.harm_signal.on_train_begin(args, state, control, model=model, **kwargs)
+            from .firewall.harm_signal import HarmSignalError
+
+            try:
+                self.harm_signal.on_train_begin(args, state, control, model=model, **kwargs)
+            except HarmSignalError as err:
+                raise HarmSignalError(f"{err} (the live harm signal of OrthoRegConfig(harm_signal_every="
+                                      f"{self.config.harm_signal_every}); or turn it off: harm_signal_every=0, "
+                                      "--orthoreg_harm_signal_every 0)") from err
         move_ahead_of_reporters(self)
         if not self.regularizer.attached:
             for stale in self.regularizer.others_attached(model):

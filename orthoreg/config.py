@@ -209,7 +209,7 @@ class OrthoRegConfig:
     harm_signal_every: int | None = field(default=None, metadata={
         "help": "Log the live harm signal (orthoreg/harm_margin…: the refusal margin at the first reply token of 16 "
                 "built-in held-out harmful requests and their harmless partners, one no-grad forward, no "
-                "generation) every this many optimizer steps; needs a chat template. None: off."})
+                "generation) every this many optimizer steps; needs a chat template. 0 or None: off."})
     per_layer_metrics: bool = field(default=False, metadata={
         "help": "Also log orthoreg/cov/layer_i and orthoreg/proj/layer_i."})
     layers_path: str | None = field(default=None, metadata={
@@ -250,9 +250,11 @@ class OrthoRegConfig:
                                  f"{self.reader_targets!r}")
             self.reader_targets = list(self.reader_targets)
         if self.harm_signal_every is not None and (isinstance(self.harm_signal_every, bool) or not isinstance(
-                self.harm_signal_every, int) or self.harm_signal_every < 1):
-            raise ValueError(f"`harm_signal_every` must be an int >= 1 (optimizer steps) or None; got "
+                self.harm_signal_every, int) or self.harm_signal_every < 0):
+            raise ValueError(f"`harm_signal_every` must be an int >= 1 (optimizer steps), or 0 / None (off); got "
                              f"{self.harm_signal_every!r}")
+        if self.harm_signal_every == 0:  # a command line's way to say None
+            self.harm_signal_every = None
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_POLICIES}; got {self.on_nonfinite!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orthoreg.realbench.task_runs import bootstrap_spearman  # noqa: E402
+from orthoreg.realbench.task_runs import TaskBenchConfig, bootstrap_spearman  # noqa: E402
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -53,13 +53,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--total-steps", type=int, default=50, help="fine-tune length (when the run dir has no summary)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "harm_monitor.json"))
     ap.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="also write <out>.png")
+    ap.add_argument("--calibration-out", default=str(REPO / "orthoreg" / "data" / "erosion_calibration.json"),
+                    help="the erosion probe's calibration (orthoreg.audit.erosion_probe); '' to skip")
     args = ap.parse_args(argv)
     run_dir = Path(args.run_dir)
     summary_path = run_dir / "defences.json"  # the defence driver's summary of the same run dir, when there is one
     if not summary_path.exists() and args.base_attempt is None:
         raise SystemExit(f"{summary_path} is missing: pass --base-attempt (the aligned base's pooled attempt share) "
                          "for a run dir of scripts/bench_smollm2_tasks.py")
-    results = json.loads(summary_path.read_text()) if summary_path.exists() else {"config": {"steps": args.total_steps}}
+    # A task-bench run dir has no summary: its fine-tunes ran on the benchmark's default settings.
+    results = json.loads(summary_path.read_text()) if summary_path.exists() else {
+        "config": {**TaskBenchConfig().to_dict(), "steps": args.total_steps}}
     base = args.base_attempt if args.base_attempt is not None else results["summary"]["base"]["pooled"]["attempt"] / 100
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in read_rows(run_dir):
@@ -81,11 +85,27 @@ def main(argv: list[str] | None = None) -> dict:
         "base_attempt": base,
     }
     out["per_task"] = {t: {**out["per_task"][t], "curve": curve(by_task[t])} for t in tasks}
+    old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    out.update({k: old[k] for k in ("run", "previous", "budget") if k in old})  # written by other runs: kept
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    if args.calibration_out:
+        Path(args.calibration_out).write_text(json.dumps(calibration(out, results["config"]), indent=1) + "\n")
     if args.plot:
         plot(out, Path(args.out).with_suffix(".png"))
     print(json.dumps(out["early_signal"], indent=1))
     return out
+
+
+def calibration(out: dict, config: dict) -> dict:
+    """``orthoreg.audit.erosion_probe``'s calibration: per reading step, each task's (mean fall, mean final rise)."""
+    per_task = out["per_task"]
+    steps = per_task[next(iter(per_task))]["curve"]["steps"]
+    return {"source": "orthoreg task benchmark: SmolLM2-135M-Instruct, aligned base v3, judge v2.1, plain LoRA, seeds "
+                      f"{out['early_signal']['seeds']} (benchmarks/harm_monitor.json)",
+            "total_steps": out["early_signal"]["total_steps"],
+            "settings": {k: config[k] for k in ("lr", "batch_size", "rank", "alpha", "max_length") if k in config},
+            "steps": {str(s): {t: [info["curve"]["signal"][i], statistics.fmean(info["rise"])]
+                               for t, info in per_task.items()} for i, s in enumerate(steps)}}
 
 
 def curve(rows: list[dict]) -> dict[str, list[float]]:

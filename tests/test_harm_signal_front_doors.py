@@ -52,7 +52,8 @@ def _independent_probe(model, tokenizer):
 def test_recommended_logs_the_signal_every_ten_steps():
     assert OrthoRegConfig.recommended().harm_signal_every == RECOMMENDED_HARM_SIGNAL_EVERY == 10
     assert OrthoRegConfig(proj_weight=1.0).harm_signal_every is None
-    for bad in (0, -1, 2.5, True):
+    assert OrthoRegConfig.recommended(harm_signal_every=0).harm_signal_every is None  # a command line's "off"
+    for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="harm_signal_every"):
             OrthoRegConfig.recommended(harm_signal_every=bad)
 
@@ -73,6 +74,19 @@ def test_callback_logs_the_margins_of_the_trained_model(tokenizer, tmp_path):
     assert {k: logged[-1][k] for k in KEYS} == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert want[KEYS[1]] != 0.0  # the weights moved: a real reading, not the base's
     assert "orthoreg_harm_signal" in trainer.state.stateful_callbacks  # the base of step 0 goes with checkpoints
+
+
+def test_a_tokenizer_without_chat_template_names_both_fixes(tokenizer, tmp_path):
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    model = get_peft_model(tiny_llama(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, use_cpu=True,
+                             report_to=[], save_strategy="no")
+    config = OrthoRegConfig(proj_weight=0.0, cov_weight=0.1, units="base", harm_signal_every=2)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict(_rows(tokenizer)),
+                      processing_class=plain, callbacks=[OrthoRegCallback(config)])
+    with pytest.raises(ValueError, match="no chat template.*harm_signal_every=0"):
+        trainer.train()
 
 
 def test_a_linked_guard_takes_over_the_reading():

@@ -7,12 +7,15 @@ One module a role:
 - ``overlap``: the overlap score of those directions with the harmful subspace, its verdict and ``OverlapReport``;
 - ``plot``: the overlap report as a PNG;
 - ``density``: the superposition density of each layer and the harmful directions' share of its variance;
-- ``recommend``: a recommended ``OrthoRegConfig`` (layers, drift budget, anchor) from the overlap and the density.
+- ``recommend``: a recommended ``OrthoRegConfig`` (layers, drift budget, anchor) from the overlap and the density;
+- ``erosion_probe``: a K-step LoRA dry run on the task data and the erosion its live harm signal predicts, with the
+  prediction's error measured on the task benchmark (``orthoreg audit --probe-steps K``).
 
 ``orthoreg audit`` (``orthoreg/commands/audit.py``) runs them in this order.
 """
 
 from .density import DensityReport, covariance_density, superposition_density
+from .erosion_probe import ErosionCalibration, ErosionProbeReport, probe_erosion
 from .features import task_features
 from .overlap import (
     DEFAULT_THRESHOLDS,
@@ -32,6 +35,8 @@ __all__ = [
     "BUDGETS",
     "DEFAULT_THRESHOLDS",
     "DensityReport",
+    "ErosionCalibration",
+    "ErosionProbeReport",
     "OverlapReport",
     "PREDICTIVE_VALIDATION",
     "Recommendation",
@@ -43,6 +48,7 @@ __all__ = [
     "load_task_examples",
     "overlap_score",
     "plot_overlap",
+    "probe_erosion",
     "recommend",
     "score_features",
     "superposition_density",

@@ -16,6 +16,7 @@ Examples:
     orthoreg audit ... --fail-on elevated     # exit status 1 when the verdict is elevated or high (for CI)
     orthoreg audit ... --lora                 # recommend the paired anchor (LoRA fine-tuning)
     orthoreg audit ... --no-recommend         # overlap only: no density pass, no recommendation
+    orthoreg audit ... --probe-steps 10       # + a 10-step LoRA dry run: the erosion its harm signal predicts
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="the fine-tune will be LoRA: recommend the paired anchor")
     parser.add_argument("--no-recommend", dest="recommend", action="store_false",
                         help="skip the density pass and the recommended configuration")
+    parser.add_argument("--probe-steps", type=int, default=0, metavar="K",
+                        help="also run a K-step LoRA dry run on the data (discarded) and report the erosion the live "
+                             "harm signal predicts, with its measured error (orthoreg.audit.erosion_probe); needs a "
+                             "chat template")
+    parser.add_argument("--probe-lr", type=float, default=5e-4, help="learning rate of the dry run")
+    parser.add_argument("--probe-batch-size", type=int, default=8, help="examples per step of the dry run")
+    parser.add_argument("--probe-rank", type=int, default=16, help="LoRA rank of the dry run")
     add_model_flags(parser)
     parser.set_defaults(func=run)
     return parser
@@ -83,6 +91,9 @@ def _audit(args: argparse.Namespace) -> int:
         if os.path.isdir(os.path.join(args.out, name)):
             raise IsADirectoryError(f"{os.path.join(args.out, name)!r} is a folder; the audit writes a file there. "
                                     "Remove it or choose another --out")
+    if args.probe_steps < 0 or args.probe_batch_size < 1 or args.probe_rank < 1 or not args.probe_lr > 0:
+        raise ValueError("--probe-steps must be >= 0 (0: no dry run), --probe-batch-size and --probe-rank >= 1, "
+                         "--probe-lr > 0")
     directions = HarmfulDirections.from_pretrained(args.directions)
     examples = load_task_examples(args.data, limit=args.max_examples, split=args.data_split)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, quiet=args.quiet,
@@ -100,6 +111,8 @@ def _audit(args: argparse.Namespace) -> int:
     report.info.update(model=args.model, finetuned=args.finetuned, data=args.data, directions=args.directions)
 
     extra = _recommendation(args, model, tokenizer, directions, examples, report) if args.recommend else {}
+    if args.probe_steps:
+        extra["erosion_probe"] = _erosion_probe(args, model, tokenizer, examples)
 
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, OUTPUT_FILES[0])
@@ -116,12 +129,14 @@ def _audit(args: argparse.Namespace) -> int:
     print(f"overlap of the {what} with the harmful directions; {report.n_examples} examples, {report.n_tokens} "
           f"tokens; * = guarded layer")
     print(report.table())
-    if extra:
+    if "density" in extra:
         print("superposition density of the base model on the task data (orthoreg.audit.density):")
         print(extra["density"].table())
         recommendation = extra["recommendation"]
         print("recommended configuration (orthoreg.audit.recommend; " + "; ".join(recommendation.reasons) + "):")
         print(recommendation.code(args.directions))
+    if "erosion_probe" in extra:
+        print("\n".join(extra["erosion_probe"].lines()))
     print(f"wrote {', '.join(written)}")
     print(report.verdict_line())
     if args.fail_on and VERDICTS.index(report.verdict) >= VERDICTS.index(args.fail_on):
@@ -144,6 +159,18 @@ def _recommendation(args, model, tokenizer, directions, examples, report) -> dic
         density = superposition_density(model, batches, layers=sorted(report.per_layer), directions=directions,
                                         mask=args.mask)
     return {"density": density, "recommendation": recommend(report, density, lora=args.lora)}
+
+
+def _erosion_probe(args, model, tokenizer, examples):
+    """The K-step LoRA dry run and the erosion its harm signal predicts (``orthoreg.audit.erosion_probe``)."""
+    from ..audit import encode_task_examples, probe_erosion
+    from ..core.prompt_encoding import model_context_length
+
+    encoded = encode_task_examples(tokenizer, examples, max_length=args.max_length or model_context_length(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if args.quiet else "default")
+        return probe_erosion(model, tokenizer, encoded, steps=args.probe_steps, lr=args.probe_lr,
+                             batch_size=args.probe_batch_size, rank=args.probe_rank)
 
 
 def _add_to_json(path: str, extra: dict[str, Any]) -> None:
