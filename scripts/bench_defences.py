@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prep = B.prepare(args.cache_dir, config, args.tasks, align=align, tiny=args.quick, with_predictors=False, log=log)
     if args.render:
         args.arms = None
+    elif args.jobs and not args.arms:  # explicit jobs are something to run, not a render
+        args.arms = ["jobs"]
     rows = run_jobs(args, config, prep, run_dir)
     return finish(args, prep, rows, run_dir)
 

@@ -28,7 +28,7 @@ Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, dat
 - ``margin_budget`` — ``recommended`` plus the harm-margin guard in budget mode
   (``firewall.MarginGuardCallback``, ``action="adapt"``, every 5 steps): the reader λ starts at the recommended
   value and is raised while the probe's refusal margin has fallen more than B nats below the base's. Its
-  ``strength`` is B (nats), not a λ.
+  ``strength`` is B (nats), not a λ. ``margin_budget_fast``: the same read after every step, λ up to 1000 λ₀.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ from .task_runs import TaskBenchConfig
 READER_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random",
                "builtin_harmless_post")
 ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", "activation_projection", "writer", "covariance",
-        "first_token_kl", "hard_projection", "interleave", "reader_harmless_post+first_token_kl", "margin_budget")
+        "first_token_kl", "hard_projection", "interleave", "reader_harmless_post+first_token_kl", "margin_budget",
+        "margin_budget_fast")
 DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, "activation_projection": 0.1, "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0,
-                    "interleave": 0.1, "margin_budget": 1.0}
+                    "interleave": 0.1, "margin_budget": 1.0, "margin_budget_fast": 1.0}
 
 
 @dataclass
@@ -89,14 +90,17 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokeni
             callbacks.append(FirstTokenKLCallback(DEFAULT_STRENGTH["first_token_kl"]))
     elif arm == "recommended":
         callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight), tokenizer=tokenizer))
-    elif arm == "margin_budget":
+    elif arm in ("margin_budget", "margin_budget_fast"):
         from orthoreg.firewall import MarginGuardCallback, MarginGuardConfig
 
         from .finetune import HARM_SIGNAL_EVERY
 
+        fast = arm == "margin_budget_fast"
         orthoreg = OrthoRegCallback(OrthoRegConfig.recommended(), tokenizer=tokenizer)
-        guard = MarginGuardCallback(MarginGuardConfig(max_fall=job.weight, action="adapt"), orthoreg=orthoreg,
-                                    every_n_steps=HARM_SIGNAL_EVERY, tokenizer=tokenizer)
+        guard = MarginGuardCallback(MarginGuardConfig(max_fall=job.weight, action="adapt",
+                                                      max_factor=1000.0 if fast else 100.0),
+                                    orthoreg=orthoreg, every_n_steps=1 if fast else HARM_SIGNAL_EVERY,
+                                    tokenizer=tokenizer)
         callbacks += [orthoreg, guard]
     elif arm == "activation_projection":
         config = OrthoRegConfig.activation_projection(layers=list(directions.layers), proj_weight=job.weight,
