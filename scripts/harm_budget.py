@@ -50,7 +50,7 @@ def summarise(run_dir: Path, tasks_bench: Path, selection: set[tuple[str, int]])
     rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines() if line.strip()]
     cells: dict[tuple[str, str, Any], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r["arm"] in ("margin_budget", "recommended"):
+        if r["arm"] in ("margin_budget", "margin_budget_fast", "recommended"):
             m = measure(r, base["attempt"])
             p = plain[(r["task"], r["seed"])]
             m["task_ratio"] = m["task_metric"] / p["task_metric"] if p["task_metric"] else None
