@@ -98,6 +98,16 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
     assert rows["hard_projection"]["a_in_subspace"]["max"] < 1e-6  # A_m ⟂ V_m after training
     assert rows["reader_random"]["a_in_subspace"]["max"] > 1e-3
     assert len(rows["plain"]["losses"]) == 1 and rows["plain"]["losses"] != rows["interleave"]["losses"]  # other data
+    # the harm-margin guard's budget mode: its readings are the run's harm signal (one probe), λ never below λ₀
+    from orthoreg.config import RECOMMENDED_READER_WEIGHT
+
+    for arm, every in (("margin_budget", 5), ("margin_budget_fast", 1)):
+        guard = rows[arm]["guard"]
+        assert [h["step"] for h in guard] == list(range(every, 11, every))
+        assert rows[arm]["harm_signal"]["every"] == every
+        assert [r["step"] for r in rows[arm]["harm_signal"]["readings"]] == [h["step"] for h in guard]
+        assert all(h["weight"] >= RECOMMENDED_READER_WEIGHT * (1 - 1e-12) for h in guard)
+        assert rows[arm]["penalty_logs"]["orthoreg/reader"] > 0
     cells = result["summary"]["cells"]
     base = result["summary"]["base"]["pooled"]["attempt"]
     plain_cell = cells["summary|plain|None"]
@@ -105,7 +115,7 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
     again = module.main([*common, "--arms", "all", "--seeds", "0"])  # nothing re-runs: the rows come back
     assert [r["key"] for r in again["rows"]] == [r["key"] for r in result["rows"]]
     # explicit jobs, reader and other arms mixed, once the scales exist: run in the order given, at the λ given
-    mixed = module.main([*common, "--arms", "jobs", "--jobs", "summary:reader_random:1:2.5", "summary:plain:1"])
+    mixed = module.main([*common, "--jobs", "summary:reader_random:1:2.5", "summary:plain:1"])  # --arms jobs implied
     new = mixed["rows"][len(result["rows"]):]
     assert [(r["arm"], r["seed"]) for r in new] == [("reader_random", 1), ("plain", 1)]
     assert new[0]["weight"] == pytest.approx(2.5 * scales["scales"]["random"])
