@@ -16,6 +16,7 @@ from .config import OrthoRegConfig
 from .core.layers import is_lora_layer
 from .directions.harmful import HarmfulDirections
 from .engine.metrics import METRIC_PREFIX
+from .engine.refusal_margin import HARM_SIGNAL_STATE_KEY, HarmSignalError, HarmSignalSchedule
 from .engine.regularizer import OrthoRegularizer
 from .reader.wiring import (
     SUBSPACES_FOLDER,
@@ -98,11 +99,8 @@ class OrthoRegCallback(TrainerCallback):
         self.reader = reader_penalty_for(config, self.input_subspaces, mode="inject")
         # Health is checked once per optimizer step, in on_pre_optimizer_step (one host sync), not per micro-batch.
         self.regularizer = OrthoRegularizer(config, directions, mode="inject", check="step")
-        self.harm_signal = None
-        if config.harm_signal_every is not None:
-            from .firewall.harm_signal import HarmSignalCallback  # the firewall builds on this module
-
-            self.harm_signal = HarmSignalCallback(config.harm_signal_every, tokenizer=tokenizer)
+        # The live harm signal (engine.refusal_margin), read after every `harm_signal_every`-th step.
+        self.harm_signal = HarmSignalSchedule(config.harm_signal_every) if config.harm_signal_every else None
         self._saved_calibration = False
         self._steps_in_epoch: int | None = None
 
@@ -124,10 +122,11 @@ class OrthoRegCallback(TrainerCallback):
         if self.reader is None and self.config.reader_weight > 0:
             self._build_builtin_reader(args, state, model, kwargs.get("processing_class") or self.tokenizer)
         if self.harm_signal is not None:  # the base margins, before any update and before this callback's hooks
-            from .firewall.harm_signal import HarmSignalError
-
+            stored = state.stateful_callbacks.get(HARM_SIGNAL_STATE_KEY) if state.stateful_callbacks else None
             try:
-                self.harm_signal.on_train_begin(args, state, control, model=model, **kwargs)
+                state.stateful_callbacks[HARM_SIGNAL_STATE_KEY] = self.harm_signal.start(
+                    model, kwargs.get("processing_class") or self.tokenizer, state.global_step, stored,
+                    full_fine_tune=not any(is_lora_layer(m) for m in model.modules()))
             except HarmSignalError as err:
                 raise HarmSignalError(f"{err} (the live harm signal of OrthoRegConfig(harm_signal_every="
                                       f"{self.config.harm_signal_every}); or turn it off: harm_signal_every=0, "
@@ -204,7 +203,7 @@ class OrthoRegCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.harm_signal is not None:
-            self.harm_signal.on_step_end(args, state, control, **kwargs)
+            self.harm_signal.after_step(kwargs["model"], state.global_step)
         # Written into TrainerState so every later checkpoint's trainer_state.json (JSON, no pickle) carries it.
         if not self._saved_calibration and not self.regularizer.calibrating:
             state.stateful_callbacks[STATE_KEY] = self.regularizer.state_dict()
@@ -222,7 +221,7 @@ class OrthoRegCallback(TrainerCallback):
             metrics.update(reader)
         report_metrics(metrics, METRIC_PREFIX, logs, state, extra={"warmup": warmup})
         if self.harm_signal is not None:
-            self.harm_signal.on_log(args, state, control, logs=logs, **kwargs)
+            add_to_logs(self.harm_signal.pop(), logs, state)  # as measured: every rank probes the same weights
 
     def on_save(self, args, state, control, **kwargs):
         if self.reader is not None and state.is_world_process_zero:
@@ -357,6 +356,16 @@ def _detach_when_train_exits(callback: OrthoRegCallback) -> None:
 
     train_then_detach._orthoreg_detaching = True
     trainer.train = train_then_detach
+
+
+def add_to_logs(values: dict[str, float], logs: dict | None, state: TrainerState) -> None:
+    """Adds ``values`` as they are (no averaging over ranks) to the Trainer's ``logs`` and to the history entry the
+    Trainer appended for them just before calling ``on_log``."""
+    if logs is None or not values:
+        return
+    logs.update(values)
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(values)
 
 
 def move_ahead_of_reporters(callback: TrainerCallback) -> None:

@@ -4,7 +4,7 @@ predicts — with the prediction's error as measured on orthoreg's task benchmar
 **Dry run.** A fresh LoRA adapter (rank r, alpha 2r, on every linear projection the benchmark adapts) is trained for
 K optimizer steps on the task examples (AdamW, constant learning rate, no weight decay, gradients clipped to norm 1,
 batches of ``batch_size`` in a seeded shuffled order, cycling): the settings of the benchmark's benign fine-tunes
-(``orthoreg.realbench.hyperparams``). The refusal margin (``orthoreg.firewall.harm_signal``) is recorded on the
+(``orthoreg.realbench.hyperparams``). The refusal margin (``orthoreg.engine.refusal_margin``) is recorded on the
 model before the first step and read after the K-th; the signal is its **fall** f_K = −(margin_K − margin_0), nats.
 The adapter is then removed (``unload``, nothing merged): the model is returned as it was.
 
@@ -120,7 +120,7 @@ def probe_erosion(model: nn.Module, tokenizer: Any, encoded: list[tuple[list[int
     from ..core.activations import input_device
     from ..core.prompt_encoding import pad_token_id
     from ..engine.metrics import HARM_MARGIN_DELTA, METRIC_PREFIX, OVERREFUSAL_MARGIN_DELTA
-    from ..firewall.harm_signal import RefusalMarginProbe
+    from ..engine.refusal_margin import RefusalMarginProbe
     from .task_data import TaskDataError, task_batches
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

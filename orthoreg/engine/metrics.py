@@ -19,7 +19,7 @@
 
 Under data parallelism the callback averages each value over the ranks (``skipped`` is summed) and the Trainer logs
 it once, from rank 0; ``OrthoLoRA`` returns this rank's values (average them with ``accelerator.reduce``). The
-``harm_margin`` family (``orthoreg.firewall.harm_signal``) is measured on every rank and logged from rank 0, not
+``harm_margin`` family (``orthoreg.engine.refusal_margin``) is measured on every rank and logged from rank 0, not
 averaged; it is the latest reading since the last log (every ``every_n_steps`` steps), not a mean.
 """
 
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 METRIC_PREFIX = "orthoreg/"
-# The live harm signal (orthoreg.firewall.harm_signal), unprefixed like the penalty names.
+# The live harm signal (orthoreg.engine.refusal_margin), unprefixed like the penalty names.
 HARM_MARGIN = "harm_margin"
 HARM_MARGIN_DELTA = "harm_margin_delta"
 OVERREFUSAL_MARGIN = "overrefusal_margin"

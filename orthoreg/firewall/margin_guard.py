@@ -175,7 +175,7 @@ class MarginGuardCallback(HarmSignalCallback):
         extra = {HARM_FALL: fall, GUARD_ALERTS: float(self.alerts)}
         if self.controller is not None:
             extra[GUARD_WEIGHT] = self.controller.weight
-        self._pending.update(metric_names(extra))
+        self.schedule.pending.update(metric_names(extra))
         self.alerts = 0
         state.stateful_callbacks[STATE_KEY] = self.state_dict()
 

@@ -201,12 +201,12 @@ class OrthoLoRA(nn.Module):
         self.reader = reader_penalty_for(config, self.input_subspaces, mode="return")
         if self.reader is not None:
             self.reader.attach(peft_model)
-        # The live harm signal (orthoreg.firewall.harm_signal): base margins now, a reading every N updates.
+        # The live harm signal (orthoreg.engine.refusal_margin): base margins now, a reading every N updates.
         self.harm_signal = None
         self.harm_readings: list[dict[str, float]] = []
         self._harm_popped: int | None = None
         if config.harm_signal_every is not None:
-            from ..firewall.harm_signal import RefusalMarginProbe  # the firewall builds on the core, not on this
+            from ..engine.refusal_margin import RefusalMarginProbe
 
             self.harm_signal = RefusalMarginProbe()
             if harm_signal_state is not None:  # from_pretrained: the base of step 0, as saved
