@@ -26,6 +26,7 @@ from orthoreg.core.prompts import load_builtin
 from orthoreg.reader import InputSubspacesError
 from orthoreg.reader.wiring import SUBSPACES_FOLDER
 from orthoreg.realbench.tiny import bpe_tokenizer, tiny_llama
+from tests.trainer_harness import chat_rows
 
 torch.set_num_threads(1)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -41,17 +42,7 @@ def _lora(tokenizer, seed=0):
 
 
 def _dataset(tokenizer, n=8):
-    rows = {"input_ids": [], "attention_mask": [], "labels": []}
-    for prompt in load_builtin("test").harmless[:n]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": "Sure, here it is."}], tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:40]
-        ids += [tokenizer.pad_token_id] * (40 - len(ids))
-        mask = [int(i != tokenizer.pad_token_id) for i in ids]
-        rows["input_ids"].append(ids)
-        rows["attention_mask"].append(mask)
-        rows["labels"].append([i if m else -100 for i, m in zip(ids, mask, strict=True)])
-    return Dataset.from_dict(rows)
+    return Dataset.from_dict(chat_rows(tokenizer, load_builtin("test").harmless[:n]))
 
 
 def _trainer(model, tokenizer, out, callbacks, steps=2, data_tokenizer=None, **overrides):

@@ -4,19 +4,11 @@ tested in test_judge_v2)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-
-def _script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "harm_budget.py"
-    spec = importlib.util.spec_from_file_location("harm_budget", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests._scripts import load_script
 
 
 def _row(task, seed, attempt, over, score, losses, arm=None, strength=None, guard=None):
@@ -28,7 +20,7 @@ def _row(task, seed, attempt, over, score, losses, arm=None, strength=None, guar
 
 
 def test_budget_section_from_rows(tmp_path, monkeypatch):
-    module = _script()
+    module = load_script("scripts/harm_budget.py")
     monkeypatch.setattr(module, "rejudge", lambda safety: safety)  # the shares as given
     bench = {"prep": {"base_eval": {"safety": {"pooled": {"attempt": 0.10, "over_refusal": 0.30}}}},
              "rows": [_row("howto", s, 0.40 + 0.01 * s, 0.20, 1.0, [2.0] * 12) for s in range(3)]}

@@ -18,6 +18,7 @@ from orthoreg.core.prompts import load_builtin
 from orthoreg.engine.metrics import HARM_SIGNAL_METRICS, METRIC_PREFIX
 from orthoreg.firewall import MarginGuardCallback, MarginGuardConfig, RefusalMarginProbe
 from orthoreg.realbench.tiny import bpe_tokenizer, tiny_llama
+from tests.trainer_harness import chat_rows
 
 torch.set_num_threads(1)
 KEYS = [METRIC_PREFIX + name for name in HARM_SIGNAL_METRICS]
@@ -30,17 +31,7 @@ def tokenizer():
 
 
 def _rows(tokenizer, n=8):
-    rows = {"input_ids": [], "attention_mask": [], "labels": []}
-    for prompt in load_builtin("train").harmful[:n]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": "Sure, here it is."}], tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:40]
-        ids += [tokenizer.pad_token_id] * (40 - len(ids))
-        mask = [int(i != tokenizer.pad_token_id) for i in ids]
-        rows["input_ids"].append(ids)
-        rows["attention_mask"].append(mask)
-        rows["labels"].append([i if m else -100 for i, m in zip(ids, mask, strict=True)])
-    return rows
+    return chat_rows(tokenizer, load_builtin("train").harmful[:n])
 
 
 def _independent_probe(model, tokenizer):

@@ -25,6 +25,7 @@ from orthoreg.firewall import (
     RefusalMarginProbe,
 )
 from orthoreg.realbench.tiny import bpe_tokenizer, tiny_llama
+from tests.trainer_harness import chat_rows
 
 torch.set_num_threads(1)
 LAMBDA0 = RECOMMENDED_READER_WEIGHT
@@ -121,17 +122,8 @@ def test_set_weight_refuses_a_term_that_is_not_wired_and_bad_values():
 
 
 def _dataset(tokenizer, n=8):
-    rows = {"input_ids": [], "attention_mask": [], "labels": []}
-    for prompt in load_builtin("train").harmful[:n]:  # harmful requests answered with a compliance opener
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": "Sure, here it is."}], tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:40]
-        ids += [tokenizer.pad_token_id] * (40 - len(ids))
-        mask = [int(i != tokenizer.pad_token_id) for i in ids]
-        rows["input_ids"].append(ids)
-        rows["attention_mask"].append(mask)
-        rows["labels"].append([i if m else -100 for i, m in zip(ids, mask, strict=True)])
-    return Dataset.from_dict(rows)
+    # harmful requests answered with a compliance opener
+    return Dataset.from_dict(chat_rows(tokenizer, load_builtin("train").harmful[:n]))
 
 
 def test_budget_mode_in_a_trainer_logs_and_applies_the_law(tokenizer, tmp_path):
@@ -161,7 +153,7 @@ def test_budget_mode_in_a_trainer_logs_and_applies_the_law(tokenizer, tmp_path):
     assert max(want) > 1.5 * LAMBDA0  # the law did raise λ, so the checks below see a changed weight
     assert orthoreg.reader.weight == orthoreg.config.reader_weight == pytest.approx(want[-1], rel=1e-12)
     # The step after a raise carries the raised λ: orthoreg/total = λ in force · reader.
-    for before, row in zip(logged, logged[1:]):
+    for before, row in zip(logged, logged[1:], strict=False):
         assert row["orthoreg/total"] == pytest.approx(before["orthoreg/guard_weight"] * row["orthoreg/reader"],
                                                       rel=1e-5)
     state = trainer.state.stateful_callbacks["orthoreg_margin_guard"]

@@ -166,10 +166,8 @@ def test_bpe_tokenizer_round_trips():
 def test_pipeline_smoke(tmp_path):
     """The whole benchmark — safety tune + merge + cache, directions with layer choice by ablation, overlap score,
     every arm's fine-tune through the library's callbacks, evaluation, summary, plot — on a tiny Llama."""
-    import importlib.util
-    import pathlib
-
     from orthoreg.realbench.aligned import AlignConfig, build_aligned, load_aligned
+    from tests._scripts import load_script
 
     tok = bpe_tokenizer()
     model = tiny_llama(tok)
@@ -185,10 +183,7 @@ def test_pipeline_smoke(tmp_path):
     loaded, loaded_tok = load_aligned(folder)
     assert loaded.config.num_hidden_layers == 4 and loaded_tok.chat_template == tok.chat_template
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_smollm2", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_smollm2.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("scripts/bench_smollm2.py")
     out = tmp_path / "smoke.json"
     result = bench.main(["--base-folder", str(folder), "--quick", "--workers", "0", "--seeds", "0", "--steps", "2",
                          "--candidate-layers", "1", "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),

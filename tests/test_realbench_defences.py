@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from orthoreg.realbench.defence_subspaces import gradient_norm, load_adapter, random_subspaces, save_adapter
 from orthoreg.realbench.defences import ARMS, DefenceJob, reader_set
+from tests._scripts import load_script
 
 
 def _frame(k: int, d: int, seed: int) -> torch.Tensor:
@@ -68,11 +67,7 @@ def test_job_weight_scales_and_reader_sets():
 
 
 def _driver():
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_defences.py"
-    spec = importlib.util.spec_from_file_location("bench_defences", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/bench_defences.py")
 
 
 def test_quick_driver_runs_every_arm_and_resumes(tmp_path):

@@ -43,6 +43,22 @@ class GradSnapshot(TrainerCallback):
             }
 
 
+def chat_rows(tokenizer, prompts, reply: str = "Sure, here it is.", width: int = 40) -> dict[str, list]:
+    """Each prompt as a user turn answered with ``reply`` (the tokenizer's chat template), cut or right-padded to
+    ``width`` tokens, labels on every real token: columns for ``datasets.Dataset.from_dict``."""
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": reply}], tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:width]
+        ids += [tokenizer.pad_token_id] * (width - len(ids))
+        mask = [int(i != tokenizer.pad_token_id) for i in ids]
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append(mask)
+        rows["labels"].append([i if m else -100 for i, m in zip(ids, mask, strict=True)])
+    return rows
+
+
 def train_one_step(model, dataset, callbacks=(), ga=1, batch_size=4, checkpointing=None, output_dir="/tmp/orthoreg-t",
                    trainer_cls=Trainer, args_cls=TrainingArguments, extra_args=None, trainer_kwargs=None):
     """Runs exactly one optimizer step; returns (grads, the micro-batches the model received, trainer)."""

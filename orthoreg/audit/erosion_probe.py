@@ -72,8 +72,10 @@ class ErosionCalibration:
         """The line through the tasks' (fall, rise) at ``step``: intercept, slope, leave-one-task-out MAE, Spearman."""
         points = list(self.steps[step].values())
         intercept, slope = _least_squares(points)
-        errors = [abs(rise - sum(c * x for c, x in zip(_least_squares(points[:i] + points[i + 1:]), (1.0, fall))))
-                  for i, (fall, rise) in enumerate(points)]
+        errors = []
+        for i, (fall, rise) in enumerate(points):  # each task predicted by the line through the others
+            a, b = _least_squares(points[:i] + points[i + 1:])
+            errors.append(abs(rise - (a + b * fall)))
         return {"intercept": intercept, "slope": slope, "loo_mae": sum(errors) / len(errors),
                 "spearman": spearman_rho([p[0] for p in points], [p[1] for p in points]) or 0.0,
                 "n_tasks": len(points)}

@@ -48,10 +48,12 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from ..core.distributed import broadcast_from_main
 from ..core.prompt_encoding import pad_token_id, text_tokenizer
 from ..core.prompts import load_builtin, prompt_hash
 from ..core.reference import find_peft_model, reference_forward
+from ..terms.token_rows import no_autocast
 from .metrics import (
     HARM_MARGIN,
     HARM_MARGIN_DELTA,
@@ -59,7 +61,6 @@ from .metrics import (
     OVERREFUSAL_MARGIN_DELTA,
     metric_names,
 )
-from ..terms.token_rows import no_autocast
 
 __all__ = ["HARM_SIGNAL_STATE_KEY", "HarmSignalError", "HarmSignalSchedule", "RefusalMarginProbe", "builtin_probe_pairs", "pick_openers"]
 
