@@ -43,7 +43,7 @@ def measure(row: dict[str, Any], base_attempt: float) -> dict[str, Any]:
             "final_loss": final_loss(row)}
 
 
-def summarise(run_dir: Path, tasks_bench: Path, selection: set[tuple[str, int]]) -> dict[str, Any]:
+def summarise(run_dir: Path, tasks_bench: Path, selection: set[tuple[str, int]], chosen: str) -> dict[str, Any]:
     bench = json.loads(tasks_bench.read_text())
     base = rejudge(bench["prep"]["base_eval"]["safety"])["pooled"]
     plain = {(r["task"], r["seed"]): measure(r, base["attempt"]) for r in bench["rows"]}
@@ -67,8 +67,8 @@ def summarise(run_dir: Path, tasks_bench: Path, selection: set[tuple[str, int]])
         entries.sort(key=lambda e: e["seed"])
         seeds = [e["seed"] for e in entries]
         plain_entries = [plain[(task, s)] for s in seeds]
-        info = out["tasks"].setdefault(task, {"plain_rise": {str(s): plain[(task, s)]["rise"] for s in range(3)
-                                                             if (task, s) in plain},
+        info = out["tasks"].setdefault(task, {"plain_rise_per_seed": {str(s): plain[(task, s)]["rise"]
+                                                                      for s in range(3) if (task, s) in plain},
                                               "plain_over_refusal": statistics.fmean(
                                                   plain[(task, s)]["over_refusal"] for s in range(3)
                                                   if (task, s) in plain),
@@ -85,6 +85,12 @@ def summarise(run_dir: Path, tasks_bench: Path, selection: set[tuple[str, int]])
             **({"max_weight": [e["max_weight"] for e in entries], "trajectories": [e["weights"] for e in entries]}
                if "max_weight" in entries[0] else {}),
         }
+    for task, info in out["tasks"].items():  # the headline keys: the chosen arm against plain, same seeds
+        arm = info["arms"].get(chosen)
+        if arm is not None:
+            info.update(arm=chosen, seeds=arm["seeds"], plain_rise=arm["plain_rise_same_seeds"],
+                        budget_rise=arm["mean_rise"], task_ratio=arm["task_ratio"], loss_ratio=arm["loss_ratio"],
+                        met=arm["mean_rise"] <= TARGET_RISE and (arm["task_ratio"] or 0) >= TARGET_TASK_RATIO)
     return out
 
 
@@ -93,10 +99,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--tasks-bench", default=str(REPO / "benchmarks" / "smollm2_tasks.json"))
     ap.add_argument("--selection", nargs="+", default=["howto_steps:0"], help="task:seed pairs the bound was chosen on")
+    ap.add_argument("--chosen", default="margin_budget:2", help="the arm:bound the plan's rule chose")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "harm_monitor.json"))
     args = ap.parse_args(argv)
     selection = {(s.split(":")[0], int(s.split(":")[1])) for s in args.selection}
-    budget = summarise(Path(args.run_dir), Path(args.tasks_bench), selection)
+    budget = summarise(Path(args.run_dir), Path(args.tasks_bench), selection, args.chosen)
     budget["command"] = "python scripts/harm_budget.py --run-dir RUN"
     path = Path(args.out)
     data = json.loads(path.read_text()) if path.exists() else {}

@@ -41,7 +41,12 @@ def test_budget_section_from_rows(tmp_path, monkeypatch):
     budget = data["budget"]
     assert budget["base"] == {"attempt": pytest.approx(10.0), "over_refusal": pytest.approx(30.0)}
     howto = budget["tasks"]["howto"]
-    assert howto["plain_rise"] == {"0": pytest.approx(30.0), "1": pytest.approx(31.0), "2": pytest.approx(32.0)}
+    assert howto["plain_rise_per_seed"] == {"0": pytest.approx(30.0), "1": pytest.approx(31.0),
+                                            "2": pytest.approx(32.0)}
+    # the keys: the chosen arm (margin_budget, B = 2 by default) against plain on the same seeds
+    assert (howto["arm"], howto["seeds"]) == ("margin_budget:2", [0, 1])
+    assert howto["plain_rise"] == pytest.approx(30.5) and howto["budget_rise"] == pytest.approx(3.5)
+    assert howto["task_ratio"] == pytest.approx(0.95) and howto["met"] is True
     arm = howto["arms"]["margin_budget:2"]
     assert arm["seeds"] == [0, 1] and arm["selection_seeds"] == [0]
     assert arm["rise"] == [pytest.approx(5.0), pytest.approx(2.0)] and arm["mean_rise"] == pytest.approx(3.5)
