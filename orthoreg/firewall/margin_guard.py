@@ -21,6 +21,12 @@ against a bound B (``max_fall``):
   (``floor="hold"``): the guard only ever *raises* the user's λ, up to ``max_factor``·λ₀, and brings it back toward
   λ₀ once the margin has recovered. A margin that rises (f ≤ 0) is a full-size negative error.
 
+**Measured** (README, "A live harm signal…"; SmolLM2-135M, 3 eroding tasks × 3 seeds): budget mode on the reader
+term with B = 2 nats leaves +9.4 / +5.6 / +0.0 points of harmful attempts where plain LoRA rises +31 / +22 / +16 and
+the reader term alone +11.5 / +6.6 / −0.7 — the margin falls within the first 10 steps and, on the worst task, stays
+down at any reader λ. Use warn / stop as a monitor; do not expect budget mode to hold erosion the raised term cannot
+reach.
+
 The readings come every ``every_n_steps`` steps, not every step, so the default gains (k_i 0.5, k_p 0.4, at most
 one nat of log λ per reading) are larger than the drift budget's per-step ones; they stay inside that law's
 stability region (k_i + 2k_p < 2).
