@@ -127,10 +127,11 @@ class OrthoRegCallback(TrainerCallback):
                 state.stateful_callbacks[HARM_SIGNAL_STATE_KEY] = self.harm_signal.start(
                     model, kwargs.get("processing_class") or self.tokenizer, state.global_step, stored,
                     full_fine_tune=not any(is_lora_layer(m) for m in model.modules()))
-            except HarmSignalError as err:
-                raise HarmSignalError(f"{err} (the live harm signal of OrthoRegConfig(harm_signal_every="
-                                      f"{self.config.harm_signal_every}); or turn it off: harm_signal_every=0, "
-                                      "--orthoreg_harm_signal_every 0)") from err
+            except HarmSignalError as err:  # a diagnostic: the penalty trains on without it, said out loud
+                warnings.warn(f"orthoreg: the live harm signal (OrthoRegConfig(harm_signal_every="
+                              f"{self.config.harm_signal_every})) is off for this run: {err}. Set harm_signal_every=0 "
+                              "(--orthoreg_harm_signal_every 0) to silence this.", UserWarning, stacklevel=2)
+                self.harm_signal = None
         move_ahead_of_reporters(self)
         if not self.regularizer.attached:
             for stale in self.regularizer.others_attached(model):

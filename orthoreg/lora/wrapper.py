@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -206,16 +207,21 @@ class OrthoLoRA(nn.Module):
         self.harm_readings: list[dict[str, float]] = []
         self._harm_popped: int | None = None
         if config.harm_signal_every is not None:
-            from ..engine.refusal_margin import RefusalMarginProbe
+            from ..engine.refusal_margin import HarmSignalError, RefusalMarginProbe
 
             self.harm_signal = RefusalMarginProbe()
             if harm_signal_state is not None:  # from_pretrained: the base of step 0, as saved
                 self.harm_signal.load_state_dict(harm_signal_state)
-            elif tokenizer is None:
-                raise ValueError("OrthoRegConfig(harm_signal_every=...) reads the model's refusal margin through its "
-                                 "chat template: pass OrthoLoRA(..., tokenizer=tokenizer), or harm_signal_every=None")
-            else:
-                self.harm_signal.record_base(peft_model, tokenizer)
+            else:  # a diagnostic: the penalties work without it, so a missing piece is said out loud, not raised
+                try:
+                    if tokenizer is None:
+                        raise HarmSignalError("it reads the refusal margin through the chat template: pass "
+                                              "OrthoLoRA(..., tokenizer=tokenizer) to log it")
+                    self.harm_signal.record_base(peft_model, tokenizer)
+                except HarmSignalError as err:
+                    warnings.warn(f"orthoreg: the live harm signal (OrthoRegConfig(harm_signal_every=...)) is off: "
+                                  f"{err}. Set harm_signal_every=0 to silence this.", UserWarning, stacklevel=2)
+                    self.harm_signal = None
         self._last_metric_tensors: dict[str, torch.Tensor] = {}
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_count = 0
