@@ -33,7 +33,8 @@ stability region (k_i + 2k_p < 2).
 
 Logged with the harm signal's keys (``orthoreg.engine.metrics``): ``orthoreg/harm_fall`` (f_t), ``orthoreg/guard_alerts``
 (crossings since the last log) and, in budget mode, ``orthoreg/guard_weight`` (λ in force from the next step). The
-guard's state (controller, alert state, stop step) is saved in every checkpoint
+fall every rank acts on is rank 0's (broadcast), so the ranks keep one λ and stop together. The guard's state
+(controller, alert state, stop step) is saved in every checkpoint
 (``TrainerState.stateful_callbacks["orthoreg_margin_guard"]``, JSON) beside the probe's, and restored on resume.
 
 Example:
@@ -52,6 +53,7 @@ from typing import Any, Literal
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ..callback import OrthoRegCallback
+from ..core.distributed import broadcast_from_main
 from ..engine.metrics import GUARD_ALERTS, GUARD_WEIGHT, HARM_FALL, HARM_MARGIN_DELTA, METRIC_PREFIX, metric_names
 from .budget import BudgetConfig, DriftBudgetController
 from .harm_signal import HarmSignalCallback, HarmSignalError, RefusalMarginProbe
@@ -173,7 +175,8 @@ class MarginGuardCallback(HarmSignalCallback):
         super().on_step_end(args, state, control, model=model, **kwargs)
         if state.global_step % self.every_n_steps:
             return
-        fall = -self.readings[-1][METRIC_PREFIX + HARM_MARGIN_DELTA]
+        # Rank 0's reading on every rank: the ranks' λ (and stop decisions) must not drift apart by rounding.
+        fall = broadcast_from_main(-self.readings[-1][METRIC_PREFIX + HARM_MARGIN_DELTA])
         if self.act(fall, state.global_step):
             control.should_training_stop = True
             control.should_save = True

@@ -1,6 +1,7 @@
 """``OrthoRegCallback(OrthoRegConfig.recommended())`` on two CPU ranks: the built-in input subspaces are recorded at
 train start (by the main process under DDP; by every rank together under ZeRO-3, whose forward is collective) and
-every rank penalises bit-identical V_m — the same V a single process records on the same model."""
+every rank penalises bit-identical V_m — the same V a single process records on the same model. A harm-margin guard
+in budget mode beside it keeps one λ on every rank."""
 
 from __future__ import annotations
 
@@ -43,3 +44,9 @@ def test_every_rank_penalises_the_main_process_subspaces(tmp_path, backend):
         p_rank, p_single = v0[name].double().T @ v0[name].double(), single[name].double().T @ single[name].double()
         assert torch.allclose(p_rank, p_single, atol=1e-4), name
     assert info0["reader"][0] == 0.0 and info0["reader"][1] > 0  # W = W₀ at step 1; the first update moved it
+    # The harm-margin guard: every rank probed (the ZeRO-3 forward is collective), acted on rank 0's fall and set
+    # the same reader λ; the readings themselves agree to rounding.
+    assert [h["step"] for h in info0["guard"]] == [1, 2] and info0["guard"] == info1["guard"]
+    assert info0["reader_weight"] == info1["reader_weight"] == info0["guard"][-1]["weight"]
+    for r0, r1 in zip(info0["readings"], info1["readings"], strict=True):
+        assert r0.keys() == r1.keys() and all(abs(r0[k] - r1[k]) <= 1e-4 * max(1.0, abs(r0[k])) for k in r0)

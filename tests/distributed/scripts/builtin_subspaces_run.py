@@ -9,7 +9,9 @@ Launch (what the test runs through ``tests.distributed._launch.launch``)::
         --backend zero3
 
 Each rank records the V_m its callback penalises (``rank{r}.safetensors``), whether the weights were partitioned
-when training began, and the logged ``orthoreg/reader`` of the two steps (``rank{r}.json``).
+when training began, and the logged ``orthoreg/reader`` of the two steps (``rank{r}.json``). A harm-margin guard in
+budget mode (read after every step, a bound it crosses) rides along: each rank records its readings, the falls it
+acted on and the reader λ it set.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from _launch import rank_out_dir, run_rank, skip_deepspeed_shm_comm_build, write
 from callback_common import ListDataset, training_args, zero3_sharded  # noqa: E402
 
 from orthoreg import OrthoRegCallback, OrthoRegConfig  # noqa: E402
+from orthoreg.firewall import MarginGuardCallback, MarginGuardConfig, RefusalMarginProbe  # noqa: E402
 from orthoreg.realbench.tiny import bpe_tokenizer, tiny_llama  # noqa: E402
 
 
@@ -67,6 +70,8 @@ def main() -> None:
     tokenizer = bpe_tokenizer()
     model = tiny_llama(tokenizer).train()
     callback = OrthoRegCallback(OrthoRegConfig.recommended(), tokenizer=tokenizer)
+    guard = MarginGuardCallback(MarginGuardConfig(max_fall=1e-6, action="adapt"), orthoreg=callback, every_n_steps=1,
+                                probe=RefusalMarginProbe(pairs=4), tokenizer=tokenizer)
     seen: dict = {}
     from transformers import Trainer, TrainerCallback
 
@@ -77,12 +82,13 @@ def main() -> None:
     args = training_args(tempfile.mkdtemp(prefix="orthoreg-builtin-"), batch=2, ga=1, deepspeed=ds_config)
     args.max_steps, args.learning_rate = 2, 0.05
     trainer = Trainer(model=model, args=args, train_dataset=ListDataset(chat_samples(tokenizer, 8)),
-                      callbacks=[ShardingProbe(), callback])
+                      callbacks=[ShardingProbe(), callback, guard])
     trainer.train()
     reader = [row["orthoreg/reader"] for row in trainer.state.log_history if "orthoreg/reader" in row]
     info = {"world_size": dist.get_world_size(), "backend": backend, "reader": reader,
             "sharded_at_begin": seen["sharded_at_begin"], "modules": callback.input_subspaces.names,
-            "prompt_count": callback.input_subspaces.metadata["prompt_set"]["count"]}
+            "prompt_count": callback.input_subspaces.metadata["prompt_set"]["count"],
+            "guard": guard.history, "readings": guard.readings, "reader_weight": callback.reader.weight}
     write_rank_results(out, dist.get_rank(), info, dict(callback.input_subspaces.items()))
     dist.barrier()
     dist.destroy_process_group()
