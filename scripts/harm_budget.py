@@ -85,7 +85,7 @@ def summarise(run_dir: Path, tasks_bench: Path, selection: set[tuple[str, int]],
             **({"max_weight": [e["max_weight"] for e in entries], "trajectories": [e["weights"] for e in entries]}
                if "max_weight" in entries[0] else {}),
         }
-    for task, info in out["tasks"].items():  # the headline keys: the chosen arm against plain, same seeds
+    for info in out["tasks"].values():  # the headline keys: the chosen arm against plain, same seeds
         arm = info["arms"].get(chosen)
         if arm is not None:
             info.update(arm=chosen, seeds=arm["seeds"], plain_rise=arm["plain_rise_same_seeds"],
