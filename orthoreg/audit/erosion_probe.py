@@ -31,12 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.layers import DECODER_PROJECTIONS
 from ..core.rank_correlation import spearman_rho
 
 __all__ = ["ErosionCalibration", "ErosionProbeReport", "probe_erosion"]
 
 CALIBRATION_FILE = "erosion_calibration.json"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -131,9 +131,9 @@ def probe_erosion(model: nn.Module, tokenizer: Any, encoded: list[tuple[list[int
         raise TaskDataError("the task data has no token with a loss label: the dry run would not train")
     calibration = calibration or ErosionCalibration.builtin()
     targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                      if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS})
+                      if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in DECODER_PROJECTIONS})
     if not targets:
-        raise ValueError(f"the model has none of the projections {LORA_TARGETS} the dry run adapts")
+        raise ValueError(f"the model has none of the projections {DECODER_PROJECTIONS} the dry run adapts")
     probe = RefusalMarginProbe()
     probe.record_base(model, tokenizer)
     with torch.random.fork_rng(devices=[]):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "DECODER_PROJECTIONS",
     "active_lora_adapter",
     "check_adapter_state",
     "check_gathered",
@@ -26,6 +27,10 @@ __all__ = [
     "lora_layers",
     "out_width",
 ]
+
+# The seven linear projections of a Llama-family decoder layer (attention and MLP), by module name suffix: what the
+# benchmarks' LoRA fine-tunes and the audit's dry run adapt.
+DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def is_lora_layer(module: nn.Module) -> bool:

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.layers import DECODER_PROJECTIONS
 from .model import collate
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = DECODER_PROJECTIONS
 
 
 # Steps between readings of the live harm signal in the benchmarks' fine-tunes (steps 5, 10, …: an early reading
