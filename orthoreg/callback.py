@@ -125,8 +125,7 @@ class OrthoRegCallback(TrainerCallback):
             stored = state.stateful_callbacks.get(HARM_SIGNAL_STATE_KEY) if state.stateful_callbacks else None
             try:
                 state.stateful_callbacks[HARM_SIGNAL_STATE_KEY] = self.harm_signal.start(
-                    model, kwargs.get("processing_class") or self.tokenizer, state.global_step, stored,
-                    full_fine_tune=not any(is_lora_layer(m) for m in model.modules()))
+                    model, kwargs.get("processing_class") or self.tokenizer, state.global_step, stored)
             except HarmSignalError as err:  # a diagnostic: the penalty trains on without it, said out loud
                 warnings.warn(f"orthoreg: the live harm signal (OrthoRegConfig(harm_signal_every="
                               f"{self.config.harm_signal_every})) is off for this run: {err}. Set harm_signal_every=0 "

@@ -116,5 +116,5 @@ def test_ortholora_reads_every_n_updates_and_pops_each_reading_once(tokenizer, t
 
     model.save_pretrained(tmp_path / "saved")
     restored = OrthoLoRA.from_pretrained(tiny_llama(tokenizer), tmp_path / "saved")  # no tokenizer needed
-    assert restored.harm_signal.base == model.harm_signal.base  # the saved base of step 0, not re-recorded
+    assert restored.harm_signal.probe.base == model.harm_signal.probe.base  # the saved base of step 0, not re-recorded
     assert restored.read_harm_signal() == pytest.approx(final, rel=1e-5, abs=1e-6)

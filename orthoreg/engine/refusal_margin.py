@@ -325,9 +325,10 @@ def _forward_parameters(model: nn.Module) -> set[str]:
 
 
 class HarmSignalSchedule:
-    """The harm signal over one training run, for any front door (``firewall.HarmSignalCallback``,
-    ``OrthoRegCallback`` with ``harm_signal_every``): the base recorded — or restored from a checkpoint — at the
-    start, a reading after every ``every_n_steps``-th optimizer step, each reading handed out once (``pop``).
+    """The harm signal over one training run, for any front door (``firewall.HarmSignalCallback``, and
+    ``OrthoRegCallback`` and ``OrthoLoRA`` with ``harm_signal_every``): the base recorded — or restored from a
+    checkpoint — at the start, a reading after every ``every_n_steps``-th optimizer step (once per step, however
+    often it is asked), each reading handed out once (``pop``).
 
     Args:
         every_n_steps (`int`): optimizer steps between readings (>= 1).
@@ -343,15 +344,15 @@ class HarmSignalSchedule:
         self.readings: list[dict[str, float]] = []
         self.pending: dict[str, float] = {}
 
-    def start(self, model: nn.Module, tokenizer: Any, global_step: int, stored: dict[str, Any] | None,
-              full_fine_tune: bool) -> dict[str, Any]:
+    def start(self, model: nn.Module, tokenizer: Any, global_step: int, stored: dict[str, Any] | None) -> dict[str, Any]:
         """Restores the base of step 0 from ``stored`` (a checkpoint's state) when resuming, else records it on
-        ``model`` now; returns the state to save with every checkpoint. A full fine-tune resumed without a stored
-        base is refused: recording then would take the resumed weights as the base."""
+        ``model`` now (a PEFT model with its adapter switched off); returns the state to save with every checkpoint.
+        A full fine-tune (no PEFT model) resumed without a stored base is refused: recording then would take the
+        resumed weights as the base."""
         if global_step > 0 and stored is not None:
             self.probe.load_state_dict(stored)
         elif not self.probe.recorded:
-            if global_step > 0 and full_fine_tune:
+            if global_step > 0 and find_peft_model(model) is None:
                 raise HarmSignalError(
                     f"resuming a full fine-tune at step {global_step}, but the checkpoint holds no harm-signal base "
                     "(it was written without the harm signal): recording now would take the resumed weights as the "
@@ -360,9 +361,14 @@ class HarmSignalSchedule:
         return self.probe.state_dict()
 
     def after_step(self, model: nn.Module, global_step: int) -> dict[str, float] | None:
-        """The reading after optimizer step ``global_step`` when it is due (else ``None``); kept for ``pop``."""
-        if global_step % self.every_n_steps:
+        """The reading after optimizer step ``global_step`` when it is due and not yet taken (else ``None``)."""
+        taken = self.readings and self.readings[-1]["step"] == global_step
+        if global_step < 1 or global_step % self.every_n_steps or taken:
             return None
+        return self.read(model, global_step)
+
+    def read(self, model: nn.Module, global_step: int) -> dict[str, float]:
+        """Measures now, whether due or not; the reading is kept (``readings``) and handed out by ``pop``."""
         self.pending = self.probe.measure(model)
         self.readings.append({"step": global_step, **self.pending})
         return self.pending

@@ -21,7 +21,6 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..callback import add_to_logs, move_ahead_of_reporters
-from ..core.reference import find_peft_model
 from ..engine.refusal_margin import (
     HARM_SIGNAL_STATE_KEY,
     HarmSignalError,
@@ -83,8 +82,7 @@ class HarmSignalCallback(TrainerCallback):
         move_ahead_of_reporters(self)
         stored = state.stateful_callbacks.get(STATE_KEY) if state.stateful_callbacks else None
         state.stateful_callbacks[STATE_KEY] = self.schedule.start(
-            model, self.tokenizer or kwargs.get("processing_class"), state.global_step, stored,
-            full_fine_tune=find_peft_model(model) is None)
+            model, self.tokenizer or kwargs.get("processing_class"), state.global_step, stored)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                     **kwargs):

@@ -172,11 +172,11 @@ class MarginGuardCallback(HarmSignalCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
                     **kwargs):
-        super().on_step_end(args, state, control, model=model, **kwargs)
-        if state.global_step % self.every_n_steps:
+        reading = self.schedule.after_step(model, state.global_step)
+        if reading is None:
             return
         # Rank 0's reading on every rank: the ranks' λ (and stop decisions) must not drift apart by rounding.
-        fall = broadcast_from_main(-self.readings[-1][METRIC_PREFIX + HARM_MARGIN_DELTA])
+        fall = broadcast_from_main(-reading[METRIC_PREFIX + HARM_MARGIN_DELTA])
         if self.act(fall, state.global_step):
             control.should_training_stop = True
             control.should_save = True

@@ -37,6 +37,7 @@ from ..core.layers import check_adapter_state, lora_layers
 from ..directions.harmful import HarmfulDirections
 from ..engine.health import StepHealth
 from ..engine.metrics import metric_names
+from ..engine.refusal_margin import HarmSignalError, HarmSignalSchedule
 from ..engine.regularizer import OrthoRegularizer
 from ..reader.wiring import configured_subspaces, reader_penalty_for, record_builtin_subspaces
 from .io import load_ortholora, save_ortholora
@@ -203,21 +204,17 @@ class OrthoLoRA(nn.Module):
         if self.reader is not None:
             self.reader.attach(peft_model)
         # The live harm signal (orthoreg.engine.refusal_margin): base margins now, a reading every N updates.
-        self.harm_signal = None
-        self.harm_readings: list[dict[str, float]] = []
-        self._harm_popped: int | None = None
+        self.harm_signal: HarmSignalSchedule | None = None
         if config.harm_signal_every is not None:
-            from ..engine.refusal_margin import HarmSignalError, RefusalMarginProbe
-
-            self.harm_signal = RefusalMarginProbe()
+            self.harm_signal = HarmSignalSchedule(config.harm_signal_every)
             if harm_signal_state is not None:  # from_pretrained: the base of step 0, as saved
-                self.harm_signal.load_state_dict(harm_signal_state)
+                self.harm_signal.probe.load_state_dict(harm_signal_state)
             else:  # a diagnostic: the penalties work without it, so a missing piece is said out loud, not raised
                 try:
                     if tokenizer is None:
                         raise HarmSignalError("it reads the refusal margin through the chat template: pass "
                                               "OrthoLoRA(..., tokenizer=tokenizer) to log it")
-                    self.harm_signal.record_base(peft_model, tokenizer)
+                    self.harm_signal.probe.record_base(peft_model, tokenizer)
                 except HarmSignalError as err:
                     warnings.warn(f"orthoreg: the live harm signal (OrthoRegConfig(harm_signal_every=...)) is off: "
                                   f"{err}. Set harm_signal_every=0 to silence this.", UserWarning, stacklevel=2)
@@ -249,9 +246,8 @@ class OrthoLoRA(nn.Module):
             self.regularizer.pending_penalty = None
         if self.reader is not None:
             self.reader.grad_scale = self.config.warmup_factor(self.step)
-        if active and self.harm_signal is not None and self.step % self.config.harm_signal_every == 0 \
-                and self.step > 0 and (not self.harm_readings or self.harm_readings[-1]["step"] != self.step):
-            self.read_harm_signal()  # the first forward after `step` updates, before it changes anything
+        if active and self.harm_signal is not None:  # due after `step` updates: read before this forward changes them
+            self.harm_signal.after_step(self.model, self.step)
         try:
             outputs = self.model(*args, **kwargs)
         finally:
@@ -333,9 +329,12 @@ class OrthoLoRA(nn.Module):
         if self.harm_signal is None:
             raise ValueError("this OrthoLoRA reads no harm signal: build it with OrthoRegConfig(harm_signal_every=N) "
                              "and tokenizer=")
-        reading = self.harm_signal.measure(self.model)
-        self.harm_readings.append({"step": self.step, **reading})
-        return reading
+        return self.harm_signal.read(self.model, self.step)
+
+    @property
+    def harm_readings(self) -> list[dict[str, float]]:
+        """Every harm-signal reading of this run, with its step (empty without ``harm_signal_every``)."""
+        return self.harm_signal.readings if self.harm_signal is not None else []
 
     def check_step(self) -> int:
         """The numerical health check of the optimizer step (one host sync; see ``orthoreg.engine.health``). Called by
@@ -368,9 +367,8 @@ class OrthoLoRA(nn.Module):
         if skipped:
             out["skipped"] = float(skipped)
         named = metric_names(out, warmup=self.config.warmup_factor(max(self.step - 1, 0)) if count else None)
-        if self.harm_readings and self.harm_readings[-1]["step"] != self._harm_popped:
-            self._harm_popped = self.harm_readings[-1]["step"]
-            named.update({k: v for k, v in self.harm_readings[-1].items() if k != "step"})
+        if self.harm_signal is not None:
+            named.update(self.harm_signal.pop())
         return named
 
     # ------------------------------------------------------------------ lifecycle
@@ -388,7 +386,7 @@ class OrthoLoRA(nn.Module):
         return {
             "step": self.step,
             "regularizer": self.regularizer.state_dict() if self.regularizer is not None else None,
-            "harm_signal": self.harm_signal.state_dict() if self.harm_signal is not None else None,
+            "harm_signal": self.harm_signal.probe.state_dict() if self.harm_signal is not None else None,
         }
 
     def load_state_dict_orthoreg(self, state: dict[str, Any]) -> None:
@@ -396,8 +394,8 @@ class OrthoLoRA(nn.Module):
         if state.get("regularizer") is not None and self.regularizer is not None:
             self.regularizer.load_state_dict(state["regularizer"])
         if state.get("harm_signal") is not None and self.harm_signal is not None:  # the base of step 0, not now's
-            self.harm_signal.load_state_dict(state["harm_signal"])
-            self.harm_readings = []
+            self.harm_signal.probe.load_state_dict(state["harm_signal"])
+            self.harm_signal.readings.clear()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, is_main_process: bool | None = None,
                         state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
