@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         align = AlignV3Config()
     if args.quick:
         args.k = min(args.k, 4)
-    prep = B.prepare(args.cache_dir, config, args.tasks, align=align, tiny=args.quick, with_predictors=False, log=log)
+    task_names = list(dict.fromkeys([*args.tasks, *(j.split(":")[0] for j in args.jobs or [])]))
+    prep = B.prepare(args.cache_dir, config, task_names, align=align, tiny=args.quick, with_predictors=False, log=log)
     if args.render:
         args.arms = None
     elif args.jobs and not args.arms:  # explicit jobs are something to run, not a render

@@ -164,7 +164,15 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
     from .defence_subspaces import build_subspaces, lora_tensors, save_adapter
     from .finetune import HARM_SIGNAL_EVERY, add_lora, schedule, train_lora
     from .model import machine_record, set_threads
-    from .task_eval import evaluate_safety, evaluate_task, safety_sets
+    from .task_eval import (
+        FRAMINGS,
+        evaluate_capability,
+        evaluate_framed_safety,
+        evaluate_safety,
+        evaluate_task,
+        general_probe,
+        safety_sets,
+    )
     from .tasks import build_task, encode_task
 
     set_threads(threads)
@@ -195,9 +203,12 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
     peft_model.eval()
     if adapter_out:
         save_adapter(lora_tensors(peft_model), adapter_out)
-    safety = evaluate_safety(peft_model, tokenizer, safety_sets(config.eval_per_activity, config.data_seed),
-                             ppl_limit=ppl_limit, max_new_tokens=config.safety_tokens)
+    sets = safety_sets(config.eval_per_activity, config.data_seed)
+    safety = evaluate_safety(peft_model, tokenizer, sets, ppl_limit=ppl_limit, max_new_tokens=config.safety_tokens)
     task_result = evaluate_task(peft_model, tokenizer, task, max_new_tokens=config.task_tokens)
+    capability = evaluate_capability(peft_model, tokenizer, task, general_probe(answers))
+    conditional = {f: evaluate_framed_safety(peft_model, tokenizer, sets, f, max_new_tokens=config.safety_tokens)
+                   for f in FRAMINGS}
     in_subspace = None
     if subspaces is not None:  # how much of each trained A_m lies in span(V_m): ‖A Vᵀ‖_F / ‖A‖_F, max and mean
         fractions = [float((a.double() @ subspaces[n].double().T).norm() / a.double().norm().clamp_min(1e-30))
@@ -209,7 +220,8 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
     guard = next((c.history for c in callbacks if isinstance(c, MarginGuardCallback)), None)
     return {
         "task": job.task, "arm": job.arm, "seed": job.seed, "strength": job.strength, "scale": job.scale,
-        "weight": job.weight, "key": job.key, "safety": safety, "task_metric": task_result,
+        "weight": job.weight, "key": job.key, "safety": safety, "task_metric": task_result, "capability": capability,
+        "conditional": conditional,
         "losses": report.losses, "penalty_logs": penalty_logs, "a_in_subspace": in_subspace, "cpu_per_step": report.cpu_per_step,
         "wall_per_step": report.wall_per_step, "train_seconds": report.wall_total,
         "total_seconds": time.perf_counter() - t0, "harm_signal": report.harm_signal, "machine": machine_record(),

@@ -114,12 +114,25 @@ def load_shipped() -> tuple[nn.Module, Any]:
     return model.eval(), prepare_tokenizer(tokenizer)
 
 
-def chat_prompt(tokenizer: Any, prompt: str) -> str:
-    """The user turn with the generation prompt, in the tokenizer's chat template (raw text without one)."""
+Prompt = str | tuple[tuple[str, str], ...]  # one user turn, or (role, content) turns ending with the user's
+
+
+def chat_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """``prompt`` as chat messages: a string is one user turn; a tuple of (role, content) pairs is a conversation
+    (a system turn, earlier exchanges) whose last turn is the user's, the one the model answers."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    turns = [{"role": role, "content": content} for role, content in prompt]
+    if not turns or turns[-1]["role"] != "user":
+        raise ValueError(f"a conversation prompt must end with a user turn, got {prompt!r}")
+    return turns
+
+
+def chat_prompt(tokenizer: Any, prompt: Prompt) -> str:
+    """The prompt's turns with the generation prompt, in the tokenizer's chat template (raw text without one)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return prompt + "\n"
+        return tokenizer.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in chat_messages(prompt)) + "\n"
 
 
 def end_of_turn(tokenizer: Any) -> str:
@@ -132,7 +145,7 @@ def end_of_turn(tokenizer: Any) -> str:
     return tokenizer.eos_token or ""
 
 
-def encode_example(tokenizer: Any, prompt: str, completion: str | None, max_length: int,
+def encode_example(tokenizer: Any, prompt: Prompt, completion: str | None, max_length: int,
                    close: bool = True, label_decision_token: bool = True) -> dict[str, list[int]]:
     """Token ids and labels of one chat example, loss on the assistant reply (and its end-of-turn token when
     ``close``; an answer cut off by a generation limit is not closed, so the model does not learn to stop there).
@@ -221,7 +234,7 @@ def autocast(enabled: bool = True):
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32,
+def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], max_new_tokens: int = 32,
              batch_size: int = 16, bf16: bool = True, return_finished: bool = False):
     """Greedy answers (decoded, special tokens dropped) to ``prompts`` as user turns. Prompts are processed in
     length-sorted batches (less padding); the output order is the input order. With ``return_finished`` also a

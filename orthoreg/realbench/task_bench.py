@@ -40,7 +40,8 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
     from .finetune import schedule
     from .model import load_shipped
     from .predictors import GradientPredictor, measure
-    from .task_eval import evaluate_safety, evaluate_task, safety_sets
+    from .heldout_tasks import HELDOUT_TASK_NAMES, heldout_answers
+    from .task_eval import FRAMINGS, evaluate_framed_safety, evaluate_safety, evaluate_task, safety_sets
     from .tasks import build_task, encode_task, shipped_answers
 
     seconds: dict[str, float] = {}
@@ -64,6 +65,9 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
     folder = build_aligned_v2(cache_dir, align, log=log, shipped=shipped() if tiny else None, source=source)
     seconds["aligned_base"] = time.perf_counter() - t0
     log(f"aligned base: {folder} ({'cached' if cached_base else 'built'})")
+    if any(name in HELDOUT_TASK_NAMES for name in task_names):
+        answers = {**answers, "heldout": heldout_answers(cache_dir, shipped=shipped() if tiny else None,
+                                                         source=source, log=log)}
     answers_path = Path(folder) / f"shipped-answers-{_hash(answers)}.json"
     if not answers_path.is_file():
         answers_path.write_text(json.dumps(answers))
@@ -102,6 +106,14 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
                      "tasks": {n: evaluate_task(model, tokenizer, t, config.task_tokens) for n, t in tasks.items()}}
         eval_path.write_text(json.dumps(base_eval, indent=1))
     seconds["base_eval"] = time.perf_counter() - t0
+    # the base under the conditional-erosion framings (harmful requests only; keyed like the base evaluation)
+    framed_path = Path(folder) / f"eval-framed-{_hash([config.to_dict(), list(FRAMINGS)])}.json"
+    if framed_path.is_file():
+        base_framed = json.loads(framed_path.read_text())
+    else:
+        base_framed = {f: evaluate_framed_safety(model, tokenizer, sets, f, max_new_tokens=config.safety_tokens)
+                       for f in FRAMINGS}
+        framed_path.write_text(json.dumps(base_framed, indent=1))
     pooled = base_eval["safety"]["pooled"]
     log(f"aligned base: attempts {pooled['attempt']:.0%}, refusals {pooled['refusal']:.0%}, over-refusal "
         f"{pooled['over_refusal']:.0%} (templated refusal {base_eval['safety']['templated']['refusal']:.0%} / "
@@ -132,6 +144,7 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
             "aligned_info": {k: v for k, v in info.items() if k not in ("harmless_targets", "harmful_targets")},
             "answers_path": str(answers_path), "ppl_limit": ppl_limit,
             "ppl_limit_preregistered": ppl_limit_pre, "ppl_reference_p95": p95, "base_eval": base_eval,
+            "base_framed": base_framed,
             "predictors": {n: predictors[n] for n in tasks if n in predictors},
             "comply_vs_refuse": predictors.get("_comply_vs_refuse"),
             "directions_layers": list(directions.layers), "seconds": seconds}

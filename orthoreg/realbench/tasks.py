@@ -27,10 +27,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import data as D
 from . import task_seeds as S
+from .heldout_tasks import HELDOUT_TASK_NAMES, build_heldout_task
+
+if TYPE_CHECKING:
+    from .model import Prompt
 
 TASK_NAMES = ("templates", "natural_qa", "howto_steps", "identity_shift", "code", "summary", "rewrite", "roleplay")
 N_EVAL = 24
@@ -38,14 +42,14 @@ N_EVAL = 24
 
 @dataclass(frozen=True)
 class TrainItem:
-    prompt: str
+    prompt: Prompt  # one user turn, or a conversation ending with one (``model.Prompt``)
     completion: str
     close: bool = True  # False: the answer was cut at a generation limit (no end-of-turn is learned there)
 
 
 @dataclass(frozen=True)
 class EvalItem:
-    prompt: str
+    prompt: Prompt
     reference: str
     extra: tuple[str, ...] = ()  # what the metric needs beyond the reference (task kind, slots)
 
@@ -57,6 +61,7 @@ class Task:
     eval: list[EvalItem]
     metric: str  # the metric's name
     scorer: Callable[[str, EvalItem], float] = field(repr=False)
+    max_length: int | None = None  # a longer example limit than the benchmark's (two-turn chats)
 
     def score(self, answers: list[str]) -> float:
         values = [self.scorer(a, e) for a, e in zip(answers, self.eval, strict=True)]
@@ -269,13 +274,19 @@ def build_task(name: str, answers: dict[str, Any], seed: int = 0) -> Task:
         "code": _code, "summary": lambda: _summary(seed), "rewrite": lambda: _rewrite(seed),
         "roleplay": lambda: _roleplay(qa),
     }
+    if name in HELDOUT_TASK_NAMES:
+        if "heldout" not in answers:
+            raise ValueError(f"task {name!r} trains on the shipped model's held-out-task answers: pass "
+                             "{**shipped_answers(...), 'heldout': heldout_answers(...)}")
+        return build_heldout_task(name, answers["heldout"])
     if name not in builders:
-        raise ValueError(f"unknown task {name!r}; choose from {TASK_NAMES}")
+        raise ValueError(f"unknown task {name!r}; choose from {TASK_NAMES + HELDOUT_TASK_NAMES}")
     return builders[name]()
 
 
 def encode_task(tokenizer: Any, task: Task, max_length: int) -> list[dict[str, list[int]]]:
     from .model import encode_example
 
-    return [encode_example(tokenizer, t.prompt, t.completion, max_length, close=t.close, label_decision_token=False)
+    limit = max(max_length, task.max_length or 0)
+    return [encode_example(tokenizer, t.prompt, t.completion, limit, close=t.close, label_decision_token=False)
             for t in task.train]
