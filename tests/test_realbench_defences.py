@@ -119,3 +119,11 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
     assert plain["selection"]["seeds"] == [0, 1] and "fresh" not in plain
     elsewhere = module.main([*common, "--render", "--selection-task", "roleplay"])["summary"]["cells"]["summary|plain|None"]
     assert elsewhere["fresh"]["seeds"] == [0, 1] and "selection" not in elsewhere
+    # a held-out task by --jobs alone: its shipped answers are prepared, and every row carries the capability read
+    # and the conditional-erosion framings
+    held = module.main([*common, "--jobs", "multi_turn:recommended:0"])["rows"][-1]
+    assert (held["task"], held["arm"]) == ("multi_turn", "recommended")
+    assert set(held["capability"]) == {"task_nll", "task_nll_base", "general_nll", "general_nll_base"}
+    assert held["capability"]["task_nll"] != held["capability"]["task_nll_base"]
+    assert set(held["conditional"]) == {"system", "renamed_roles"}
+    assert all(len(c["answers"]) == 96 for c in held["conditional"].values())

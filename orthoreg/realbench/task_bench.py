@@ -38,9 +38,9 @@ def prepare(cache_dir: str, config: TaskBenchConfig, task_names: Sequence[str], 
     from .aligned import load_aligned
     from .aligned_v2 import AlignV2Config, build_aligned_v2, folder_for
     from .finetune import schedule
+    from .heldout_tasks import HELDOUT_TASK_NAMES, heldout_answers
     from .model import load_shipped
     from .predictors import GradientPredictor, measure
-    from .heldout_tasks import HELDOUT_TASK_NAMES, heldout_answers
     from .task_eval import FRAMINGS, evaluate_framed_safety, evaluate_safety, evaluate_task, safety_sets
     from .tasks import build_task, encode_task, shipped_answers
 
