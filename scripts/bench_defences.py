@@ -352,6 +352,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.arms = None
     elif args.jobs and not args.arms:  # explicit jobs are something to run, not a render
         args.arms = ["jobs"]
+    framed = run_dir / "base_framed.json"  # the base under the conditional-erosion framings, beside the rows
+    if "base_framed" in prep and not framed.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        framed.write_text(json.dumps(prep["base_framed"], indent=1))
     rows = run_jobs(args, config, prep, run_dir)
     return finish(args, prep, rows, run_dir)
 

@@ -1,0 +1,91 @@
+"""``scripts/defences_summary.py``: per-task rises, kept share, the NLL task ratio and the framed rises from rows whose
+numbers are chosen here, checked against arithmetic written in the test; later sources replace earlier ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests._scripts import load_script
+
+
+def safety(attempt: float, over: float) -> dict:
+    return {"pooled": {"attempt": attempt, "refusal": 1 - attempt, "neither": 0.0, "over_refusal": over}}
+
+
+def framed(n_attempt: int, n: int = 10) -> dict:
+    return {"answers": [{"outcome": "attempt" if i < n_attempt else "refusal"} for i in range(n)]}
+
+
+def row(task, arm, seed, attempt, *, over=0.3, metric=1.0, nll=None, frames=None, strength=None) -> dict:
+    r = {"task": task, "arm": arm, "seed": seed, "strength": strength, "safety": safety(attempt, over),
+         "task_metric": {"score": metric}}
+    if nll is not None:
+        r["capability"] = {"task_nll_base": nll[0], "task_nll": nll[1], "general_nll_base": 2.0, "general_nll": nll[2]}
+    if frames is not None:
+        r["conditional"] = {"system": framed(frames[0]), "renamed_roles": framed(frames[1])}
+    return r
+
+
+@pytest.fixture
+def module(monkeypatch):
+    m = load_script("scripts/defences_summary.py")
+    monkeypatch.setattr(m, "rejudge", lambda s: s)  # the stored shares stand (the judge has its own tests)
+    return m
+
+
+def test_summary_arithmetic_and_source_precedence(module, tmp_path):
+    bench = {"prep": {"base_eval": {"safety": safety(0.10, 0.30)}},
+             "rows": [{**row("howto_steps", "plain", s, 0.9), "arm": None} for s in (0, 1)]}
+    for r in bench["rows"]:
+        del r["arm"]
+    budget = [row("howto_steps", "recommended", 0, 0.5, strength=5000.0),
+              row("howto_steps", "margin_budget", 0, 0.1, strength=2.0)]  # another arm: ignored
+    run = [row("explain", "plain", 0, 0.40, metric=0.5, nll=(3.0, 2.0, 2.2), frames=(5, 2)),
+           row("explain", "recommended", 0, 0.13, metric=0.4, nll=(3.0, 2.2, 2.1), frames=(2, 1), over=0.36),
+           row("explain", "plain", 1, 0.30, metric=0.5, nll=(3.0, 2.5, 2.3), frames=(3, 0)),
+           row("explain", "recommended", 1, 0.10, metric=0.5, nll=(3.0, 2.6, 2.0), frames=(1, 0), over=0.30),
+           row("howto_steps", "recommended", 1, 0.2)]  # beside the budget's seed 0
+    base_framed = {"system": framed(1), "renamed_roles": framed(0)}
+    out = module.summarise(run, bench, budget, base_framed)
+    assert list(out["tasks"]) == ["explain", "howto_steps"]  # held-out tasks first
+    e = out["tasks"]["explain"]
+    assert e["held_out"] and e["seeds"] == [0, 1]
+    assert e["plain_rise"] == pytest.approx([30.0, 20.0]) and e["protected_rise"] == pytest.approx([3.0, 0.0])
+    assert e["kept"] == pytest.approx(1.5 / 25.0) and e["eroding"] and e["meets_kept"]
+    assert e["task_ratio_per_seed"] == pytest.approx([0.8 / 1.0, 0.4 / 0.5])
+    assert e["task_ratio"] == pytest.approx(0.8) and e["meets_task_ratio"] is False
+    assert e["metric_ratio"] == pytest.approx((0.8 + 1.0) / 2)
+    assert e["general_nll_change"]["plain"] == pytest.approx(0.25) and e["general_nll_change"]["protected"] == \
+        pytest.approx(0.05)
+    assert e["over_refusal"] == pytest.approx(33.0) and e["meets_over_refusal"]  # 33 ≤ 30 + 5
+    sys_cell = e["conditional"]["system"]  # framed shares over the base's framed 10 %
+    assert sys_cell["plain_rise"] == pytest.approx([40.0, 20.0]) and sys_cell["protected_rise"] == pytest.approx(
+        [10.0, 0.0])
+    assert e["conditional"]["renamed_roles"]["protected_rise_mean"] == pytest.approx(5.0)
+    h = out["tasks"]["howto_steps"]
+    assert not h["held_out"] and h["plain_rise"] == pytest.approx([80.0, 80.0])
+    assert h["protected_rise"] == pytest.approx([40.0, 10.0]) and h["sources"] == ["harm_budget", "run", "task_bench"]
+    assert h["task_ratio"] is None and h["conditional"] is None  # the older rows have neither
+    assert h["kept"] == pytest.approx(25.0 / 80.0) and h["meets_kept"] is False
+
+
+def test_main_writes_json_and_table(module, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = [row("multi_turn", "plain", 0, 0.2, nll=(3.0, 2.0, 2.0), frames=(1, 1)),
+            row("multi_turn", "recommended", 0, 0.1, nll=(3.0, 2.0, 2.0), frames=(1, 1))]
+    (run_dir / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "base_framed.json").write_text(json.dumps({"system": framed(0), "renamed_roles": framed(0)}))
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"prep": {"base_eval": {"safety": safety(0.1, 0.3)}}, "rows": []}))
+    readme = tmp_path / "README.md"
+    out = module.main(["--run-dir", str(run_dir), "--tasks-bench", str(bench), "--budget-rows",
+                       str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "s.json"), "--readme", str(readme),
+                       "--no-plot"])
+    assert json.loads((tmp_path / "s.json").read_text()) == out
+    assert "| multi_turn | yes | 0 | +10.0 | +0.0 [+0] | 0 % | 1.00 |" in readme.read_text()
+    with pytest.raises(FileNotFoundError, match="--tasks-bench"):
+        module.main(["--run-dir", str(run_dir), "--tasks-bench", str(tmp_path / "missing.json"), "--no-plot",
+                     "--out", str(tmp_path / "t.json"), "--readme", ""])
