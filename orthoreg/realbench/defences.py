@@ -1,6 +1,9 @@
 """The defence arms of issue 15 on the task benchmark of issue 14: one fine-tune of the aligned base per (task, arm,
 seed, strength), evaluated like ``task_runs.run_task`` (three-outcome safety on 96 held-out harmful requests, over-
-refusal on their harmless partners, the task's metric).
+refusal on their harmless partners, the task's metric), plus what issue 23 asks of every row: the capability read
+that can fall (``task_eval.evaluate_capability``: held-out reference NLL of the task and of a general probe, with
+the adapter on and off) and the harmful requests again under two framings (``task_eval.FRAMINGS``: SmolLM2's own
+system prompt; role headers renamed) — conditional erosion a template-anchored defence might hide.
 
 Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, data order, steps and lr):
 
