@@ -90,6 +90,8 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
     assert rows["activation_projection"]["penalty_logs"]["orthoreg/proj"] > 0
     assert rows["covariance"]["penalty_logs"]["orthoreg/cov"] > 0
     assert rows["first_token_kl"]["penalty_logs"]["first_token_kl/kl"] >= 0
+    assert rows["treft"]["penalty_logs"]["treft/kv"] > 0 and rows["treft_query"]["penalty_logs"]["treft/kv"] > 0
+    assert rows["treft"]["penalty_logs"]["treft/positions"] < rows["treft_query"]["penalty_logs"]["treft/positions"]
     assert rows["hard_projection"]["a_in_subspace"]["max"] < 1e-6  # A_m ⟂ V_m after training
     assert rows["reader_random"]["a_in_subspace"]["max"] > 1e-3
     assert len(rows["plain"]["losses"]) == 1 and rows["plain"]["losses"] != rows["interleave"]["losses"]  # other data

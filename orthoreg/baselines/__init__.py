@@ -15,6 +15,9 @@ baseline here is a callback that plugs into ``Trainer``, TRL's ``SFTTrainer``/``
   on the first reply tokens, most weight on the first;
 - ``HardProjectionCallback`` (``hard_projection``): GuardSpace-style, LoRA's A projected off each module's input
   subspace V_m after every optimizer step (A Vᵀ = 0);
+- ``TReFTCallback`` (``treft``): Zhao et al.'s TReFT, :math:`\lambda\,\mathrm{mean}_\ell\,\mathrm{mean}_t
+  (\|k-k_0\|^2/\|k_0\|^2 + \|v-v_0\|^2/\|v_0\|^2)` on the chat template's prefix (or postfix / query) positions,
+  injected at the ``k_proj``/``v_proj`` outputs;
 - ``interleave`` (``mixing``): aligned examples mixed into the task data;
 - ``EarlyStoppingOnMetric`` (``stopping``): stop once a logged/evaluated metric crosses a threshold.
 
@@ -51,6 +54,7 @@ from .kl import KLToBaseCallback, KLToBaseRegularizer, kl_to_reference
 from .ldifs import LDIFSCallback, LDIFSRegularizer, feature_distance
 from .mixing import interleave
 from .stopping import EarlyStoppingOnMetric
+from .treft import TReFTCallback, TReFTRegularizer, template_positions, template_token_ids
 
 __all__ = [
     "CAFTCallback",
@@ -64,8 +68,12 @@ __all__ = [
     "KLToBaseRegularizer",
     "LDIFSCallback",
     "LDIFSRegularizer",
+    "TReFTCallback",
+    "TReFTRegularizer",
     "feature_distance",
     "first_token_weights",
     "interleave",
     "kl_to_reference",
+    "template_positions",
+    "template_token_ids",
 ]

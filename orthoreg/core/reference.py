@@ -100,7 +100,7 @@ def _replay_dropout_hook(module: nn.Module, args: tuple, output: Any) -> None:
     return None
 
 
-class _StopReferenceForward(Exception):
+class StopReferenceForward(Exception):
     """Raised inside the reference forward once the deepest needed layer has run."""
 
 
@@ -138,7 +138,7 @@ def capture_reference_layers(
                 if value is not None:
                     captured[index] = value
             if index == deepest:
-                raise _StopReferenceForward
+                raise StopReferenceForward
 
         return hook
 
@@ -148,7 +148,7 @@ def capture_reference_layers(
     try:
         with torch.random.fork_rng(devices=_stack_devices(stack)), reference_forward():
             stack.stack(**stack_inputs, use_cache=False)
-    except _StopReferenceForward:
+    except StopReferenceForward:
         pass
     finally:
         for h in hooks:

@@ -32,6 +32,9 @@ Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, dat
   (``firewall.MarginGuardCallback``, ``action="adapt"``, every 5 steps): the reader λ starts at the recommended
   value and is raised while the probe's refusal margin has fallen more than B nats below the base's. Its
   ``strength`` is B (nats), not a λ. ``margin_budget_fast``: the same read after every step, λ up to 1000 λ₀.
+- ``treft`` — ``baselines.TReFTCallback`` (Zhao et al. 2026), λ 10 (their prefix config): the attention keys and
+  values at the template's prefix positions (``<|im_start|>user\n``) held to the base's, relative to their norm, at
+  every layer; ``treft_query``: the same on the first user turn's content (their query-position control).
 """
 
 from __future__ import annotations
@@ -49,9 +52,9 @@ READER_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post",
                "builtin_harmless_post")
 ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", "activation_projection", "writer", "covariance",
         "first_token_kl", "hard_projection", "interleave", "reader_harmless_post+first_token_kl", "margin_budget",
-        "margin_budget_fast")
+        "margin_budget_fast", "treft", "treft_query")
 DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, "activation_projection": 0.1, "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0,
-                    "interleave": 0.1, "margin_budget": 1.0, "margin_budget_fast": 1.0}
+                    "interleave": 0.1, "margin_budget": 1.0, "margin_budget_fast": 1.0, "treft": 10.0, "treft_query": 10.0}
 
 
 @dataclass
@@ -81,7 +84,7 @@ def reader_set(arm: str) -> str | None:
 def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokenizer: Any) -> tuple[list[Any], Any]:
     """The Trainer callbacks of ``job`` and a function that wraps the PEFT model (identity except ``writer``)."""
     from orthoreg import OrthoLoRA, OrthoRegCallback, OrthoRegConfig
-    from orthoreg.baselines import FirstTokenKLCallback, HardProjectionCallback
+    from orthoreg.baselines import FirstTokenKLCallback, HardProjectionCallback, TReFTCallback
 
     callbacks: list[Any] = []
     wrap = None
@@ -123,6 +126,8 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokeni
         callbacks.append(FirstTokenKLCallback(job.weight))
     elif arm == "hard_projection":
         callbacks.append(HardProjectionCallback(subspaces))
+    elif arm in ("treft", "treft_query"):
+        callbacks.append(TReFTCallback(job.weight, "prefix" if arm == "treft" else "query", tokenizer=tokenizer))
     elif arm not in ("plain", "interleave"):
         raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
     return callbacks, wrap
