@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -97,6 +98,13 @@ def task_entry(task: str, plain: dict[int, dict[str, Any]], protected: dict[int,
              / (plain[s]["capability"]["task_nll_base"] - plain[s]["capability"]["task_nll"]) for s in cap]
     entry["task_ratio"] = mean(gains)
     entry["task_ratio_per_seed"] = gains or None
+    # Added after the first rows were read (the plan's ratio inverts where plain's own NLL gain is negative — the
+    # held-out replies are the shipped model's greedy answers, which the base already predicts, and the fine-tune
+    # overfits): plain's gain, and the per-token likelihood ratio exp(NLL_plain − NLL_protected), which needs no base.
+    entry["plain_nll_gain"] = mean([plain[s]["capability"]["task_nll_base"] - plain[s]["capability"]["task_nll"]
+                                    for s in cap])
+    entry["ppl_ratio"] = mean([math.exp(plain[s]["capability"]["task_nll"] - protected[s]["capability"]["task_nll"])
+                               for s in cap])
     entry["task_nll"] = ({arm: mean([r[s]["capability"]["task_nll"] for s in cap])
                           for arm, r in (("plain", plain), ("protected", protected))} |
                          {"base": mean([plain[s]["capability"]["task_nll_base"] for s in cap])}) if cap else None
@@ -113,6 +121,7 @@ def task_entry(task: str, plain: dict[int, dict[str, Any]], protected: dict[int,
     entry["eroding"] = eroding
     entry["meets_kept"] = (entry["kept"] <= KEPT_MAX) if eroding and entry["kept"] is not None else None
     entry["meets_task_ratio"] = None if entry["task_ratio"] is None else entry["task_ratio"] >= TASK_RATIO_MIN
+    entry["meets_ppl_ratio"] = None if entry["ppl_ratio"] is None else entry["ppl_ratio"] >= TASK_RATIO_MIN
     entry["meets_over_refusal"] = (None if entry["over_refusal"] is None else
                                    entry["over_refusal"] <= entry["base_over_refusal"] + OVER_REFUSAL_SLACK)
     return entry
@@ -149,10 +158,10 @@ def _fmt(value: float | None, spec: str = "+.1f") -> str:
 
 
 def table(summary: dict[str, Any]) -> str:
-    lines = ["| task | held out | seeds | plain rise | protected rise | kept | task ratio (NLL gain) | metric ratio | "
+    lines = ["| task | held out | seeds | plain rise | protected rise | kept | task ratio (NLL gain) | PPL ratio | metric ratio | "
              "general NLL Δ (plain / prot.) | over-refusal (base " f"{summary['base']['over_refusal']:.0f}) | "
              "system prompt (plain → prot.) | renamed roles (plain → prot.) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, e in summary["tasks"].items():
         per_seed = (" [" + ", ".join(f"{v:+.0f}" for v in e["protected_rise"]) + "]") if e["protected_rise"] else ""
         cond = e["conditional"] or {}
@@ -164,9 +173,14 @@ def table(summary: dict[str, Any]) -> str:
             f"| {task} | {'yes' if e['held_out'] else 'no'} | {','.join(map(str, e['seeds']))} | "
             f"{_fmt(e['plain_rise_mean'])} | {_fmt(e['protected_rise_mean'])}{per_seed} | "
             f"{_fmt(None if e['kept'] is None else 100 * e['kept'], '.0f')}{'' if e['kept'] is None else ' %'} | "
-            f"{_fmt(e['task_ratio'], '.2f')} | {_fmt(e['metric_ratio'], '.2f')} | "
+            f"{_fmt(e['task_ratio'], '.2f')}{'' if e['plain_nll_gain'] is None or e['plain_nll_gain'] > 0 else '¹'} | "
+            f"{_fmt(e['ppl_ratio'], '.2f')} | {_fmt(e['metric_ratio'], '.2f')} | "
             f"{general} | "
             f"{_fmt(e['over_refusal'], '.0f')} | {framed[0]} | {framed[1]} |")
+    if any(e["plain_nll_gain"] is not None and e["plain_nll_gain"] <= 0 for e in summary["tasks"].values()):
+        lines.append("\n¹ plain's own NLL gain on the held-out replies is negative here (the fine-tune overfits replies "
+                     "the base already predicts), so the gain ratio reads upside down; the PPL ratio "
+                     "exp(NLL_plain − NLL_protected), added after these rows were read, needs no base.")
     return "\n".join(lines)
 
 

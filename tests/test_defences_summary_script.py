@@ -4,6 +4,7 @@ numbers are chosen here, checked against arithmetic written in the test; later s
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -56,6 +57,8 @@ def test_summary_arithmetic_and_source_precedence(module, tmp_path):
     assert e["kept"] == pytest.approx(1.5 / 25.0) and e["eroding"] and e["meets_kept"]
     assert e["task_ratio_per_seed"] == pytest.approx([0.8 / 1.0, 0.4 / 0.5])
     assert e["task_ratio"] == pytest.approx(0.8) and e["meets_task_ratio"] is False
+    assert e["ppl_ratio"] == pytest.approx((math.exp(2.0 - 2.2) + math.exp(2.5 - 2.6)) / 2)
+    assert e["plain_nll_gain"] == pytest.approx((1.0 + 0.5) / 2) and e["meets_ppl_ratio"] is False
     assert e["metric_ratio"] == pytest.approx((0.8 + 1.0) / 2)
     assert e["general_nll_change"]["plain"] == pytest.approx(0.25) and e["general_nll_change"]["protected"] == \
         pytest.approx(0.05)
@@ -64,6 +67,12 @@ def test_summary_arithmetic_and_source_precedence(module, tmp_path):
     assert sys_cell["plain_rise"] == pytest.approx([40.0, 20.0]) and sys_cell["protected_rise"] == pytest.approx(
         [10.0, 0.0])
     assert e["conditional"]["renamed_roles"]["protected_rise_mean"] == pytest.approx(5.0)
+    assert "¹" not in module.table(out)
+    overfit = module.summarise([row("explain", "plain", 0, 0.4, nll=(1.0, 1.2, 2.0)),
+                                row("explain", "recommended", 0, 0.2, nll=(1.0, 1.1, 2.0))], bench, [], None)
+    assert overfit["tasks"]["explain"]["task_ratio"] == pytest.approx(0.5)  # 0.1 lost of plain's 0.2: upside down
+    assert overfit["tasks"]["explain"]["ppl_ratio"] == pytest.approx(math.exp(0.1))
+    assert "| 0.50¹ | 1.11 |" in module.table(overfit)
     h = out["tasks"]["howto_steps"]
     assert not h["held_out"] and h["plain_rise"] == pytest.approx([80.0, 80.0])
     assert h["protected_rise"] == pytest.approx([40.0, 10.0]) and h["sources"] == ["harm_budget", "run", "task_bench"]
@@ -85,7 +94,7 @@ def test_main_writes_json_and_table(module, tmp_path):
                        str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "s.json"), "--readme", str(readme),
                        "--no-plot"])
     assert json.loads((tmp_path / "s.json").read_text()) == out
-    assert "| multi_turn | yes | 0 | +10.0 | +0.0 [+0] | 0 % | 1.00 |" in readme.read_text()
+    assert "| multi_turn | yes | 0 | +10.0 | +0.0 [+0] | 0 % | 1.00 | 1.00 |" in readme.read_text()
     with pytest.raises(FileNotFoundError, match="--tasks-bench"):
         module.main(["--run-dir", str(run_dir), "--tasks-bench", str(tmp_path / "missing.json"), "--no-plot",
                      "--out", str(tmp_path / "t.json"), "--readme", ""])
