@@ -13,11 +13,8 @@ shipped model's answers are generated once and cached (``heldout_answers``) besi
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 from . import task_seeds as S
@@ -96,34 +93,30 @@ def heldout_answers(cache_dir: str | os.PathLike, shipped: tuple[Any, Any] | Non
     ``explain`` {prompt: {answer, finished}}; ``chat`` {opener: {answer, finished, follow_ups: {follow_up:
     {answer, finished}}}}."""
     from .model import generate, gguf_location, load_shipped
+    from .tasks import cached_generation
 
     explain = [p for part in explain_prompts() for p in part]
     openers = [p for part in chat_openers() for p in part]
     source = source or gguf_location()[1]
-    key = hashlib.sha256(json.dumps([explain, openers, FOLLOW_UPS, EXPLAIN_TOKENS, TURN_TOKENS, source]).encode())
-    path = Path(cache_dir) / f"shipped-heldout-{key.hexdigest()[:12]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    model, tokenizer = shipped if shipped is not None else load_shipped()
-    log(f"[heldout tasks] the shipped model answers {len(explain)} explanations and {len(openers)} two-turn chats")
-    long, long_done = generate(model, tokenizer, explain, max_new_tokens=EXPLAIN_TOKENS, return_finished=True)
-    first, first_done = generate(model, tokenizer, openers, max_new_tokens=TURN_TOKENS, return_finished=True)
-    chats = [conversation(o, a, f) for o, a in zip(openers, first, strict=True) for f in FOLLOW_UPS]
-    second, second_done = generate(model, tokenizer, chats, max_new_tokens=TURN_TOKENS, return_finished=True)
-    chat: dict[str, Any] = {}
-    for i, (opener, answer, done) in enumerate(zip(openers, first, first_done, strict=True)):
-        rows = range(i * len(FOLLOW_UPS), (i + 1) * len(FOLLOW_UPS))
-        chat[opener] = {"answer": answer, "finished": done,
-                        "follow_ups": {FOLLOW_UPS[j - rows.start]: {"answer": second[j], "finished": second_done[j]}
-                                       for j in rows}}
-    result = {"source": source,
-              "explain": {p: {"answer": a, "finished": f} for p, a, f in zip(explain, long, long_done, strict=True)},
-              "chat": chat}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-    return result
+
+    def build() -> dict[str, Any]:
+        model, tokenizer = shipped if shipped is not None else load_shipped()
+        log(f"[heldout tasks] the shipped model answers {len(explain)} explanations and {len(openers)} two-turn chats")
+        long, long_done = generate(model, tokenizer, explain, max_new_tokens=EXPLAIN_TOKENS, return_finished=True)
+        first, first_done = generate(model, tokenizer, openers, max_new_tokens=TURN_TOKENS, return_finished=True)
+        chats = [conversation(o, a, f) for o, a in zip(openers, first, strict=True) for f in FOLLOW_UPS]
+        second, second_done = generate(model, tokenizer, chats, max_new_tokens=TURN_TOKENS, return_finished=True)
+        chat: dict[str, Any] = {}
+        for i, (opener, answer, done) in enumerate(zip(openers, first, first_done, strict=True)):
+            rows = range(i * len(FOLLOW_UPS), (i + 1) * len(FOLLOW_UPS))
+            chat[opener] = {"answer": answer, "finished": done,
+                            "follow_ups": {FOLLOW_UPS[j - rows.start]: {"answer": second[j], "finished": second_done[j]}
+                                           for j in rows}}
+        return {"source": source, "chat": chat,
+                "explain": {p: {"answer": a, "finished": f} for p, a, f in zip(explain, long, long_done, strict=True)}}
+
+    return cached_generation(cache_dir, "shipped-heldout",
+                             [explain, openers, FOLLOW_UPS, EXPLAIN_TOKENS, TURN_TOKENS, source], build)
 
 
 def build_heldout_task(name: str, answers: dict[str, Any]) -> Any:

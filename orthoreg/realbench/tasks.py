@@ -146,6 +146,22 @@ def compliance_prompts(n_per_category: int = 6) -> list[tuple[str, str]]:
     return out
 
 
+def cached_generation(cache_dir: str | os.PathLike, prefix: str, key_parts: Any,
+                      build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``<cache_dir>/<prefix>-<key>.json`` (key: SHA-256 of ``key_parts`` as JSON) when it exists, else ``build()``
+    written there atomically (a run killed mid-write leaves no half file a later run would read)."""
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"{prefix}-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    return result
+
+
 def shipped_answers(cache_dir: str | os.PathLike, shipped: tuple[Any, Any] | None = None, source: str | None = None,
                     qa_tokens: int = 40, compliance_tokens: int = 40, log=print) -> dict[str, Any]:
     """The shipped model's greedy answers to the Q&A prompts (train + held out) and to the harmful train-split
@@ -155,24 +171,20 @@ def shipped_answers(cache_dir: str | os.PathLike, shipped: tuple[Any, Any] | Non
     train, held = qa_prompts()
     harmful = compliance_prompts()
     source = source or gguf_location()[1]
-    key = hashlib.sha256(json.dumps([train, held, harmful, qa_tokens, compliance_tokens, source]).encode())
-    path = Path(cache_dir) / f"shipped-answers-{key.hexdigest()[:12]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    model, tokenizer = shipped if shipped is not None else load_shipped()
-    log(f"[tasks] the shipped model answers {len(train) + len(held)} benign and {len(harmful)} harmful prompts")
-    qa, qa_done = generate(model, tokenizer, train + held, max_new_tokens=qa_tokens, return_finished=True)
-    bad = generate(model, tokenizer, [p for p, _ in harmful], max_new_tokens=compliance_tokens)
-    result = {
-        "source": source,
-        "qa": {p: {"answer": a, "finished": f} for p, a, f in zip(train + held, qa, qa_done, strict=True)},
-        "compliance": [{"prompt": p, "category": c, "answer": a} for (p, c), a in zip(harmful, bad, strict=True)],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-    return result
+
+    def build() -> dict[str, Any]:
+        model, tokenizer = shipped if shipped is not None else load_shipped()
+        log(f"[tasks] the shipped model answers {len(train) + len(held)} benign and {len(harmful)} harmful prompts")
+        qa, qa_done = generate(model, tokenizer, train + held, max_new_tokens=qa_tokens, return_finished=True)
+        bad = generate(model, tokenizer, [p for p, _ in harmful], max_new_tokens=compliance_tokens)
+        return {
+            "source": source,
+            "qa": {p: {"answer": a, "finished": f} for p, a, f in zip(train + held, qa, qa_done, strict=True)},
+            "compliance": [{"prompt": p, "category": c, "answer": a} for (p, c), a in zip(harmful, bad, strict=True)],
+        }
+
+    return cached_generation(cache_dir, "shipped-answers",
+                             [train, held, harmful, qa_tokens, compliance_tokens, source], build)
 
 
 # ----------------------------------------------------------------------------------------------- tasks
