@@ -68,6 +68,12 @@ def test_summary_arithmetic_and_source_precedence(module, tmp_path):
         [10.0, 0.0])
     assert e["conditional"]["renamed_roles"]["protected_rise_mean"] == pytest.approx(5.0)
     assert "¹" not in module.table(out)
+    rival = module.summarise(run + [row("explain", "treft", 0, 0.2, metric=0.25, nll=(3.0, 2.1, 2.0), over=0.1)],
+                             bench, budget, base_framed)["rivals"]["explain|treft"]["0"]
+    assert rival["rise"] == pytest.approx(10.0) and rival["plain_rise"] == pytest.approx(30.0)
+    assert rival["recommended_rise"] == pytest.approx(3.0) and rival["metric_ratio"] == pytest.approx(0.5)
+    assert rival["ppl_ratio"] == pytest.approx(math.exp(-0.1)) and rival["recommended_ppl_ratio"] == pytest.approx(
+        math.exp(-0.2))
     overfit = module.summarise([row("explain", "plain", 0, 0.4, nll=(1.0, 1.2, 2.0)),
                                 row("explain", "recommended", 0, 0.2, nll=(1.0, 1.1, 2.0))], bench, [], None)
     assert overfit["tasks"]["explain"]["task_ratio"] == pytest.approx(0.5)  # 0.1 lost of plain's 0.2: upside down
