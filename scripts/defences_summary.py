@@ -146,7 +146,7 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
     rivals: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for r in run_rows:  # other arms of the same run, compared with plain and recommended on their seeds
         if r["arm"] in RIVAL_ARMS:
-            rivals.setdefault((r["task"], r["arm"]), {})[r["seed"]] = measure(r, base, "run")
+            rivals.setdefault((r["task"], f"{r['arm']} λ {r['weight']:g}"), {})[r["seed"]] = measure(r, base, "run")
     tasks = [t for t in (*HELDOUT_TASK_NAMES, *TASK_NAMES) if (t, "plain") in cells]
     out = {"judge": "v2.1 (frozen 9baa01d)", "plan": "benchmarks/defences_summary/PLAN.md",
            "setting": "OrthoRegConfig.recommended() (template-reader constraint, base units, λ 5000)",
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         rivals = rivals_table(summary)
         write_generated_section(Path(args.readme), table(summary) + (
-            "\n\n**TReFT** (arm `treft`, prefix positions, λ 10; `treft_query`: their query-position control), "
+            "\n\n**TReFT** (arm `treft`, prefix positions; `treft_query`: their query-position control), "
             "beside plain and recommended on the same seed:\n\n" + rivals if rivals else ""),
             writer="scripts/defences_summary.py")
     print(table(summary))

@@ -68,8 +68,11 @@ def test_summary_arithmetic_and_source_precedence(module, tmp_path):
         [10.0, 0.0])
     assert e["conditional"]["renamed_roles"]["protected_rise_mean"] == pytest.approx(5.0)
     assert "¹" not in module.table(out)
-    rival = module.summarise(run + [row("explain", "treft", 0, 0.2, metric=0.25, nll=(3.0, 2.1, 2.0), over=0.1)],
-                             bench, budget, base_framed)["rivals"]["explain|treft"]["0"]
+    treft = [{**row("explain", "treft", 0, 0.2, metric=0.25, nll=(3.0, 2.1, 2.0), over=0.1), "weight": 10.0},
+             {**row("explain", "treft", 0, 0.1), "weight": 100.0}]  # two strengths, same seed: two entries
+    rivals = module.summarise(run + treft, bench, budget, base_framed)["rivals"]
+    assert rivals["explain|treft λ 100"]["0"]["rise"] == pytest.approx(0.0)
+    rival = rivals["explain|treft λ 10"]["0"]
     assert rival["rise"] == pytest.approx(10.0) and rival["plain_rise"] == pytest.approx(30.0)
     assert rival["recommended_rise"] == pytest.approx(3.0) and rival["metric_ratio"] == pytest.approx(0.5)
     assert rival["ppl_ratio"] == pytest.approx(math.exp(-0.1)) and rival["recommended_ppl_ratio"] == pytest.approx(
