@@ -4,7 +4,8 @@
 aligned base (``aligned_v2``), refusal directions from it (``orthoreg.extract_directions`` on the built-in contrast
 set's train split, every candidate layer), the judge's perplexity limit (label-free: ``judge.calibrate_ppl_limit``
 on the shipped model's compliant answers to harmful train-split requests), the aligned base's own safety and task
-metrics, and every predictor of every task (``predictors.measure``). ``summarise`` turns the per-run rows into the
+metrics, its attempts under the conditional-erosion framings (``task_eval.FRAMINGS``), the held-out tasks' shipped
+answers when one of them is asked for (``heldout_tasks.heldout_answers``), and every predictor of every task (``predictors.measure``). ``summarise`` turns the per-run rows into the
 per-task rises, the predictors' Spearman ρ with bootstrap intervals, and the judge's agreement with hand labels.
 """
 
