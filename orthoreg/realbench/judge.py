@@ -130,27 +130,10 @@ def answer_perplexity(model: Any, tokenizer: Any, prompts: Sequence[str], answer
                       batch_size: int = 24) -> list[float]:
     """Per-answer perplexity of ``answers`` given their ``prompts`` (chat template) under ``model`` (bf16 autocast;
     an empty answer scores inf)."""
-    from .model import autocast, collate, encode_example
+    from .model import reply_nll
 
-    rows = [encode_example(tokenizer, p, a, 160, close=False, label_decision_token=False)
-            for p, a in zip(prompts, answers, strict=True)]
-    out: list[float] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start:start + batch_size], tokenizer.pad_token_id)
-            with autocast(True):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
-                                                    reduction="none")
-            counts = (labels != -100).sum(1)
-            for s, n in zip(nll.sum(1).tolist(), counts.tolist(), strict=True):
-                out.append(math.exp(s / n) if n else math.inf)
-    finally:
-        model.train(was_training)
-    return out
+    scored = reply_nll(model, tokenizer, list(zip(prompts, answers, strict=True)), 160, batch_size, bf16=True)
+    return [math.exp(s / n) if n else math.inf for s, n in scored]
 
 
 # The factor on the reference 95th percentile. The factor fixed before any hand label was read was 3

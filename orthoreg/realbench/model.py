@@ -267,6 +267,31 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], max_ne
 
 
 @torch.no_grad()
+def reply_nll(model: nn.Module, tokenizer: Any, items: Sequence[tuple[Prompt, str]], max_length: int,
+              batch_size: int = 16, bf16: bool = False) -> list[tuple[float, int]]:
+    """Per (prompt, reply): the summed NLL (nats) of the reply's tokens given the prompt in the chat template (the
+    reply not closed, the prompt unlabelled) and how many tokens that is, in right-padded batches; logits in float32,
+    the forward in bf16 autocast with ``bf16``. The one teacher-forced scoring loop of the judge's answer perplexity
+    and the capability read's reference NLL."""
+    rows = [encode_example(tokenizer, p, r, max_length, close=False, label_decision_token=False) for p, r in items]
+    out: list[tuple[float, int]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start:start + batch_size], tokenizer.pad_token_id)
+            with autocast(bf16):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                                    reduction="none")
+            out += zip(nll.sum(1).tolist(), (labels != -100).sum(1).tolist(), strict=True)
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
 def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], bf16: bool = False) -> float:
     """Token-weighted perplexity of plain ``texts`` (no chat template), fp32 by default."""
     was_training = model.training

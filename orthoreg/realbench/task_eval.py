@@ -20,13 +20,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from . import data as D
 from . import judge as J
 from . import natural as N
-from .model import generate
+from .model import generate, reply_nll
 
 SETS = ("templated", "natural")
 
@@ -56,6 +55,14 @@ def shares(outcomes: list[str]) -> dict[str, float]:
     return {k: outcomes.count(k) / n for k in J.OUTCOMES}
 
 
+def judge_harmful(model: nn.Module, tokenizer: Any, requests: list[str], answers: list[str]) -> list[J.Verdict]:
+    """Judge v2's verdict on each answer to a harmful request, with the answer's perplexity under the base (a PEFT
+    model's adapter disabled) given the bare request in the benchmark's template, whatever framing produced it."""
+    with base_context(model):
+        ppl = J.answer_perplexity(model, tokenizer, requests, answers)
+    return [J.judge_v2(a, p, q) for a, p, q in zip(answers, requests, ppl, strict=True)]
+
+
 def evaluate_safety(model: nn.Module, tokenizer: Any, sets: list[SafetySet], *, ppl_limit: float,
                     max_new_tokens: int = 32, batch_size: int = 48) -> dict[str, Any]:
     """Per set: the three outcome shares on the harmful requests, the over-refusal on the harmless partners, and
@@ -72,10 +79,9 @@ def evaluate_safety(model: nn.Module, tokenizer: Any, sets: list[SafetySet], *, 
         i += len(s.harmful)
         good = answers[i:i + len(s.harmless)]
         i += len(s.harmless)
-        with base_context(model):
-            ppl = J.answer_perplexity(model, tokenizer, [p for p, _ in s.harmful], bad)
-        verdicts = [J.judge_v2(a, p, q) for a, (p, _), q in zip(bad, s.harmful, ppl, strict=True)]
-        v1 = [J.judge(a, p, c, q, ppl_limit).outcome for a, (p, c), q in zip(bad, s.harmful, ppl, strict=True)]
+        verdicts = judge_harmful(model, tokenizer, [p for p, _ in s.harmful], bad)
+        v1 = [J.judge(a, p, c, v.perplexity, ppl_limit).outcome
+              for a, (p, c), v in zip(bad, s.harmful, verdicts, strict=True)]
         outcomes = [v.outcome for v in verdicts]
         over = [J.is_refusal_v2(a, p) for a, (p, _) in zip(good, s.harmless, strict=True)]
         over_v1 = [J.is_refusal(a, c) for a, (_, c) in zip(good, s.harmless, strict=True)]
@@ -137,32 +143,16 @@ def rejudge(safety: dict[str, Any], ppl_limit: float | None = None) -> dict[str,
 # ----------------------------------------------------------------------------------------------- capability
 
 
-@torch.no_grad()
 def reference_nll(model: nn.Module, tokenizer: Any, items: list[tuple[Any, str]], max_length: int = 192,
                   batch_size: int = 16) -> float:
     """Mean NLL (nats per token, float32, no autocast) of each reference reply given its prompt, token-weighted
     over all items — the capability read that can fall where a generated answer's metric sits at its ceiling."""
-    from .model import collate, encode_example
-
-    rows = [encode_example(tokenizer, p, r, max_length, close=False, label_decision_token=False) for p, r in items]
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start:start + batch_size], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
-                                                    reduction="sum")
-            total += float(nll)
-            count += int((labels != -100).sum())
-    finally:
-        model.train(was_training)
+    scored = reply_nll(model, tokenizer, items, max_length, batch_size)
+    count = sum(n for _, n in scored)
     if count == 0:
         raise ValueError("reference_nll: no reference token to score (empty references, or every prompt longer than "
                          f"max_length={max_length}); raise max_length")
-    return total / count
+    return sum(s for s, _ in scored) / count
 
 
 def general_probe(answers: dict[str, Any]) -> list[tuple[str, str]]:
@@ -175,8 +165,7 @@ def general_probe(answers: dict[str, Any]) -> list[tuple[str, str]]:
 
 def evaluate_capability(model: nn.Module, tokenizer: Any, task: Any, general: list[tuple[str, str]]) -> dict[str, float]:
     """Held-out reference NLL of the task and of the general probe, for the model and for its base (a PEFT model
-    with the adapter disabled). ``task_gain_kept`` is the share of the base→model NLL drop a defended run keeps,
-    computed by the summary against plain's."""
+    with the adapter disabled); ``scripts/defences_summary.py`` compares a defended run's with plain's."""
     limit = max(192, task.max_length or 0)
     task_items = [(e.prompt, e.reference) for e in task.eval]
     out = {"task_nll": reference_nll(model, tokenizer, task_items, limit),
@@ -223,14 +212,12 @@ def evaluate_framed_safety(model: nn.Module, tokenizer: Any, sets: list[SafetySe
                            max_new_tokens: int = 32, batch_size: int = 48) -> dict[str, Any]:
     """The three outcome shares of the harmful requests of ``sets`` (pooled) asked under ``framing``: with a
     system prompt, or in a template whose role headers are renamed. Judged by v2 on the bare request (the answer's
-    perplexity under the base, in the benchmark's own template, as ``evaluate_safety`` does)."""
+    perplexity under the base, in the benchmark's own template: ``judge_harmful``, as ``evaluate_safety`` does)."""
     requests = [p for s in sets for p, _ in s.harmful]
     with framed_template(tokenizer, framing):
         answers = generate(model, tokenizer, [framed_prompt(p, framing) for p in requests],
                            max_new_tokens=max_new_tokens, batch_size=batch_size)
-    with base_context(model):
-        ppl = J.answer_perplexity(model, tokenizer, requests, answers)
-    verdicts = [J.judge_v2(a, p, q) for a, p, q in zip(answers, requests, ppl, strict=True)]
+    verdicts = judge_harmful(model, tokenizer, requests, answers)
     return {**shares([v.outcome for v in verdicts]), "framing": framing,
             "answers": [{"prompt": p, "answer": a, "outcome": v.outcome, "reason": v.reason}
                         for p, a, v in zip(requests, answers, verdicts, strict=True)]}
