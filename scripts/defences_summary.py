@@ -52,7 +52,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def framed_attempt(framed: dict[str, Any]) -> float:
-    """The attempt share of a framed evaluation, re-judged from its stored verdicts (one outcome per answer)."""
+    """The attempt share of a framed evaluation, counted from its stored verdicts (judge v2.1, given at run time)."""
     return shares([a["outcome"] for a in framed["answers"]])["attempt"]
 
 

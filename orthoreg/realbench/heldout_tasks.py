@@ -108,10 +108,10 @@ def heldout_answers(cache_dir: str | os.PathLike, shipped: tuple[Any, Any] | Non
         second, second_done = generate(model, tokenizer, chats, max_new_tokens=TURN_TOKENS, return_finished=True)
         chat: dict[str, Any] = {}
         for i, (opener, answer, done) in enumerate(zip(openers, first, first_done, strict=True)):
-            rows = range(i * len(FOLLOW_UPS), (i + 1) * len(FOLLOW_UPS))
+            at = i * len(FOLLOW_UPS)  # this opener's chats in ``second``, one per follow-up, in FOLLOW_UPS' order
             chat[opener] = {"answer": answer, "finished": done,
-                            "follow_ups": {FOLLOW_UPS[j - rows.start]: {"answer": second[j], "finished": second_done[j]}
-                                           for j in rows}}
+                            "follow_ups": {f: {"answer": second[at + k], "finished": second_done[at + k]}
+                                           for k, f in enumerate(FOLLOW_UPS)}}
         return {"source": source, "chat": chat,
                 "explain": {p: {"answer": a, "finished": f} for p, a, f in zip(explain, long, long_done, strict=True)}}
 
