@@ -48,7 +48,7 @@ from .subspaces import (
     named_input_modules,
 )
 
-__all__ = ["METHODS", "POSITIONS", "extract_input_subspaces", "token_positions"]
+__all__ = ["METHODS", "POSITIONS", "extract_input_subspaces", "input_moments", "token_positions", "top_eigenvectors"]
 
 POSITIONS = ("prompt", "post_instruction", "first_reply")
 METHODS = ("pca", "contrastive")
@@ -259,6 +259,52 @@ def _second_moments(model: nn.Module, modules: dict[str, nn.Module], items: list
     return sums, total
 
 
+def input_moments(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    modules: str | Sequence[str] = "all_linear",
+    positions: str | Sequence[str] = "prompt",
+    replies: Sequence[str] | None = None,
+    reply_tokens: int = 1,
+    chat_template: bool | None = None,
+    batch_size: int = 8,
+    progress: Callable[[str], None] | None = None,
+    what: str = "prompts",
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The mean second moment M_m = (1/N) Σ x xᵀ (float64, d_in × d_in) of each selected module's inputs at the
+    chosen positions of ``prompts``, read on the base model (a PEFT model with its adapter disabled), and N.
+    ``extract_input_subspaces`` takes V_m from these; its docstring describes the arguments.
+
+    Raises:
+        InputSubspacesError: an unknown module or position kind, a position kind the tokenizer cannot locate, no
+            prompts, or a reply count that differs from the prompts'.
+    """
+    kinds = [positions] if isinstance(positions, str) else list(positions)
+    if not kinds or any(p not in POSITIONS for p in kinds):
+        raise InputSubspacesError(f"`positions` must be among {POSITIONS} (one or several); got {positions!r}")
+    if not prompts:
+        raise InputSubspacesError(f"`{what}` is empty")
+    if replies is not None and len(replies) != len(prompts):
+        raise InputSubspacesError(f"{len(replies)} replies for {len(prompts)} {what}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    chat_template = has_template if chat_template is None else chat_template
+    if chat_template and not has_template:
+        raise InputSubspacesError("chat_template=True but the tokenizer has no chat template")
+    chosen = _select_modules(model, modules)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    items = [token_positions(tokenizer, p, kinds, chat_template=chat_template, reply_tokens=reply_tokens,
+                             reply=None if replies is None else replies[i], index=i)
+             for i, p in enumerate(prompts)]
+    if progress is not None:
+        progress(f"recording {len(chosen)} modules' inputs on {len(prompts)} {what}")
+    base = model.disable_adapter() if hasattr(model, "peft_config") and hasattr(model, "disable_adapter") else None
+    with base if base is not None else contextlib.nullcontext():
+        sums, n = _second_moments(model, chosen, items, pad_id, batch_size)
+    return {name: sums[name] / n for name in chosen}, n
+
+
 def _collate(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -269,7 +315,9 @@ def _collate(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     return input_ids.to(device), attention.to(device)
 
 
-def _top_eigenvectors(matrix: torch.Tensor, k: int, name: str) -> torch.Tensor:
+def top_eigenvectors(matrix: torch.Tensor, k: int, name: str) -> torch.Tensor:
+    """The top-k eigenvectors of a symmetric PSD ``matrix`` as rows (k, d), each signed so its largest entry is
+    positive; raises ``InputSubspacesError`` naming ``name`` when the matrix has rank below k."""
     values, vectors = torch.linalg.eigh(matrix)  # ascending
     values, vectors = values.flip(0), vectors.flip(1)
     if values[0] <= 0 or values[k - 1] <= _RANK_RTOL * values[0]:
@@ -291,7 +339,7 @@ def _contrastive(m_prompt: torch.Tensor, m_contrast: torch.Tensor, k: int, eps: 
     chol = torch.linalg.cholesky(regular)  # regular = L Lᵀ; M_p v = μ L Lᵀ v  ⇔  (L⁻¹ M_p L⁻ᵀ) w = μ w, v = L⁻ᵀ w
     whitened = torch.linalg.solve_triangular(chol, m_prompt, upper=False)
     whitened = torch.linalg.solve_triangular(chol, whitened.T, upper=False)
-    w = _top_eigenvectors((whitened + whitened.T) / 2, k, name)  # (k, d)
+    w = top_eigenvectors((whitened + whitened.T) / 2, k, name)  # (k, d)
     v = torch.linalg.solve_triangular(chol.T, w.T, upper=True)  # (d, k), columns in order of μ
     q, r = torch.linalg.qr(v)
     return (q * torch.sign(torch.diagonal(r))).T
@@ -355,49 +403,32 @@ def extract_input_subspaces(
     Raises:
         InputSubspacesError: an unknown option, module or position kind, too few positions for k.
     """
-    kinds = [positions] if isinstance(positions, str) else list(positions)
-    if not kinds or any(p not in POSITIONS for p in kinds):
-        raise InputSubspacesError(f"`positions` must be among {POSITIONS} (one or several); got {positions!r}")
     if method not in METHODS:
         raise InputSubspacesError(f"`method` must be one of {METHODS}; got {method!r}")
     if method == "contrastive" and not contrast_prompts:
         raise InputSubspacesError("method='contrastive' needs `contrast_prompts` (e.g. harmless prompts, or the task's)")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputSubspacesError(f"`k` must be an int >= 1; got {k!r}")
-    if not prompts:
-        raise InputSubspacesError("`prompts` is empty")
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    chat_template = has_template if chat_template is None else chat_template
-    if chat_template and not has_template:
-        raise InputSubspacesError("chat_template=True but the tokenizer has no chat template")
     chosen = _select_modules(model, modules)
     too_narrow = [n for n, m in chosen.items() if in_width(m) < k]
     if too_narrow:
         raise InputSubspacesError(f"k={k} exceeds the input width of {too_narrow[:3]}; use a smaller k")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-    def moments(texts: Sequence[str], texts_replies: Sequence[str] | None, what: str):
-        if texts_replies is not None and len(texts_replies) != len(texts):
-            raise InputSubspacesError(f"{len(texts_replies)} replies for {len(texts)} {what}")
-        items = [token_positions(tokenizer, p, kinds, chat_template=chat_template, reply_tokens=reply_tokens,
-                                 reply=None if texts_replies is None else texts_replies[i], index=i)
-                 for i, p in enumerate(texts)]
-        if progress is not None:
-            progress(f"recording {len(chosen)} modules' inputs on {len(texts)} {what}")
-        # The base model's inputs: a PEFT model is read with its adapter disabled.
-        base = model.disable_adapter() if hasattr(model, "peft_config") and hasattr(model, "disable_adapter") else None
-        with base if base is not None else contextlib.nullcontext():
-            return _second_moments(model, chosen, items, pad_id, batch_size)
-
-    sums, n = moments(prompts, replies, "prompts")
-    contrast = moments(contrast_prompts, contrast_replies, "contrast prompts") if method == "contrastive" else None
+    options = dict(modules=list(chosen), positions=positions, reply_tokens=reply_tokens, chat_template=chat_template,
+                   batch_size=batch_size, progress=progress)
+    moments, n = input_moments(model, tokenizer, prompts, replies=replies, what="prompts", **options)
+    contrast = None
+    if method == "contrastive":
+        contrast = input_moments(model, tokenizer, contrast_prompts, replies=contrast_replies,
+                                 what="contrast prompts", **options)
+    kinds = [positions] if isinstance(positions, str) else list(positions)
+    chat_template = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
     subspaces, energy = {}, {}
     for name in chosen:
-        m = sums[name] / n
+        m = moments[name]
         if method == "pca":
-            v = _top_eigenvectors(m, k, name)
+            v = top_eigenvectors(m, k, name)
         else:
-            v = _contrastive(m, contrast[0][name] / contrast[1], k, regularization, name)
+            v = _contrastive(m, contrast[0][name], k, regularization, name)
         energy[name] = float(torch.trace(v @ m @ v.T) / torch.trace(m))
         subspaces[name] = v.to(torch.float32)
     lm = unwrap_model(model)

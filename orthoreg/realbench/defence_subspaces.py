@@ -14,7 +14,11 @@ name                prompts                                                posit
 ``task_post``       the task's own training prompts (control)              post-instruction + 1st reply tok  pca
 ``random``          none: a random orthonormal k-frame per module (seeded)  —                                 —
 ``builtin_harml…``  orthoreg's own 200 built-in harmless requests (train)   post-instruction + 1st reply tok  pca
+``harm_matched``    harmful prompts against the built-in harmless ones     post-instruction + 1st reply tok  tilted
 ==================  =====================================================  ================================  =======
+
+``harm_matched`` is the energy-matched harm-specific V of the specificity test (``specificity``): per module the
+top-k of M_harmful − t·M_builtin-harmless, t set so that it holds the pooled energy ``builtin_harmless_post`` holds.
 
 ``builtin_harmless_post`` is what a user has with no data of their own: the harmless side of the contrast set that
 ships with the library (``orthoreg.core.prompts.load_builtin("train").harmless``), none of it seen by the fine-tunes.
@@ -35,7 +39,7 @@ from typing import Any
 import torch
 
 SUBSPACE_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random",
-                 "builtin_harmless_post")
+                 "builtin_harmless_post", "harm_matched")
 POST = ("post_instruction", "first_reply")
 K = 16
 
@@ -67,6 +71,22 @@ def adapted_modules(model: Any) -> list[str]:
     return [n for n in names if ".layers.0." not in f".{n}"]
 
 
+def template_moments(model: Any, tokenizer: Any, info: Mapping[str, Any], log=print
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(M_harmful, M_builtin_harmless): per adapted module, the mean second moment of its inputs at the template
+    positions (``POST``) of the safety tune's harmful prompts and of orthoreg's built-in harmless requests
+    (``reader.extraction.input_moments``, float64)."""
+    from orthoreg.core.prompts import load_builtin
+    from orthoreg.reader.extraction import input_moments
+
+    options = dict(modules=adapted_modules(model), positions=list(POST), batch_size=16)
+    harmful = [t["prompt"] for t in info["harmful_targets"]]
+    log(f"[subspaces] template moments of {len(harmful)} harmful and the built-in harmless prompts")
+    m_harm, _ = input_moments(model, tokenizer, harmful, **options)
+    m_harmless, _ = input_moments(model, tokenizer, list(load_builtin("train").harmless), **options)
+    return m_harm, m_harmless
+
+
 def build_subspaces(name: str, model: Any, tokenizer: Any, info: Mapping[str, Any], folder: str | Path,
                     task_prompts: Sequence[str] | None = None, task_name: str | None = None, k: int = K,
                     log=print) -> Any:
@@ -79,6 +99,16 @@ def build_subspaces(name: str, model: Any, tokenizer: Any, info: Mapping[str, An
         return random_subspaces(build_subspaces("harmful_post", model, tokenizer, info, folder, k=k, log=log))
     harmful = [t["prompt"] for t in info["harmful_targets"]]
     harmless = [t["prompt"] for t in info["harmless_targets"]]
+    if name == "harm_matched":
+        from .specificity import harm_matched_subspaces
+
+        generic = build_subspaces("builtin_harmless_post", model, tokenizer, info, folder, k=k, log=log)
+        path = Path(folder) / f"subspaces-harm_matched-{_key({'harmful': harmful, 'k': k, 'v': 1})}.safetensors"
+        if path.is_file():
+            return InputSubspaces.load(path)
+        subspaces = harm_matched_subspaces(*template_moments(model, tokenizer, info, log=log), generic, k)
+        subspaces.save(path)
+        return subspaces
     if name == "builtin_harmless_post":
         from orthoreg.core.prompts import load_builtin
 

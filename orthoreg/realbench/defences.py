@@ -18,6 +18,9 @@ Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, dat
 - ``recommended`` — ``OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=λ))`` and nothing else: the
   template-reader constraint in base-model units, V_m recorded by the callback itself at train start from the
   built-in harmless requests (what ``reader_builtin_harmless_post`` does by hand, in absolute units).
+- ``recommended_harm_matched``, ``recommended_random_seed`` — the specificity test (``specificity``): the
+  recommended setting, same λ and units, with V swapped for the energy-matched harm-specific V (``harm_matched`` of
+  ``defence_subspaces``) or for a random orthonormal 16-frame per module drawn afresh from the job's seed.
 - ``activation_projection`` — ``OrthoRegConfig.activation_projection`` (λ_proj 0.1, base-mean anchor, base units) on the
   refusal directions at the 14 candidate layers, ``mask="labels"`` (the attention-sink token excluded).
 - ``writer`` — the writer term of ``OrthoLoRA`` (λ_lora Σ‖U_ℓ ΔW_m‖² on o_proj/down_proj of the same layers).
@@ -50,10 +53,11 @@ from .task_runs import TaskBenchConfig
 
 READER_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random",
                "builtin_harmless_post")
-ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", "activation_projection", "writer", "covariance",
+SPECIFICITY_ARMS = {"recommended_harm_matched": "harm_matched", "recommended_random_seed": "random"}
+ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", *SPECIFICITY_ARMS, "activation_projection", "writer", "covariance",
         "first_token_kl", "hard_projection", "interleave", "reader_harmless_post+first_token_kl", "margin_budget",
         "margin_budget_fast", "treft", "treft_query")
-DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, "activation_projection": 0.1, "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0,
+DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, **dict.fromkeys(SPECIFICITY_ARMS, RECOMMENDED_READER_WEIGHT), "activation_projection": 0.1, "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0,
                     "interleave": 0.1, "margin_budget": 1.0, "margin_budget_fast": 1.0, "treft": 10.0, "treft_query": 10.0}
 
 
@@ -94,6 +98,9 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokeni
         callbacks.append(OrthoRegCallback(config, input_subspaces=subspaces))
         if arm.endswith("+first_token_kl"):
             callbacks.append(FirstTokenKLCallback(DEFAULT_STRENGTH["first_token_kl"]))
+    elif arm in SPECIFICITY_ARMS:
+        callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight),
+                                          input_subspaces=subspaces, tokenizer=tokenizer))
     elif arm == "recommended":
         callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight), tokenizer=tokenizer))
     elif arm in ("margin_budget", "margin_budget_fast"):
@@ -169,7 +176,7 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
     from orthoreg.baselines import interleave
 
     from .aligned import load_aligned
-    from .defence_subspaces import build_subspaces, lora_tensors, save_adapter
+    from .defence_subspaces import build_subspaces, lora_tensors, random_subspaces, save_adapter
     from .finetune import HARM_SIGNAL_EVERY, add_lora, schedule, train_lora
     from .model import machine_record, set_threads
     from .task_eval import (
@@ -191,8 +198,11 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
     task = build_task(job.task, answers, seed=config.data_seed)
     examples = encode_task(tokenizer, task, config.max_length)
     subspaces = None
-    name = reader_set(job.arm) or ("harmful_post" if job.arm == "hard_projection" else None)
-    if name is not None:
+    name = reader_set(job.arm) or ("harmful_post" if job.arm == "hard_projection" else SPECIFICITY_ARMS.get(job.arm))
+    if job.arm == "recommended_random_seed":  # a fresh frame per seed, shaped like the generic V's modules
+        subspaces = random_subspaces(build_subspaces("builtin_harmless_post", model, tokenizer, info, base_folder,
+                                                     k=job.k), seed=job.seed)
+    elif name is not None:
         subspaces = build_subspaces(name, model, tokenizer, info, base_folder, task_prompts=[t.prompt for t in task.train],
                                     task_name=job.task, k=job.k)
     directions = HarmfulDirections.load(directions_path)
