@@ -21,6 +21,10 @@ Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, dat
 - ``recommended_harm_matched``, ``recommended_random_seed`` — the specificity test (``specificity``): the
   recommended setting, same λ and units, with V swapped for the energy-matched harm-specific V (``harm_matched`` of
   ``defence_subspaces``) or for a random orthonormal 16-frame per module drawn afresh from the job's seed.
+- ``full_plain``, ``full_recommended`` — full fine-tuning (every weight trains, no adapter; lr
+  ``FULL_FINETUNE_LR``, otherwise the same steps, batches and data order): plain, and the recommended setting with the
+  same λ in the same base units, where each module's term is ‖(W_m − W₀,m) V_mᵀ‖²_F / ‖W₀,m V_mᵀ‖²_F. The judge
+  and the capability read take "the base" from a copy of the weights kept before training (``finetune.FrozenBase``).
 - ``activation_projection`` — ``OrthoRegConfig.activation_projection`` (λ_proj 0.1, base-mean anchor, base units) on the
   refusal directions at the 14 candidate layers, ``mask="labels"`` (the attention-sink token excluded).
 - ``writer`` — the writer term of ``OrthoLoRA`` (λ_lora Σ‖U_ℓ ΔW_m‖² on o_proj/down_proj of the same layers).
@@ -53,11 +57,15 @@ from .task_runs import TaskBenchConfig
 
 READER_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random",
                "builtin_harmless_post")
+FULL_ARMS = ("full_plain", "full_recommended")
+# Full fine-tuning's lr: the LoRA benchmark's 5e-4 moves every weight far too much; 2e-5 is the usual full-SFT
+# scale for a model of this size (chosen before any full run; benchmarks/full_finetune/PLAN.md).
+FULL_FINETUNE_LR = 2e-5
 SPECIFICITY_ARMS = {"recommended_harm_matched": "harm_matched", "recommended_random_seed": "random"}
-ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", *SPECIFICITY_ARMS, "activation_projection", "writer", "covariance",
+ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", *SPECIFICITY_ARMS, *FULL_ARMS, "activation_projection", "writer", "covariance",
         "first_token_kl", "hard_projection", "interleave", "reader_harmless_post+first_token_kl", "margin_budget",
         "margin_budget_fast", "treft", "treft_query")
-DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, **dict.fromkeys(SPECIFICITY_ARMS, RECOMMENDED_READER_WEIGHT), "activation_projection": 0.1, "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0,
+DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, "full_recommended": RECOMMENDED_READER_WEIGHT, **dict.fromkeys(SPECIFICITY_ARMS, RECOMMENDED_READER_WEIGHT), "activation_projection": 0.1, "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0,
                     "interleave": 0.1, "margin_budget": 1.0, "margin_budget_fast": 1.0, "treft": 10.0, "treft_query": 10.0}
 
 
@@ -101,7 +109,7 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokeni
     elif arm in SPECIFICITY_ARMS:
         callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight),
                                           input_subspaces=subspaces, tokenizer=tokenizer))
-    elif arm == "recommended":
+    elif arm in ("recommended", "full_recommended"):
         callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight), tokenizer=tokenizer))
     elif arm in ("margin_budget", "margin_budget_fast"):
         from orthoreg.firewall import MarginGuardCallback, MarginGuardConfig
@@ -135,7 +143,7 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokeni
         callbacks.append(HardProjectionCallback(subspaces))
     elif arm in ("treft", "treft_query"):
         callbacks.append(TReFTCallback(job.weight, "prefix" if arm == "treft" else "query", tokenizer=tokenizer))
-    elif arm not in ("plain", "interleave"):
+    elif arm not in ("plain", "interleave", "full_plain"):
         raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
     return callbacks, wrap
 
@@ -177,7 +185,7 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
 
     from .aligned import load_aligned
     from .defence_subspaces import build_subspaces, lora_tensors, random_subspaces, save_adapter
-    from .finetune import HARM_SIGNAL_EVERY, add_lora, schedule, train_lora
+    from .finetune import HARM_SIGNAL_EVERY, FrozenBase, add_lora, schedule, train_lora
     from .model import machine_record, set_threads
     from .task_eval import (
         FRAMINGS,
@@ -214,12 +222,21 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
         examples = interleave(ordered[:n_task], safety_examples(tokenizer, info, config.max_length), job.weight,
                               seed=job.seed, replacement=True)
     callbacks, wrap = _callbacks_and_wrap(job, subspaces, directions, tokenizer)
-    peft_model = add_lora(model, seed=job.seed, r=config.rank, alpha=config.alpha)
+    full = job.arm in FULL_ARMS
+    if full:
+        frozen = FrozenBase(model)
+        model.requires_grad_(True)
+        peft_model = model
+    else:
+        peft_model = add_lora(model, seed=job.seed, r=config.rank, alpha=config.alpha)
     trained = wrap(peft_model) if wrap is not None else peft_model
-    report = train_lora(trained, tokenizer, examples, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                        seed=job.seed, callbacks=callbacks, harm_signal_every=HARM_SIGNAL_EVERY)
+    report = train_lora(trained, tokenizer, examples, steps=config.steps, batch_size=config.batch_size,
+                        lr=FULL_FINETUNE_LR if full else config.lr, seed=job.seed, callbacks=callbacks,
+                        harm_signal_every=HARM_SIGNAL_EVERY)
     peft_model.eval()
-    if adapter_out:
+    if full:  # the judge and the capability read take the base from the weights kept before training
+        frozen.attach()
+    elif adapter_out:
         save_adapter(lora_tensors(peft_model), adapter_out)
     sets = safety_sets(config.eval_per_activity, config.data_seed)
     safety = evaluate_safety(peft_model, tokenizer, sets, ppl_limit=ppl_limit, max_new_tokens=config.safety_tokens)
@@ -228,7 +245,7 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
     conditional = {f: evaluate_framed_safety(peft_model, tokenizer, sets, f, max_new_tokens=config.safety_tokens)
                    for f in FRAMINGS}
     in_subspace = None
-    if subspaces is not None:  # how much of each trained A_m lies in span(V_m): ‖A Vᵀ‖_F / ‖A‖_F, max and mean
+    if subspaces is not None and not full:  # how much of each trained A_m lies in span(V_m): ‖A Vᵀ‖_F / ‖A‖_F, max and mean
         fractions = [float((a.double() @ subspaces[n].double().T).norm() / a.double().norm().clamp_min(1e-30))
                      for n, (a, _, _) in lora_tensors(peft_model).items() if n in subspaces]
         in_subspace = {"max": max(fractions), "mean": sum(fractions) / len(fractions)}
@@ -237,7 +254,7 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
 
     guard = next((c.history for c in callbacks if isinstance(c, MarginGuardCallback)), None)
     return {
-        "task": job.task, "arm": job.arm, "seed": job.seed, "strength": job.strength, "scale": job.scale,
+        "task": job.task, "arm": job.arm, "seed": job.seed, "lr": FULL_FINETUNE_LR if full else config.lr, "strength": job.strength, "scale": job.scale,
         "weight": job.weight, "key": job.key, "safety": safety, "task_metric": task_result, "capability": capability,
         "conditional": conditional,
         "losses": report.losses, "penalty_logs": penalty_logs, "a_in_subspace": in_subspace, "cpu_per_step": report.cpu_per_step,

@@ -3,10 +3,15 @@
 One function, ``train_lora``: wraps a model in a fresh LoRA adapter (seeded), trains it for exactly ``steps``
 optimizer steps on a pre-shuffled example list with loss on assistant tokens only, in the CPU's compute dtype
 (``model.compute_dtype``: bf16 autocast where the CPU has native bf16, else fp32), and reports per-step times. The adapter stays attached (the caller evaluates, merges or discards it).
+
+Full fine-tuning goes through the same ``train_lora`` (it trains whatever requires grad); ``FrozenBase`` keeps the
+base weights so that what reads "the base" through a PEFT model's ``disable_adapter()`` (the judge's perplexity,
+the capability read) reads them for a fully fine-tuned model too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import tempfile
 import time
@@ -81,6 +86,37 @@ def add_lora(model: nn.Module, seed: int, r: int = 16, alpha: int = 32, targets:
         return get_peft_model(model, config)
 
 
+class FrozenBase:
+    """A copy of a model's parameters taken before full fine-tuning, and ``disable_adapter()``: a context in which
+    the model computes with them again (PEFT's name for "the base model"), its trained values restored on exit.
+
+    ``attach`` sets the context as the model's ``disable_adapter`` attribute, so code that reads the base through a
+    PEFT model (``task_eval.base_context``) reads it here too. Tied parameters (SmolLM2's embedding and LM head) are
+    one parameter and swapped once."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        params = dict(self.model.named_parameters())
+        trained = {name: params[name].detach().clone() for name in self.saved}
+        try:
+            with torch.no_grad():
+                for name, value in self.saved.items():
+                    params[name].copy_(value)
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for name, value in trained.items():
+                    params[name].copy_(value)
+
+    def attach(self) -> nn.Module:
+        self.model.disable_adapter = self.disable_adapter
+        return self.model
+
+
 def schedule(examples: Sequence[dict[str, list[int]]], steps: int, batch_size: int, seed: int) -> list[dict]:
     """Exactly ``steps * batch_size`` examples: epochs of ``examples``, each shuffled by ``seed``."""
     rng = random.Random(f"order-{seed}")
@@ -107,7 +143,7 @@ def train_lora(
     log_every: int = 10,
     harm_signal_every: int | None = None,
 ) -> TrainReport:
-    """Trains ``model`` (already PEFT-wrapped) in place; the data order is ``schedule(examples, steps, batch_size,
+    """Trains ``model`` (PEFT-wrapped, or with its own weights requiring grad: full fine-tuning) in place; the data order is ``schedule(examples, steps, batch_size,
     seed)`` and the Trainer's sampler keeps it (no reshuffle). With ``harm_signal_every`` the refusal margins
     (``HarmSignalCallback``: 16 built-in held-out pairs, no generation) are read every that many steps; the
     training itself is unchanged (the probe runs under no_grad with the RNG state restored)."""
