@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
-from orthoreg.reader.extraction import extract_input_subspaces, token_positions
+from orthoreg.reader.extraction import extract_input_subspaces, input_moments, token_positions
 from orthoreg.reader.subspaces import CARD_NAME, InputSubspaces, InputSubspacesError
 from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
     SIMPLE_TEMPLATE,
@@ -95,6 +95,26 @@ def test_pca_equals_a_hand_collected_float64_pca(tok, positions):
         assert got[name].dtype == torch.float32 and got[name].shape == (k, x.shape[1])
     assert got.metadata["num_positions"] == inputs[MODULES[0]].shape[0]
     assert got.metadata["positions"] == kinds and got.metadata["method"] == "pca"
+
+
+def test_input_moments_equal_hand_collected_float64_second_moments(tok):
+    lm = model()
+    positions = ("post_instruction", "first_reply")
+    moments, n = input_moments(lm, tok, PROMPTS, modules=MODULES, positions=positions, replies=REPLIES, batch_size=5)
+    inputs = reference_inputs(lm, PROMPTS, list(positions), REPLIES)
+    assert n == inputs[MODULES[0]].shape[0] and sorted(moments) == sorted(MODULES)
+    for name in MODULES:
+        x = inputs[name]
+        reference = x.T @ x / x.shape[0]
+        assert moments[name].dtype == torch.float64
+        # float32 activations of a batch of five vs one prompt at a time: equal to ~1e-7 relative
+        assert torch.allclose(moments[name], reference, rtol=1e-5, atol=1e-8 * float(reference.abs().max())), name
+    with pytest.raises(InputSubspacesError, match="3 replies for 24 prompts"):
+        input_moments(lm, tok, PROMPTS, modules=MODULES, positions="first_reply", replies=REPLIES[:3])
+    with pytest.raises(InputSubspacesError, match="`prompts` is empty"):
+        input_moments(lm, tok, [], modules=MODULES)
+    with pytest.raises(InputSubspacesError, match="positions"):
+        input_moments(lm, tok, PROMPTS, modules=MODULES, positions="everywhere")
 
 
 def test_greedy_first_reply_and_contrastive_against_references(tok):

@@ -58,6 +58,38 @@ def test_adapter_file_round_trip(tmp_path):
         "model.layers.0.mlp.up_proj"][1]) and s == 2.0
 
 
+def test_frozen_base_gives_back_the_base_weights_and_restores_the_trained_ones():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orthoreg.realbench.finetune import FrozenBase
+    from orthoreg.realbench.task_eval import base_context
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 40, (2, 7))
+    with torch.no_grad():
+        base_logits = model(input_ids=ids).logits.clone()
+    frozen = FrozenBase(model)
+    with torch.no_grad():  # a "fine-tune": every weight moves, the tied embedding / LM head included
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        trained_logits = model(input_ids=ids).logits.clone()
+    assert not torch.allclose(trained_logits, base_logits, atol=1e-3)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    frozen.attach()
+    with torch.no_grad(), base_context(model):  # what the judge and the capability read use
+        torch.testing.assert_close(model(input_ids=ids).logits, base_logits, rtol=0, atol=0)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, trained_logits, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="inside"), frozen.disable_adapter():  # restored on an error too
+        raise RuntimeError("inside")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, trained_logits, rtol=0, atol=0)
+
+
 def test_job_weight_scales_and_reader_sets():
     job = DefenceJob("summary", "reader_random", 0, strength=10.0, scale=0.5)
     assert job.weight == 5.0 and reader_set(job.arm) == "random"
@@ -87,6 +119,23 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
             assert row["weight"] == pytest.approx(10.0 * scales["scales"][reader_set(arm)])
             assert row["penalty_logs"]["orthoreg/reader"] > 0
     assert rows["writer"]["penalty_logs"]["orthoreg/lora"] > 0
+    # the specificity arms: the recommended setting (λ, base units) with V swapped; the random V differs per seed
+    for arm in ("recommended_harm_matched", "recommended_random_seed"):
+        assert rows[arm]["weight"] == rows["recommended"]["weight"] and rows[arm]["penalty_logs"]["orthoreg/reader"] > 0
+    assert rows["recommended_harm_matched"]["penalty_logs"]["orthoreg/reader"] != rows["recommended"]["penalty_logs"][
+        "orthoreg/reader"]
+    # full fine-tuning: its own lr, the same λ; the reader term ran on the full weights, and "the base" the judge and
+    # the capability read see is the weights before training (a LoRA run's base NLL is the same number)
+    from orthoreg.realbench.defences import FULL_FINETUNE_LR
+
+    for arm in ("full_plain", "full_recommended"):
+        assert rows[arm]["lr"] == FULL_FINETUNE_LR and rows[arm]["a_in_subspace"] is None
+        capability = rows[arm]["capability"]
+        assert capability["general_nll_base"] == pytest.approx(rows["plain"]["capability"]["general_nll_base"], rel=1e-6)
+        assert capability["general_nll"] != capability["general_nll_base"]
+    assert rows["full_recommended"]["weight"] == rows["recommended"]["weight"]
+    assert rows["full_recommended"]["penalty_logs"]["orthoreg/reader"] > 0
+    assert "orthoreg/reader" not in rows["full_plain"]["penalty_logs"]
     assert rows["activation_projection"]["penalty_logs"]["orthoreg/proj"] > 0
     assert rows["covariance"]["penalty_logs"]["orthoreg/cov"] > 0
     assert rows["first_token_kl"]["penalty_logs"]["first_token_kl/kl"] >= 0
