@@ -166,7 +166,7 @@ def gradient_norm(adapter: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]
 
 def base_readouts(model: Any, subspaces: Any) -> dict[str, float]:
     """‖W₀,m V_mᵀ‖²_F per module of ``subspaces`` (W₀ the base model's weight, ``nn.Linear`` layout), in float64."""
-    return {name: float((model.get_submodule(name).weight.double() @ v.double().T).pow(2).sum())
+    return {name: float((model.get_submodule(name).weight.detach().double() @ v.double().T).pow(2).sum())
             for name, v in subspaces.items()}
 
 
