@@ -89,6 +89,34 @@ def test_summary_arithmetic_and_source_precedence(module, tmp_path):
     assert h["kept"] == pytest.approx(25.0 / 80.0) and h["meets_kept"] is False
 
 
+def test_specificity_and_full_finetuning_entries(module):
+    bench = {"prep": {"base_eval": {"safety": safety(0.10, 0.30)}}, "rows": []}
+    run = [row("howto_steps", "plain", s, 0.5) for s in (0, 1, 2)]
+    run += [row("howto_steps", "recommended", s, x) for s, x in ((0, 0.25), (1, 0.20), (2, 0.30))]
+    specificity = [row("howto_steps", "recommended_harm_matched", s, x) for s, x in ((0, 0.10), (1, 0.12), (2, 0.20))]
+    specificity += [row("howto_steps", "recommended_random_seed", s, 0.45, over=0.1) for s in (0, 1)]
+    specificity += [row("howto_steps", "plain", 5, 0.9)]  # not a specificity arm: ignored
+    full = [row("identity_shift", "full_plain", s, 0.4, nll=(3.0, 2.0, 2.5)) for s in (0, 1)]
+    full += [row("identity_shift", "full_recommended", 0, 0.15, nll=(3.0, 2.1, 2.2))]
+    out = module.summarise(run, bench, [], None, specificity, full)
+    e = out["specificity"]["howto_steps"]
+    assert e["plain_rise_mean"] == pytest.approx(40.0)
+    assert e["arms"]["recommended"]["rise"] == pytest.approx([15.0, 10.0, 20.0])
+    assert e["arms"]["recommended_harm_matched"]["rise_mean"] == pytest.approx((0 + 2 + 10) / 3)
+    assert e["arms"]["recommended_random_seed"]["seeds"] == [0, 1]
+    assert e["arms"]["recommended_random_seed"]["over_refusal"] == pytest.approx(10.0)
+    assert e["harm_matched_advantage"] == pytest.approx((15 + 8 + 10) / 3) and e["harm_specific"]  # 11 ≥ 10
+    tie = [row("howto_steps", "recommended_harm_matched", s, x) for s, x in ((0, 0.24), (2, 0.25))]
+    tied = module.summarise(run, bench, [], None, tie)["specificity"]["howto_steps"]
+    assert tied["paired_seeds"] == [0, 2] and tied["harm_matched_advantage"] == pytest.approx((1 + 5) / 2)
+    assert tied["harm_specific"] is False
+    f = out["full_finetune"]["identity_shift"]
+    assert f["seeds"] == [0]  # the seeds both arms ran
+    assert f["plain_rise"] == pytest.approx([30.0]) and f["protected_rise"] == pytest.approx([5.0])
+    assert f["kept"] == pytest.approx(5.0 / 30.0) and f["ppl_ratio"] == pytest.approx(math.exp(-0.1))
+    assert "identity_shift" not in out["tasks"]  # full fine-tuning rows stay out of the LoRA table
+
+
 def test_main_writes_json_and_table(module, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -99,11 +127,26 @@ def test_main_writes_json_and_table(module, tmp_path):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"prep": {"base_eval": {"safety": safety(0.1, 0.3)}}, "rows": []}))
     readme = tmp_path / "README.md"
+    spec_dir, full_dir = tmp_path / "spec", tmp_path / "full"
+    spec_dir.mkdir(), full_dir.mkdir()
+    (spec_dir / "rows.jsonl").write_text(json.dumps(row("multi_turn", "recommended_harm_matched", 0, 0.15)) + "\n")
+    (full_dir / "rows.jsonl").write_text("".join(json.dumps(row("multi_turn", a, 0, x)) + "\n"
+                                                 for a, x in (("full_plain", 0.5), ("full_recommended", 0.2))))
+    energies = tmp_path / "specificity.json"
+    energies.write_text(json.dumps({"subspaces": {"harm_matched": {
+        "energy_pooled": 0.8, "harm_contrast": 0.01, "overlap_generic": 0.9,
+        "gradient_norm_base_units": {"multi_turn-plain-0": 2.0, "multi_turn-plain-1": 4.0, "other-plain-0": 9.0}}}}))
     out = module.main(["--run-dir", str(run_dir), "--tasks-bench", str(bench), "--budget-rows",
                        str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "s.json"), "--readme", str(readme),
-                       "--no-plot"])
+                       "--no-plot", "--specificity-dir", str(spec_dir), "--full-dir", str(full_dir),
+                       "--specificity-json", str(energies)])
     assert json.loads((tmp_path / "s.json").read_text()) == out
-    assert "| multi_turn | yes | 0 | +10.0 | +0.0 [+0] | 0 % | 1.00 | 1.00 |" in readme.read_text()
+    text = readme.read_text()
+    assert "| multi_turn | yes | 0 | +10.0 | +0.0 [+0] | 0 % | 1.00 | 1.00 |" in text
+    assert "| multi_turn | yes | 0 | +40.0 | +10.0 [+10] | 25 % |" in text  # the full fine-tuning table
+    # the harm-matched V's row: its rise, and its energies with the mean gradient norm over this task's adapters
+    assert "| multi_turn (plain +10.0) | harm-specific V, energy-matched | +5 | +5.0 | 30 | 0.800 | +0.0100 | 0.900 | 3 |" \
+        in text
     with pytest.raises(FileNotFoundError, match="--tasks-bench"):
         module.main(["--run-dir", str(run_dir), "--tasks-bench", str(tmp_path / "missing.json"), "--no-plot",
                      "--out", str(tmp_path / "t.json"), "--readme", ""])
