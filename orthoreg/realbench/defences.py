@@ -62,11 +62,13 @@ FULL_ARMS = ("full_plain", "full_recommended")
 # scale for a model of this size (chosen before any full run; benchmarks/full_finetune/PLAN.md).
 FULL_FINETUNE_LR = 2e-5
 SPECIFICITY_ARMS = {"recommended_harm_matched": "harm_matched", "recommended_random_seed": "random"}
-ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", *SPECIFICITY_ARMS, *FULL_ARMS, "activation_projection", "writer", "covariance",
-        "first_token_kl", "hard_projection", "interleave", "reader_harmless_post+first_token_kl", "margin_budget",
-        "margin_budget_fast", "treft", "treft_query")
-DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, "full_recommended": RECOMMENDED_READER_WEIGHT, **dict.fromkeys(SPECIFICITY_ARMS, RECOMMENDED_READER_WEIGHT), "activation_projection": 0.1, "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0,
-                    "interleave": 0.1, "margin_budget": 1.0, "margin_budget_fast": 1.0, "treft": 10.0, "treft_query": 10.0}
+ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", *SPECIFICITY_ARMS, *FULL_ARMS,
+        "activation_projection", "writer", "covariance", "first_token_kl", "hard_projection", "interleave",
+        "reader_harmless_post+first_token_kl", "margin_budget", "margin_budget_fast", "treft", "treft_query")
+DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, "full_recommended": RECOMMENDED_READER_WEIGHT,
+                    **dict.fromkeys(SPECIFICITY_ARMS, RECOMMENDED_READER_WEIGHT), "activation_projection": 0.1,
+                    "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0, "interleave": 0.1, "margin_budget": 1.0,
+                    "margin_budget_fast": 1.0, "treft": 10.0, "treft_query": 10.0}
 
 
 @dataclass
@@ -223,38 +225,39 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
                               seed=job.seed, replacement=True)
     callbacks, wrap = _callbacks_and_wrap(job, subspaces, directions, tokenizer)
     full = job.arm in FULL_ARMS
-    if full:
+    if full:  # every weight trains; the base is kept for the judge and the capability read
         frozen = FrozenBase(model)
         model.requires_grad_(True)
-        peft_model = model
+        tuned = model
     else:
-        peft_model = add_lora(model, seed=job.seed, r=config.rank, alpha=config.alpha)
-    trained = wrap(peft_model) if wrap is not None else peft_model
+        tuned = add_lora(model, seed=job.seed, r=config.rank, alpha=config.alpha)
+    trained = wrap(tuned) if wrap is not None else tuned
     report = train_lora(trained, tokenizer, examples, steps=config.steps, batch_size=config.batch_size,
                         lr=FULL_FINETUNE_LR if full else config.lr, seed=job.seed, callbacks=callbacks,
                         harm_signal_every=HARM_SIGNAL_EVERY)
-    peft_model.eval()
+    tuned.eval()
     if full:  # the judge and the capability read take the base from the weights kept before training
         frozen.attach()
     elif adapter_out:
-        save_adapter(lora_tensors(peft_model), adapter_out)
+        save_adapter(lora_tensors(tuned), adapter_out)
     sets = safety_sets(config.eval_per_activity, config.data_seed)
-    safety = evaluate_safety(peft_model, tokenizer, sets, ppl_limit=ppl_limit, max_new_tokens=config.safety_tokens)
-    task_result = evaluate_task(peft_model, tokenizer, task, max_new_tokens=config.task_tokens)
-    capability = evaluate_capability(peft_model, tokenizer, task, general_probe(answers))
-    conditional = {f: evaluate_framed_safety(peft_model, tokenizer, sets, f, max_new_tokens=config.safety_tokens)
+    safety = evaluate_safety(tuned, tokenizer, sets, ppl_limit=ppl_limit, max_new_tokens=config.safety_tokens)
+    task_result = evaluate_task(tuned, tokenizer, task, max_new_tokens=config.task_tokens)
+    capability = evaluate_capability(tuned, tokenizer, task, general_probe(answers))
+    conditional = {f: evaluate_framed_safety(tuned, tokenizer, sets, f, max_new_tokens=config.safety_tokens)
                    for f in FRAMINGS}
     in_subspace = None
-    if subspaces is not None and not full:  # how much of each trained A_m lies in span(V_m): ‖A Vᵀ‖_F / ‖A‖_F, max and mean
+    if subspaces is not None and not full:  # the share of each trained A_m in span(V_m): ‖A Vᵀ‖_F / ‖A‖_F, max, mean
         fractions = [float((a.double() @ subspaces[n].double().T).norm() / a.double().norm().clamp_min(1e-30))
-                     for n, (a, _, _) in lora_tensors(peft_model).items() if n in subspaces]
+                     for n, (a, _, _) in lora_tensors(tuned).items() if n in subspaces]
         in_subspace = {"max": max(fractions), "mean": sum(fractions) / len(fractions)}
     penalty_logs = {k: v for e in report.logs for k, v in e.items() if "/" in k}  # the last logged value per key
     from orthoreg.firewall import MarginGuardCallback
 
     guard = next((c.history for c in callbacks if isinstance(c, MarginGuardCallback)), None)
     return {
-        "task": job.task, "arm": job.arm, "seed": job.seed, "lr": FULL_FINETUNE_LR if full else config.lr, "strength": job.strength, "scale": job.scale,
+        "task": job.task, "arm": job.arm, "seed": job.seed, "lr": FULL_FINETUNE_LR if full else config.lr,
+        "strength": job.strength, "scale": job.scale,
         "weight": job.weight, "key": job.key, "safety": safety, "task_metric": task_result, "capability": capability,
         "conditional": conditional,
         "losses": report.losses, "penalty_logs": penalty_logs, "a_in_subspace": in_subspace, "cpu_per_step": report.cpu_per_step,
