@@ -11,8 +11,9 @@ everyday requests (orthoreg's built-in harmless ones by default); the penalty
 (or its base-units mean, ``orthoreg.terms.reader``) then resists any change of how each adapted module reads that
 subspace. Those positions are where a chat model decides whether to refuse. Measured on SmolLM2-135M
 (``benchmarks/README_defences.md``): the subspaces of harmful prompts, their harmless twins and the built-in harmless
-requests protect alike — the constraint is *generic*, on the assistant-turn read-out, not on a harmful direction —
-while the subspace of the fine-tune's own prompts protected worst (rises of +14 / +16 / +30 points over three
+requests protect alike, and a harmful-prompt subspace matched to the generic one in input energy protects no
+better (``benchmarks/specificity/``) — the constraint is *generic*, on the assistant-turn read-out, not on a harmful
+direction — while the subspace of the fine-tune's own prompts protected worst (rises of +14 / +16 / +30 points over three
 seeds), so the task's prompts are not the recommended source.
 
 The first decoder layer is left out: there a module's input is the token's own embedding, so the few fixed
