@@ -52,6 +52,7 @@ RIVAL_ARMS = ("treft", "treft_query")
 SPECIFICITY_DIR = ROOT / "benchmarks" / "specificity"
 SPECIFICITY_JSON = ROOT / "benchmarks" / "specificity.json"
 FULL_DIR = ROOT / "benchmarks" / "full_finetune"
+LEVER_DIR = ROOT / "benchmarks" / "lever_lambda"  # recommended() at other λ (PLAN.md, amendment 3)
 SPECIFICITY_ARMS = ("recommended", "recommended_harm_matched", "recommended_random_seed")  # the generic V first
 SPECIFIC_BY = 10.0  # points by which the harm-specific V must beat the generic one (the plan's decision rule)  # the nearest published rival (TReFT) and its query-position control
 
@@ -160,7 +161,7 @@ def specificity_entry(task: str, cells: dict[tuple[str, str], dict[int, dict[str
 
 def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budget_rows: list[dict[str, Any]],
               base_framed: dict[str, Any] | None, specificity_rows: list[dict[str, Any]] = (),
-              full_rows: list[dict[str, Any]] = ()) -> dict[str, Any]:
+              full_rows: list[dict[str, Any]] = (), lever_rows: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """``bench``: the task benchmark's JSON (its base evaluation is the base every row is measured against)."""
     if bench is None:
         raise FileNotFoundError("the task benchmark's JSON is needed for the aligned base's evaluation: "
@@ -179,6 +180,10 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
         for r in rows:
             if r["arm"] in arms:
                 cells.setdefault((r["task"], r["arm"]), {})[r["seed"]] = measure(r, base, source)
+    levers: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
+    for r in lever_rows:  # the recommended setting at another λ: an entry like a task's, on the seeds it ran
+        if r["arm"] == "recommended" and r.get("strength") not in (None, RECOMMENDED_READER_WEIGHT):
+            levers.setdefault((r["task"], r["weight"]), {})[r["seed"]] = measure(r, base, "lever")
     rivals: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for r in run_rows:  # other arms of the same run, compared with plain and recommended on their seeds
         if r["arm"] in RIVAL_ARMS:
@@ -194,6 +199,10 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
     out["specificity"] = {t: specificity_entry(t, cells) for t in dict.fromkeys(r["task"] for r in specificity_rows)}
     out["full_finetune"] = {t: task_entry(t, cells[(t, "full_plain")], cells.get((t, "full_recommended"), {}), base)
                             for t in dict.fromkeys(r["task"] for r in full_rows) if (t, "full_plain") in cells}
+    out["levers"] = {f"{task} λ {weight:g}": task_entry(task, cells[(task, "plain")], runs, base)
+                     | {"recommended_rise": [cells.get((task, "recommended"), {}).get(seed, {}).get("rise")
+                                             for seed in sorted(runs)]}
+                     for (task, weight), runs in sorted(levers.items()) if (task, "plain") in cells}
     out["rivals"] = {f"{task}|{arm}": {str(seed): rival_entry(m, cells[(task, "plain")].get(seed),
                                                               cells.get((task, "recommended"), {}).get(seed))
                                        for seed, m in sorted(runs.items())}
@@ -324,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--specificity-dir", default=str(SPECIFICITY_DIR), help="rows.jsonl of the specificity test")
     ap.add_argument("--specificity-json", default=str(SPECIFICITY_JSON), help="specificity_report.py's output")
     ap.add_argument("--full-dir", default=str(FULL_DIR), help="rows.jsonl of the full fine-tuning runs")
+    ap.add_argument("--lever-dir", default=str(LEVER_DIR), help="rows.jsonl of recommended() at other λ")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--readme", default=str(README))
     ap.add_argument("--no-plot", action="store_true")
@@ -334,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarise(read_rows(run_dir / "rows.jsonl"), json.loads(bench_path.read_text()) if bench_path.is_file()
                         else None, read_rows(Path(args.budget_rows)),
                         json.loads(framed_path.read_text()) if framed_path.is_file() else None,
-                        read_rows(Path(args.specificity_dir) / "rows.jsonl"), read_rows(Path(args.full_dir) / "rows.jsonl"))
+                        read_rows(Path(args.specificity_dir) / "rows.jsonl"), read_rows(Path(args.full_dir) / "rows.jsonl"),
+                        read_rows(Path(args.lever_dir) / "rows.jsonl"))
     energies_path = Path(args.specificity_json)
     energies = json.loads(energies_path.read_text())["subspaces"] if energies_path.is_file() else None
     out = Path(args.out)
@@ -350,6 +361,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "beside plain and recommended on the same seed:\n\n" + rivals if rivals else "") + (
             "\n\n**Full fine-tuning** (every weight trains, lr 2e-5; `full_plain` vs `full_recommended`, the same λ "
             "in base units):\n\n" + table(summary, "full_finetune") if summary["full_finetune"] else "") + (
+            "\n\n**λ as a lever** (`recommended()` at a larger λ, chosen on `howto_steps` seed 0 by PLAN.md's "
+            "amendment 3, then its other seeds fresh; `protected` = that λ):\n\n" + table(summary, "levers")
+            if summary["levers"] else "") + (
             "\n\n**Specificity** (the recommended setting, V swapped; energies and gradient norms: "
             "`scripts/specificity_report.py`):\n\n" + specific if specific else ""),
             writer="scripts/defences_summary.py")

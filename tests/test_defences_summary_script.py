@@ -115,6 +115,15 @@ def test_specificity_and_full_finetuning_entries(module):
     assert f["plain_rise"] == pytest.approx([30.0]) and f["protected_rise"] == pytest.approx([5.0])
     assert f["kept"] == pytest.approx(5.0 / 30.0) and f["ppl_ratio"] == pytest.approx(math.exp(-0.1))
     assert "identity_shift" not in out["tasks"]  # full fine-tuning rows stay out of the LoRA table
+    lever = [{**row("howto_steps", "recommended", 0, 0.18, strength=20000.0, over=0.25), "weight": 20000.0},
+             {**row("howto_steps", "recommended", 2, 0.16, strength=20000.0), "weight": 20000.0},
+             {**row("howto_steps", "recommended", 1, 0.5, strength=5000.0), "weight": 5000.0}]  # the shipped λ: not a lever
+    levers = module.summarise(run, bench, [], None, lever_rows=lever)["levers"]
+    assert list(levers) == ["howto_steps λ 20000"]
+    entry = levers["howto_steps λ 20000"]
+    assert entry["seeds"] == [0, 2] and entry["protected_rise"] == pytest.approx([8.0, 6.0])
+    assert entry["recommended_rise"] == pytest.approx([15.0, 20.0])  # λ 5000 on the same seeds
+    assert entry["kept"] == pytest.approx(7.0 / 40.0) and entry["over_refusal"] == pytest.approx(27.5)
 
 
 def test_main_writes_json_and_table(module, tmp_path):
@@ -139,7 +148,7 @@ def test_main_writes_json_and_table(module, tmp_path):
     out = module.main(["--run-dir", str(run_dir), "--tasks-bench", str(bench), "--budget-rows",
                        str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "s.json"), "--readme", str(readme),
                        "--no-plot", "--specificity-dir", str(spec_dir), "--full-dir", str(full_dir),
-                       "--specificity-json", str(energies)])
+                       "--specificity-json", str(energies), "--lever-dir", str(tmp_path / "no-levers")])
     assert json.loads((tmp_path / "s.json").read_text()) == out
     text = readme.read_text()
     assert "| multi_turn | yes | 0 | +10.0 | +0.0 [+0] | 0 % | 1.00 | 1.00 |" in text
