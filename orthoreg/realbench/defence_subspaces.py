@@ -9,13 +9,15 @@ name                prompts                                                posit
 ==================  =====================================================  ================================  =======
 ``harmful_post``    the safety tune's 200 harmful prompts                  post-instruction + 1st reply tok  pca
 ``harmful_prompt``  the same                                               every prompt token                pca
-``contrastive``     harmful vs their 368 harmless twins (``contrast``)      post-instruction + 1st reply tok  contr.
-``harmless_post``   the 368 harmless twins (control: no harmful data)      post-instruction + 1st reply tok  pca
+``contrastive``     harmful vs their harmless twins¹ (``contrast``)        post-instruction + 1st reply tok  contr.
+``harmless_post``   the harmless twins¹ (control: no harmful data)         post-instruction + 1st reply tok  pca
 ``task_post``       the task's own training prompts (control)              post-instruction + 1st reply tok  pca
 ``random``          none: a random orthonormal k-frame per module (seeded)  —                                 —
 ``builtin_harml…``  orthoreg's own 200 built-in harmless requests (train)   post-instruction + 1st reply tok  pca
 ``harm_matched``    harmful prompts against the built-in harmless ones     post-instruction + 1st reply tok  tilted
 ==================  =====================================================  ================================  =======
+
+¹ the safety tune's harmless prompts: 368 on aligned base v2, 464 on v3.
 
 ``harm_matched`` is the energy-matched harm-specific V of the specificity test (``specificity``): per module the
 top-k of M_harmful − t·M_builtin-harmless, t set so that it holds the pooled energy ``builtin_harmless_post`` holds.
