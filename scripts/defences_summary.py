@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orthoreg.config import RECOMMENDED_READER_WEIGHT  # noqa: E402
+from orthoreg.realbench.defences import FULL_ARMS  # noqa: E402
+from orthoreg.realbench.defences import SPECIFICITY_ARMS as SWAPPED_V_ARMS  # noqa: E402
 from orthoreg.realbench.heldout_tasks import HELDOUT_TASK_NAMES  # noqa: E402
 from orthoreg.realbench.task_eval import FRAMINGS, rejudge, shares  # noqa: E402
 from orthoreg.realbench.tasks import TASK_NAMES  # noqa: E402
@@ -53,7 +55,7 @@ SPECIFICITY_DIR = ROOT / "benchmarks" / "specificity"
 SPECIFICITY_JSON = ROOT / "benchmarks" / "specificity.json"
 FULL_DIR = ROOT / "benchmarks" / "full_finetune"
 LEVER_DIR = ROOT / "benchmarks" / "lever_lambda"  # recommended() at other λ (PLAN.md, amendment 3)
-SPECIFICITY_ARMS = ("recommended", "recommended_harm_matched", "recommended_random_seed")  # the generic V first
+SPECIFICITY_ARMS = ("recommended", *SWAPPED_V_ARMS)  # the generic V first, then the recommended setting with V swapped
 SPECIFIC_BY = 10.0  # points by which the harm-specific V must beat the generic one (the plan's decision rule)  # the nearest published rival (TReFT) and its query-position control
 
 
@@ -176,7 +178,7 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
             if arm in ("plain", "recommended") and r.get("strength") in (None, RECOMMENDED_READER_WEIGHT):
                 cells.setdefault((r["task"], arm), {})[r["seed"]] = measure(r, base, source)
     for rows, source, arms in ((specificity_rows, "specificity", SPECIFICITY_ARMS[1:]),
-                               (full_rows, "full_finetune", ("full_plain", "full_recommended"))):
+                               (full_rows, "full_finetune", FULL_ARMS)):
         for r in rows:
             if r["arm"] in arms:
                 cells.setdefault((r["task"], r["arm"]), {})[r["seed"]] = measure(r, base, source)
@@ -244,8 +246,9 @@ def specificity_table(summary: dict[str, Any], energies: dict[str, Any] | None) 
         return ""
     names = {"recommended": "generic V (recommended)", "recommended_harm_matched": "harm-specific V, energy-matched",
              "recommended_random_seed": "random V, fresh per seed"}
-    sets = {"recommended": "builtin_harmless_post", "recommended_harm_matched": "harm_matched",
-            "recommended_random_seed": "random:0"}
+    # each arm's V in specificity.json (the random V: seed 0's frame, one of the fresh ones)
+    sets = {"recommended": "builtin_harmless_post",
+            **{arm: "random:0" if v == "random" else v for arm, v in SWAPPED_V_ARMS.items()}}
     lines = ["| task | V | rise per seed | mean rise | over-refusal | pooled energy | harm contrast | overlap with generic "
              "| grad. norm at plain (base units) |", "|---|---|---|---|---|---|---|---|---|"]
     for task, e in summary["specificity"].items():
