@@ -48,7 +48,7 @@ from .subspaces import (
     named_input_modules,
 )
 
-__all__ = ["METHODS", "POSITIONS", "extract_input_subspaces", "input_moments", "token_positions", "top_eigenvectors"]
+__all__ = ["METHODS", "POSITIONS", "extract_input_subspaces", "input_moments", "token_positions"]
 
 POSITIONS = ("prompt", "post_instruction", "first_reply")
 METHODS = ("pca", "contrastive")
@@ -315,7 +315,7 @@ def _collate(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     return input_ids.to(device), attention.to(device)
 
 
-def top_eigenvectors(matrix: torch.Tensor, k: int, name: str) -> torch.Tensor:
+def _top_eigenvectors(matrix: torch.Tensor, k: int, name: str) -> torch.Tensor:
     """The top-k eigenvectors of a symmetric PSD ``matrix`` as rows (k, d), each signed so its largest entry is
     positive; raises ``InputSubspacesError`` naming ``name`` when the matrix has rank below k."""
     values, vectors = torch.linalg.eigh(matrix)  # ascending
@@ -339,7 +339,7 @@ def _contrastive(m_prompt: torch.Tensor, m_contrast: torch.Tensor, k: int, eps: 
     chol = torch.linalg.cholesky(regular)  # regular = L Lᵀ; M_p v = μ L Lᵀ v  ⇔  (L⁻¹ M_p L⁻ᵀ) w = μ w, v = L⁻ᵀ w
     whitened = torch.linalg.solve_triangular(chol, m_prompt, upper=False)
     whitened = torch.linalg.solve_triangular(chol, whitened.T, upper=False)
-    w = top_eigenvectors((whitened + whitened.T) / 2, k, name)  # (k, d)
+    w = _top_eigenvectors((whitened + whitened.T) / 2, k, name)  # (k, d)
     v = torch.linalg.solve_triangular(chol.T, w.T, upper=True)  # (d, k), columns in order of μ
     q, r = torch.linalg.qr(v)
     return (q * torch.sign(torch.diagonal(r))).T
@@ -426,7 +426,7 @@ def extract_input_subspaces(
     for name in chosen:
         m = moments[name]
         if method == "pca":
-            v = top_eigenvectors(m, k, name)
+            v = _top_eigenvectors(m, k, name)
         else:
             v = _contrastive(m, contrast[0][name], k, regularization, name)
         energy[name] = float(torch.trace(v @ m @ v.T) / torch.trace(m))
