@@ -58,7 +58,8 @@ def harm_tilted_frame(m_harm: torch.Tensor, m_harmless: torch.Tensor, target: fl
                       tolerance: float = 1e-4, iterations: int = 40) -> tuple[torch.Tensor, float, float]:
     """(V, t, e_p(V)): V = top-k of M_h − t·M_b with t ≥ 0 such that V's pooled energy share equals ``target``
     (module docstring). Bisection on t; the pooled share falls as t grows (t → ∞ leaves the harmless inputs' least
-    energetic directions). Returns t = 0 when even the harmful prompts' own subspace holds less than ``target``."""
+    energetic directions). Returns t = 0 when even the harmful prompts' own subspace holds no more than ``target``
+    (within ``tolerance``)."""
     m_harm, m_harmless = m_harm.double(), m_harmless.double()
     pooled = (m_harm + m_harmless) / 2
 
