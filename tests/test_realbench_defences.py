@@ -178,3 +178,54 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
     assert held["capability"]["task_nll"] != held["capability"]["task_nll_base"]
     assert set(held["conditional"]) == {"system", "renamed_roles"}
     assert all(len(c["answers"]) == 96 for c in held["conditional"].values())
+
+
+def test_lever_subspaces_each_change_one_thing_of_the_generic_v(tmp_path):
+    """``defence_subspaces.LEVER_SETS`` on a tiny base: layer 0 added, 2k directions, four reply tokens, the task's
+    prompts pooled — and everything else as in ``builtin_harmless_post``."""
+    from orthoreg.core.prompts import load_builtin
+    from orthoreg.reader.extraction import input_moments
+    from orthoreg.realbench.defence_subspaces import LEVER_SETS, adapted_modules, build_subspaces
+    from orthoreg.realbench.tiny import bpe_tokenizer, tiny_llama
+
+    tokenizer = bpe_tokenizer()
+    model = tiny_llama(tokenizer)
+    info = {"harmful_targets": [], "harmless_targets": []}
+    task = [f"Explain step {i} of making bread with {n} cups of flour." for i, n in enumerate(range(3, 43))]
+
+    def build(name):
+        return build_subspaces(name, model, tokenizer, info, tmp_path, task_prompts=task, task_name="bread", k=4,
+                               log=lambda *_: None)
+
+    generic = build("builtin_harmless_post")
+    lever = {name: build(name) for name in LEVER_SETS}
+
+    layer0 = lever["builtin_all_layers"]
+    assert set(layer0.names) - set(generic.names) == {n for n in adapted_modules(model, first_layer=True) if ".layers.0." in n}
+    assert len(set(layer0.names) - set(generic.names)) == 7 and all(torch.equal(layer0[n], generic[n]) for n in generic.names)
+
+    double = lever["builtin_double_k"]
+    assert double.names == generic.names and double.metadata["k"] == 8
+    for name, v in generic.subspaces.items():  # the top 4 of the top 8 are the generic frame (signs fixed the same way)
+        torch.testing.assert_close(double[name][:4], v, atol=1e-5, rtol=0)
+        torch.testing.assert_close(double[name] @ double[name].T, torch.eye(8), atol=1e-5, rtol=0)
+
+    reply4 = lever["builtin_reply4"]
+    prompts = len(load_builtin("train").harmless)
+    assert reply4.metadata["reply_tokens"] == 4
+    assert reply4.metadata["num_positions"] == generic.metadata["num_positions"] + 3 * prompts
+
+    union = lever["builtin_and_task_post"]
+    assert union.metadata["prompt_set"]["count"] == prompts + len(task)
+    # V of the pooled set: the top-4 eigenvectors of the position-weighted mean of the two sets' moments (float64)
+    name = generic.names[-1]
+    options = dict(modules=[name], positions=["post_instruction", "first_reply"], batch_size=16)
+    m_builtin, n_builtin = input_moments(model, tokenizer, list(load_builtin("train").harmless), **options)
+    m_task, n_task = input_moments(model, tokenizer, task, **options)
+    pooled = (n_builtin * m_builtin[name].double() + n_task * m_task[name].double()) / (n_builtin + n_task)
+    top = torch.linalg.eigh(pooled).eigenvectors[:, -4:].T
+    projector = union[name].double().T @ union[name].double()
+    torch.testing.assert_close(projector, top.T @ top, atol=1e-6, rtol=0)
+    assert not torch.allclose(projector, generic[name].double().T @ generic[name].double(), atol=1e-3)
+    with pytest.raises(ValueError, match="task's training prompts"):
+        build_subspaces("builtin_and_task_post", model, tokenizer, info, tmp_path / "other", k=4, log=lambda *_: None)

@@ -17,6 +17,11 @@ name                prompts                                                posit
 ``harm_matched``    harmful prompts against the built-in harmless ones     post-instruction + 1st reply tok  tilted
 ==================  =====================================================  ================================  =======
 
+The levers on the residual (issue 23, item 1; ``LEVER_SETS``) are ``builtin_harmless_post`` with one thing changed:
+``builtin_all_layers`` also covers layer 0 (210 modules of SmolLM2), ``builtin_reply4`` takes the first four reply
+tokens instead of one, ``builtin_double_k`` keeps 2k directions (32 at the default k), ``builtin_and_task_post`` pools the built-in harmless
+requests with the task's own training prompts.
+
 ¹ the safety tune's harmless prompts: 368 on aligned base v2, 464 on v3.
 
 ``harm_matched`` is the energy-matched harm-specific V of the specificity test (``specificity``): per module the
@@ -40,8 +45,11 @@ from typing import Any
 
 import torch
 
+# name -> what differs from builtin_harmless_post
+LEVER_SETS = {"builtin_all_layers": {"all_layers": True}, "builtin_reply4": {"reply_tokens": 4},
+              "builtin_double_k": {"k_factor": 2}, "builtin_and_task_post": {"with_task": True}}
 SUBSPACE_SETS = ("harmful_post", "harmful_prompt", "contrastive", "harmless_post", "task_post", "random",
-                 "builtin_harmless_post", "harm_matched")
+                 "builtin_harmless_post", "harm_matched", *LEVER_SETS)
 POST = ("post_instruction", "first_reply")
 K = 16
 
@@ -63,14 +71,13 @@ def random_subspaces(like: Any, seed: int = 0) -> Any:
                                                                                        .shape[0])})
 
 
-def adapted_modules(model: Any) -> list[str]:
-    """The seven projections of every decoder layer but the first: there a module's input is the token's own
-    (normalised) embedding, so the few fixed template tokens at the post-instruction positions span fewer than k
-    directions, and the reader term cannot constrain how layer 0 reads anything but those tokens anyway."""
+def adapted_modules(model: Any, first_layer: bool = False) -> list[str]:
+    """The seven projections of every decoder layer but the first (with ``first_layer``: of every layer). Layer 0
+    is left out by default as the library's template-reader constraint leaves it out (``reader.template``)."""
     from .finetune import LORA_TARGETS
 
     names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in LORA_TARGETS]
-    return [n for n in names if ".layers.0." not in f".{n}"]
+    return names if first_layer else [n for n in names if ".layers.0." not in f".{n}"]
 
 
 def template_moments(model: Any, tokenizer: Any, info: Mapping[str, Any], log=print
@@ -111,26 +118,34 @@ def build_subspaces(name: str, model: Any, tokenizer: Any, info: Mapping[str, An
         subspaces = harm_matched_subspaces(*template_moments(model, tokenizer, info, log=log), generic, k)
         subspaces.save(path)
         return subspaces
-    if name == "builtin_harmless_post":
+    lever = LEVER_SETS.get(name, {})
+    if name == "builtin_harmless_post" or lever:
         from orthoreg.core.prompts import load_builtin
 
         prompts, label = list(load_builtin("train").harmless), "orthoreg_builtin_harmless_train"
+        if lever.get("with_task"):
+            if not task_prompts:
+                raise ValueError(f"the {name} subspace set needs the task's training prompts")
+            prompts, label = prompts + list(task_prompts), f"orthoreg_builtin_harmless_train+task:{task_name}"
+        k = k * lever.get("k_factor", 1)
     elif name == "task_post":
         if not task_prompts:
             raise ValueError("the task_post subspace set needs the task's training prompts")
         prompts, label = list(task_prompts), f"task:{task_name}"
     else:
         prompts, label = (harmless, "harmless_twins") if name == "harmless_post" else (harmful, "harmful_safety_tune")
-    settings = {"name": name, "prompts": prompts, "k": k, "modules": adapted_modules(model),
+    settings = {"name": name, "prompts": prompts, "k": k, "modules": adapted_modules(model, lever.get("all_layers", False)),
                 "positions": list(POST) if name != "harmful_prompt" else ["prompt"],
                 "method": "contrastive" if name == "contrastive" else "pca"}
+    if "reply_tokens" in lever:  # only then, so that the other sets keep their cache keys
+        settings["reply_tokens"] = lever["reply_tokens"]
     path = Path(folder) / f"subspaces-{name}-{_key(settings)}.safetensors"
     if path.is_file():
         return InputSubspaces.load(path)
     log(f"[subspaces] extracting {name} ({len(prompts)} prompts, positions {settings['positions']})")
     subspaces = extract_input_subspaces(
-        model, tokenizer, prompts, modules=adapted_modules(model), k=k, positions=settings["positions"],
-        method=settings["method"],
+        model, tokenizer, prompts, modules=settings["modules"], k=k, positions=settings["positions"],
+        method=settings["method"], reply_tokens=settings.get("reply_tokens", 1),
         contrast_prompts=harmless if name == "contrastive" else None, prompt_set=label, batch_size=16)
     subspaces.save(path)
     return subspaces

@@ -21,6 +21,10 @@ Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, dat
 - ``recommended_harm_matched``, ``recommended_random_seed`` — the specificity test (``specificity``): the
   recommended setting, same λ and units, with V swapped for the energy-matched harm-specific V (``harm_matched`` of
   ``defence_subspaces``) or for a random orthonormal 16-frame per module drawn afresh from the job's seed.
+- ``recommended_layer0``, ``recommended_reply4``, ``recommended_double_k``, ``recommended_task_union`` — the levers on the
+  residual (issue 23, item 1; ``LEVER_ARMS``): the recommended setting, same λ and units, with V from the built-in
+  harmless requests changed in one way (``defence_subspaces.LEVER_SETS``): layer 0 covered too; the first four reply
+  tokens; 2k directions (32); the task's own training prompts pooled with the built-in ones.
 - ``full_plain``, ``full_recommended`` — full fine-tuning (every weight trains, no adapter; lr
   ``FULL_FINETUNE_LR``, otherwise the same steps, batches and data order): plain, and the recommended setting with the
   same λ in the same base units, where each module's term is ‖(W_m − W₀,m) V_mᵀ‖²_F / ‖W₀,m V_mᵀ‖²_F. The judge
@@ -62,11 +66,14 @@ FULL_ARMS = ("full_plain", "full_recommended")
 # scale for a model of this size (chosen before any full run; benchmarks/full_finetune/PLAN.md).
 FULL_FINETUNE_LR = 2e-5
 SPECIFICITY_ARMS = {"recommended_harm_matched": "harm_matched", "recommended_random_seed": "random"}
-ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", *SPECIFICITY_ARMS, *FULL_ARMS,
+LEVER_ARMS = {"recommended_layer0": "builtin_all_layers", "recommended_reply4": "builtin_reply4",
+              "recommended_double_k": "builtin_double_k", "recommended_task_union": "builtin_and_task_post"}
+SWAPPED_V_ARMS = {**SPECIFICITY_ARMS, **LEVER_ARMS}  # the recommended setting with V given instead of recorded
+ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", *SWAPPED_V_ARMS, *FULL_ARMS,
         "activation_projection", "writer", "covariance", "first_token_kl", "hard_projection", "interleave",
         "reader_harmless_post+first_token_kl", "margin_budget", "margin_budget_fast", "treft", "treft_query")
 DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, "full_recommended": RECOMMENDED_READER_WEIGHT,
-                    **dict.fromkeys(SPECIFICITY_ARMS, RECOMMENDED_READER_WEIGHT), "activation_projection": 0.1,
+                    **dict.fromkeys(SWAPPED_V_ARMS, RECOMMENDED_READER_WEIGHT), "activation_projection": 0.1,
                     "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0, "interleave": 0.1, "margin_budget": 1.0,
                     "margin_budget_fast": 1.0, "treft": 10.0, "treft_query": 10.0}
 
@@ -108,7 +115,7 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokeni
         callbacks.append(OrthoRegCallback(config, input_subspaces=subspaces))
         if arm.endswith("+first_token_kl"):
             callbacks.append(FirstTokenKLCallback(DEFAULT_STRENGTH["first_token_kl"]))
-    elif arm in SPECIFICITY_ARMS:
+    elif arm in SWAPPED_V_ARMS:
         callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight),
                                           input_subspaces=subspaces, tokenizer=tokenizer))
     elif arm in ("recommended", "full_recommended"):
@@ -208,7 +215,7 @@ def run_defence(base_folder: str, answers_path: str, directions_path: str, job: 
     task = build_task(job.task, answers, seed=config.data_seed)
     examples = encode_task(tokenizer, task, config.max_length)
     subspaces = None
-    name = reader_set(job.arm) or ("harmful_post" if job.arm == "hard_projection" else SPECIFICITY_ARMS.get(job.arm))
+    name = reader_set(job.arm) or ("harmful_post" if job.arm == "hard_projection" else SWAPPED_V_ARMS.get(job.arm))
     if job.arm == "recommended_random_seed":  # a fresh frame per seed, shaped like the generic V's modules
         subspaces = random_subspaces(build_subspaces("builtin_harmless_post", model, tokenizer, info, base_folder,
                                                      k=job.k), seed=job.seed)
