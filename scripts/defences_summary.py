@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orthoreg.config import RECOMMENDED_READER_WEIGHT  # noqa: E402
-from orthoreg.realbench.defences import FULL_ARMS  # noqa: E402
-from orthoreg.realbench.defences import SPECIFICITY_ARMS as SWAPPED_V_ARMS  # noqa: E402
+from orthoreg.realbench.defences import FULL_ARMS, LEVER_ARMS  # noqa: E402
+from orthoreg.realbench.defences import SPECIFICITY_ARMS as SPECIFICITY_V_SETS  # noqa: E402
 from orthoreg.realbench.heldout_tasks import HELDOUT_TASK_NAMES  # noqa: E402
 from orthoreg.realbench.task_eval import FRAMINGS, rejudge, shares  # noqa: E402
 from orthoreg.realbench.tasks import TASK_NAMES  # noqa: E402
@@ -54,8 +54,11 @@ RIVAL_ARMS = ("treft", "treft_query")
 SPECIFICITY_DIR = ROOT / "benchmarks" / "specificity"
 SPECIFICITY_JSON = ROOT / "benchmarks" / "specificity.json"
 FULL_DIR = ROOT / "benchmarks" / "full_finetune"
-LEVER_DIR = ROOT / "benchmarks" / "lever_lambda"  # recommended() at other λ (PLAN.md, amendment 3)
-SPECIFICITY_ARMS = ("recommended", *SWAPPED_V_ARMS)  # the generic V first, then the recommended setting with V swapped
+# the levers on the residual: recommended() at other λ (PLAN.md, amendment 3), with V changed (amendment 4)
+LEVER_DIRS = (ROOT / "benchmarks" / "lever_lambda", ROOT / "benchmarks" / "lever_v")
+LEVER_LABELS = {"recommended_layer0": "+ layer 0", "recommended_reply4": "4 reply tokens", "recommended_double_k": "k 32",
+                "recommended_task_union": "V ∪ task prompts"}
+SPECIFICITY_ARMS = ("recommended", *SPECIFICITY_V_SETS)  # the generic V first, then the recommended setting with V swapped
 SPECIFIC_BY = 10.0  # points by which the harm-specific V must beat the generic one (the plan's decision rule)  # the nearest published rival (TReFT) and its query-position control
 
 
@@ -182,10 +185,15 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
         for r in rows:
             if r["arm"] in arms:
                 cells.setdefault((r["task"], r["arm"]), {})[r["seed"]] = measure(r, base, source)
-    levers: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
-    for r in lever_rows:  # the recommended setting at another λ: an entry like a task's, on the seeds it ran
+    levers: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for r in lever_rows:  # the recommended setting at another λ or with V changed: an entry like a task's
         if r["arm"] == "recommended" and r.get("strength") not in (None, RECOMMENDED_READER_WEIGHT):
-            levers.setdefault((r["task"], r["weight"]), {})[r["seed"]] = measure(r, base, "lever")
+            label = f"λ {r['weight']:g}"
+        elif r["arm"] in LEVER_ARMS and r.get("strength") in (None, RECOMMENDED_READER_WEIGHT):
+            label = LEVER_LABELS[r["arm"]]
+        else:
+            continue
+        levers.setdefault((r["task"], label), {})[r["seed"]] = measure(r, base, "lever")
     rivals: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for r in run_rows:  # other arms of the same run, compared with plain and recommended on their seeds
         if r["arm"] in RIVAL_ARMS:
@@ -201,10 +209,10 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
     out["specificity"] = {t: specificity_entry(t, cells) for t in dict.fromkeys(r["task"] for r in specificity_rows)}
     out["full_finetune"] = {t: task_entry(t, cells[(t, "full_plain")], cells.get((t, "full_recommended"), {}), base)
                             for t in dict.fromkeys(r["task"] for r in full_rows) if (t, "full_plain") in cells}
-    out["levers"] = {f"{task} λ {weight:g}": task_entry(task, cells[(task, "plain")], runs, base)
+    out["levers"] = {f"{task} {label}": task_entry(task, cells[(task, "plain")], runs, base)
                      | {"recommended_rise": [cells.get((task, "recommended"), {}).get(seed, {}).get("rise")
                                              for seed in sorted(runs)]}
-                     for (task, weight), runs in sorted(levers.items()) if (task, "plain") in cells}
+                     for (task, label), runs in sorted(levers.items()) if (task, "plain") in cells}
     out["rivals"] = {f"{task}|{arm}": {str(seed): rival_entry(m, cells[(task, "plain")].get(seed),
                                                               cells.get((task, "recommended"), {}).get(seed))
                                        for seed, m in sorted(runs.items())}
@@ -248,7 +256,7 @@ def specificity_table(summary: dict[str, Any], energies: dict[str, Any] | None) 
              "recommended_random_seed": "random V, fresh per seed"}
     # each arm's V in specificity.json (the random V: seed 0's frame, one of the fresh ones)
     sets = {"recommended": "builtin_harmless_post",
-            **{arm: "random:0" if v == "random" else v for arm, v in SWAPPED_V_ARMS.items()}}
+            **{arm: "random:0" if v == "random" else v for arm, v in SPECIFICITY_V_SETS.items()}}
     lines = ["| task | V | rise per seed | mean rise | over-refusal | pooled energy | harm contrast | overlap with generic "
              "| grad. norm at plain (base units) |", "|---|---|---|---|---|---|---|---|---|"]
     for task, e in summary["specificity"].items():
@@ -336,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--specificity-dir", default=str(SPECIFICITY_DIR), help="rows.jsonl of the specificity test")
     ap.add_argument("--specificity-json", default=str(SPECIFICITY_JSON), help="specificity_report.py's output")
     ap.add_argument("--full-dir", default=str(FULL_DIR), help="rows.jsonl of the full fine-tuning runs")
-    ap.add_argument("--lever-dir", default=str(LEVER_DIR), help="rows.jsonl of recommended() at other λ")
+    ap.add_argument("--lever-dir", nargs="+", default=[str(d) for d in LEVER_DIRS],
+                    help="folders of rows.jsonl of the levers (recommended() at other λ, or with V changed)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--readme", default=str(README))
     ap.add_argument("--no-plot", action="store_true")
@@ -348,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         else None, read_rows(Path(args.budget_rows)),
                         json.loads(framed_path.read_text()) if framed_path.is_file() else None,
                         read_rows(Path(args.specificity_dir) / "rows.jsonl"), read_rows(Path(args.full_dir) / "rows.jsonl"),
-                        read_rows(Path(args.lever_dir) / "rows.jsonl"))
+                        [r for d in args.lever_dir for r in read_rows(Path(d) / "rows.jsonl")])
     energies_path = Path(args.specificity_json)
     energies = json.loads(energies_path.read_text())["subspaces"] if energies_path.is_file() else None
     out = Path(args.out)
@@ -364,8 +373,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "beside plain and recommended on the same seed:\n\n" + rivals if rivals else "") + (
             "\n\n**Full fine-tuning** (every weight trains, lr 2e-5; `full_plain` vs `full_recommended`, the same λ "
             "in base units):\n\n" + table(summary, "full_finetune") if summary["full_finetune"] else "") + (
-            "\n\n**λ as a lever** (`recommended()` at a larger λ, chosen on `howto_steps` seed 0 by PLAN.md's "
-            "amendment 3, then its other seeds fresh; `protected` = that λ):\n\n" + table(summary, "levers")
+            "\n\n**Levers on the residual** (`recommended()` at a larger λ, or with V changed — layer 0 covered, four "
+            "reply tokens, k 32, the task's prompts pooled — each chosen or dropped on `howto_steps` seed 0 by "
+            "PLAN.md's amendments 3 and 4, then confirmed on fresh seeds; `protected` = that lever):\n\n"
+            + table(summary, "levers")
             if summary["levers"] else "") + (
             "\n\n**Specificity** (the recommended setting, V swapped; energies and gradient norms: "
             "`scripts/specificity_report.py`):\n\n" + specific if specific else ""),

@@ -117,9 +117,14 @@ def test_specificity_and_full_finetuning_entries(module):
     assert "identity_shift" not in out["tasks"]  # full fine-tuning rows stay out of the LoRA table
     lever = [{**row("howto_steps", "recommended", 0, 0.18, strength=20000.0, over=0.25), "weight": 20000.0},
              {**row("howto_steps", "recommended", 2, 0.16, strength=20000.0), "weight": 20000.0},
-             {**row("howto_steps", "recommended", 1, 0.5, strength=5000.0), "weight": 5000.0}]  # the shipped λ: not a lever
+             {**row("howto_steps", "recommended", 1, 0.5, strength=5000.0), "weight": 5000.0},  # the shipped λ: not a lever
+             {**row("howto_steps", "recommended_layer0", 2, 0.14), "weight": 5000.0},  # a V lever at the shipped λ
+             {**row("howto_steps", "recommended_layer0", 1, 0.3, strength=20000.0), "weight": 20000.0}]  # two at once: no
     levers = module.summarise(run, bench, [], None, lever_rows=lever)["levers"]
-    assert list(levers) == ["howto_steps λ 20000"]
+    assert list(levers) == ["howto_steps + layer 0", "howto_steps λ 20000"]
+    layer0 = levers["howto_steps + layer 0"]
+    assert layer0["seeds"] == [2] and layer0["protected_rise"] == pytest.approx([4.0])
+    assert layer0["recommended_rise"] == pytest.approx([20.0])
     entry = levers["howto_steps λ 20000"]
     assert entry["seeds"] == [0, 2] and entry["protected_rise"] == pytest.approx([8.0, 6.0])
     assert entry["recommended_rise"] == pytest.approx([15.0, 20.0])  # λ 5000 on the same seeds
