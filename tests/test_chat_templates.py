@@ -1,4 +1,4 @@
-"""Post-instruction and first-reply positions (``orthoreg.reader.extraction.token_positions``) under the chat
+"""Post-instruction and first-reply positions (``orthoreg.reader.positions.token_positions``) under the chat
 templates of the common model families, with tokenizers and templates built here (no network).
 
 Each family's template is its shipped Jinja (paraphrased where it has tool-calling branches a single user turn never
@@ -28,7 +28,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from orthoreg import InputSubspacesError, extract_template_subspaces
-from orthoreg.reader.extraction import extract_input_subspaces, token_positions
+from orthoreg.reader.extraction import extract_input_subspaces
+from orthoreg.reader.positions import token_positions
 from orthoreg.reader.template import template_reader_modules
 from tests._directions_helpers import make_tokenizer, one_torch_thread, tiny_config  # noqa: F401 - autouse fixture
 

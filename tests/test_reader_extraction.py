@@ -17,7 +17,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
-from orthoreg.reader.extraction import extract_input_subspaces, input_moments, token_positions
+from orthoreg.reader.extraction import extract_input_subspaces, input_moments
+from orthoreg.reader.positions import token_positions
 from orthoreg.reader.subspaces import CARD_NAME, InputSubspaces, InputSubspacesError
 from tests._directions_helpers import (  # noqa: F401 - one_torch_thread is an autouse fixture
     SIMPLE_TEMPLATE,

@@ -12,8 +12,9 @@ One module a role:
 Never imports ``orthoreg.lora``: the PEFT layer facts both wings need are in ``orthoreg.core.layers``.
 """
 
-from .extraction import METHODS, POSITIONS, extract_input_subspaces, token_positions
+from .extraction import METHODS, extract_input_subspaces
 from .penalty import NonFiniteReaderPenaltyError, ReaderModule, ReaderPenalty
+from .positions import POSITIONS, token_positions
 from .subspaces import InputSubspaces, InputSubspacesError, canonical_module_name, named_input_modules
 from .template import TEMPLATE_POSITIONS, TEMPLATE_READER_WEIGHT, extract_template_subspaces, template_reader_modules
 from .wiring import READER_BASE_FILE, reader_penalty_for
