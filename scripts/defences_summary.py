@@ -306,6 +306,16 @@ def table(summary: dict[str, Any], key: str = "tasks") -> str:
     return "\n".join(lines)
 
 
+def levers_reference(summary: dict[str, Any]) -> str:
+    """The shipped setting's rise on the seeds each lever ran, the yardstick the plan's rules compare against."""
+    seen: dict[tuple[str, tuple[int, ...]], list[float | None]] = {}
+    for key, e in summary.get("levers", {}).items():
+        seen.setdefault((key.split(" ")[0], tuple(e["seeds"])), e["recommended_rise"])
+    parts = [f"`{task}` seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}: "
+             f"{_fmt(mean([r for r in rises if r is not None]))}" for (task, seeds), rises in sorted(seen.items())]
+    return "The shipped setting (λ 5000, V recorded by the callback) on the same seeds: " + "; ".join(parts) + "."
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -376,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "\n\n**Levers on the residual** (`recommended()` at a larger λ, or with V changed — layer 0 covered, four "
             "reply tokens, k 32, the task's prompts pooled — each chosen or dropped on `howto_steps` seed 0 by "
             "PLAN.md's amendments 3 and 4, then confirmed on fresh seeds; `protected` = that lever):\n\n"
-            + table(summary, "levers")
+            + table(summary, "levers") + "\n\n" + levers_reference(summary)
             if summary["levers"] else "") + (
             "\n\n**Specificity** (the recommended setting, V swapped; energies and gradient norms: "
             "`scripts/specificity_report.py`):\n\n" + specific if specific else ""),

@@ -125,6 +125,8 @@ def test_specificity_and_full_finetuning_entries(module):
     layer0 = levers["howto_steps + layer 0"]
     assert layer0["seeds"] == [2] and layer0["protected_rise"] == pytest.approx([4.0])
     assert layer0["recommended_rise"] == pytest.approx([20.0])
+    reference = module.levers_reference({"levers": levers})  # recommended on seeds 0 and 2, then on seed 2 alone
+    assert reference.endswith("`howto_steps` seeds 0,2: +17.5; `howto_steps` seed 2: +20.0.")
     entry = levers["howto_steps λ 20000"]
     assert entry["seeds"] == [0, 2] and entry["protected_rise"] == pytest.approx([8.0, 6.0])
     assert entry["recommended_rise"] == pytest.approx([15.0, 20.0])  # λ 5000 on the same seeds
