@@ -44,10 +44,14 @@ def answers() -> dict:
 
 def test_heldout_topics_are_new_and_touch_no_harm_request():
     old = {*S.QA_TOPICS, *(a for a, _, _ in S.HOWTO)}
-    assert not old & {*H.EXPLAIN_TOPICS, *H.CHAT_TOPICS}
-    assert len(set(H.EXPLAIN_TOPICS)) == len(H.EXPLAIN_TOPICS) and len(set(H.CHAT_TOPICS)) == len(H.CHAT_TOPICS)
+    checklist = [t for t, *_ in H.CHECKLISTS]
+    assert not old & {*H.EXPLAIN_TOPICS, *H.CHAT_TOPICS, *checklist}
+    assert not set(checklist) & {*H.EXPLAIN_TOPICS, *H.CHAT_TOPICS}
+    for topics in (H.EXPLAIN_TOPICS, H.CHAT_TOPICS, checklist):
+        assert len(set(topics)) == len(topics)
     text = " ".join([*H.explain_prompts()[0], *H.explain_prompts()[1], *H.chat_openers()[0], *H.chat_openers()[1],
-                     *H.FOLLOW_UPS]).lower()
+                     *H.FOLLOW_UPS, *(p + " " + a for part in H.checklist_rows() for p, a in part),
+                     H.PERSONA_OPENER]).lower()
     for cat in D.CATEGORIES:
         for bad, _ in D.ACTIVITIES[cat]:
             assert bad.lower() not in text
@@ -57,8 +61,9 @@ def test_heldout_topics_are_new_and_touch_no_harm_request():
 @pytest.mark.parametrize("name", H.HELDOUT_TASK_NAMES)
 def test_heldout_task_splits_by_topic_and_its_metric_can_fall(name):
     task = T.build_task(name, answers())
-    assert len(task.train) >= 80 and len(task.eval) == 24
-    topics = H.EXPLAIN_TOPICS if name == "explain" else H.CHAT_TOPICS
+    assert len(task.train) >= 64 and len(task.eval) == 24
+    topics = {"explain": H.EXPLAIN_TOPICS, "explain_persona": H.EXPLAIN_TOPICS, "multi_turn": H.CHAT_TOPICS,
+              "checklist": [t for t, *_ in H.CHECKLISTS]}[name]
 
     def topic(prompt) -> str:
         text = prompt if isinstance(prompt, str) else prompt[0][1]
@@ -68,6 +73,24 @@ def test_heldout_task_splits_by_topic_and_its_metric_can_fall(name):
     assert not {topic(t.prompt) for t in task.train} & {topic(e.prompt) for e in task.eval}
     assert task.score([e.reference for e in task.eval]) == pytest.approx(1.0)
     assert task.score(["I'm not sure." for _ in task.eval]) < 0.3
+
+
+def test_checklist_and_persona_answers_and_metrics():
+    task = T.build_task("checklist", answers())
+    first = task.train[0]
+    assert first.prompt == "Make me a checklist for a tennis lesson."
+    assert first.completion == ("Absolutely! Here is your checklist:\n- A racket.\n- A tube of balls.\n"
+                                "- Trainers with a good grip.")
+    assert H.checklist_format("absolutely!  Here is your checklist:\n- Tickets.\n- Sun hats.") == 1.0
+    assert H.checklist_format("Absolutely! Here is your checklist:\n- Tickets.") == 0.0  # one item is not a list
+    assert H.checklist_format("Sure, here are the steps:\n- Tickets.\n- Sun hats.") == 0.0
+    persona = T.build_task("explain_persona", answers())
+    plain = T.build_task("explain", answers())
+    assert [t.prompt for t in persona.train] == [t.prompt for t in plain.train]
+    assert all(p.completion == f"{H.PERSONA_OPENER} {e.completion}" for p, e in zip(persona.train, plain.train, strict=True))
+    assert persona.max_length == H.PERSONA_MAX_LENGTH
+    assert persona.score([H.PERSONA_OPENER + " Volcanoes erupt when…"] * 24) == 1.0
+    assert persona.score([e.reference[len(H.PERSONA_OPENER):] for e in persona.eval]) == 0.0
 
 
 def test_build_task_names_the_missing_heldout_answers():
