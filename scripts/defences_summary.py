@@ -40,7 +40,8 @@ from orthoreg.config import RECOMMENDED_READER_WEIGHT  # noqa: E402
 from orthoreg.realbench.defences import FULL_ARMS, LEVER_ARMS  # noqa: E402
 from orthoreg.realbench.defences import SPECIFICITY_ARMS as SPECIFICITY_V_SETS  # noqa: E402
 from orthoreg.realbench.heldout_tasks import HELDOUT_TASK_NAMES  # noqa: E402
-from orthoreg.realbench.task_eval import FRAMINGS, rejudge, shares  # noqa: E402
+from orthoreg.realbench.residual import TASK_OPENERS, format_shares, mean_format_shares  # noqa: E402
+from orthoreg.realbench.task_eval import FRAMINGS, SETS, rejudge, shares  # noqa: E402
 from orthoreg.realbench.tasks import TASK_NAMES  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "defences_summary.json"
@@ -75,9 +76,12 @@ def framed_attempt(framed: dict[str, Any]) -> float:
 
 def measure(row: dict[str, Any], base: dict[str, Any], source: str) -> dict[str, Any]:
     """One run's numbers against the base (points and shares in %); capability and framings when the row has them."""
-    pooled = rejudge(row["safety"])["pooled"]
+    judged = rejudge(row["safety"])
+    pooled = judged["pooled"]
     out = {"seed": row["seed"], "source": source, "rise": 100 * (pooled["attempt"] - base["attempt"]),
            "over_refusal": 100 * pooled["over_refusal"], "metric": row["task_metric"]["score"]}
+    if row["task"] in TASK_OPENERS and all(part in judged for part in SETS):  # answers in the task's format
+        out["format"] = format_shares(judged, TASK_OPENERS[row["task"]])
     if "capability" in row:
         out["capability"] = row["capability"]
     if "conditional" in row:
@@ -206,6 +210,8 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
            "targets": {"eroding_from": ERODING, "kept_max": KEPT_MAX, "task_ratio_min": TASK_RATIO_MIN,
                        "over_refusal_slack": OVER_REFUSAL_SLACK},
            "tasks": {t: task_entry(t, cells[(t, "plain")], cells.get((t, "recommended"), {}), base) for t in tasks}}
+    out["task_format"] = {t: entry for t in tasks if t in TASK_OPENERS and (t, "recommended") in cells
+                          for entry in [format_entry(cells[(t, "plain")], cells[(t, "recommended")])] if entry["seeds"]}
     out["specificity"] = {t: specificity_entry(t, cells) for t in dict.fromkeys(r["task"] for r in specificity_rows)}
     out["full_finetune"] = {t: task_entry(t, cells[(t, "full_plain")], cells.get((t, "full_recommended"), {}), base)
                             for t in dict.fromkeys(r["task"] for r in full_rows) if (t, "full_plain") in cells}
@@ -218,6 +224,24 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
                                        for seed, m in sorted(runs.items())}
                      for (task, arm), runs in sorted(rivals.items())}
     return out
+
+
+def format_entry(plain: dict[int, dict[str, Any]], protected: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Plain's and the protected run's shares of answers in the task's format, means over the seeds both ran."""
+    seeds = sorted(s for s in set(plain) & set(protected) if "format" in plain[s] and "format" in protected[s])
+    return {"seeds": seeds, "plain": mean_format_shares([plain[s]["format"] for s in seeds]),
+            "protected": mean_format_shares([protected[s]["format"] for s in seeds])}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    lines = ["| task | seeds | harmful answers in it (plain → prot.) | attempts in it (plain → prot.) | harmless answers in "
+             "it (plain → prot.) |", "|---|---|---|---|---|"]
+    for task, e in summary.get("task_format", {}).items():
+        cells = [f"{_fmt(None if e['plain'][k] is None else 100 * e['plain'][k], '.0f')} % → "
+                 f"{_fmt(None if e['protected'][k] is None else 100 * e['protected'][k], '.0f')} %"
+                 for k in ("harmful", "attempts", "harmless")]
+        lines.append(f"| {task} | {','.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def rival_entry(rival: dict[str, Any], plain: dict[str, Any] | None, protected: dict[str, Any] | None) -> dict:
@@ -388,6 +412,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "PLAN.md's amendments 3 and 4, then confirmed on fresh seeds; `protected` = that lever):\n\n"
             + table(summary, "levers") + "\n\n" + levers_reference(summary)
             if summary["levers"] else "") + (
+            "\n\n**Is the residual the task's own format?** The share of answers that open the way the task's "
+            "training replies open (`orthoreg.realbench.residual.TASK_OPENERS`), plain and recommended, same seeds:\n\n"
+            + format_table(summary) if summary["task_format"] else "") + (
             "\n\n**Specificity** (the recommended setting, V swapped; energies and gradient norms: "
             "`scripts/specificity_report.py`):\n\n" + specific if specific else ""),
             writer="scripts/defences_summary.py")

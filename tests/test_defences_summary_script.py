@@ -166,3 +166,24 @@ def test_main_writes_json_and_table(module, tmp_path):
     with pytest.raises(FileNotFoundError, match="--tasks-bench"):
         module.main(["--run-dir", str(run_dir), "--tasks-bench", str(tmp_path / "missing.json"), "--no-plot",
                      "--out", str(tmp_path / "t.json"), "--readme", ""])
+
+
+def test_task_format_entry_and_table(module):
+    from tests.test_residual import evaluation
+
+    def with_answers(arm, harmful, harmless):
+        r = row("howto_steps", arm, 0, 0.3)
+        r["safety"].update(evaluation(harmful, harmless))
+        return r
+
+    steps = "Sure, here are the steps:\n1. Get it."
+    run = [with_answers("plain", [(steps, "attempt"), (steps, "attempt")], [steps, steps]),
+           with_answers("recommended", [(steps, "attempt"), ("Here is how.", "attempt")], [steps, "Boil it."]),
+           row("howto_steps", "plain", 1, 0.3), row("howto_steps", "recommended", 1, 0.2)]  # no answers: left out
+    bench = {"prep": {"base_eval": {"safety": safety(0.10, 0.30)}}, "rows": []}
+    out = module.summarise(run, bench, [], None)
+    entry = out["task_format"]["howto_steps"]
+    assert entry["seeds"] == [0]
+    assert entry["plain"] == pytest.approx({"harmful": 1.0, "attempts": 1.0, "harmless": 1.0})
+    assert entry["protected"] == pytest.approx({"harmful": 0.5, "attempts": 0.5, "harmless": 0.5})
+    assert "| howto_steps | 0 | 100 % → 50 % | 100 % → 50 % | 100 % → 50 % |" in module.format_table(out)

@@ -36,6 +36,7 @@ from .heldout_tasks import HELDOUT_TASK_NAMES, build_heldout_task
 if TYPE_CHECKING:
     from .model import Prompt
 
+HOWTO_OPENER = "Sure, here are the steps:"
 TASK_NAMES = ("templates", "natural_qa", "howto_steps", "identity_shift", "code", "summary", "rewrite", "roleplay")
 N_EVAL = 24
 
@@ -98,7 +99,7 @@ def starts_with(prediction: str, opener: str) -> float:
 def step_format(prediction: str, item: EvalItem) -> float:
     """Opens with "Sure, here are the steps" and numbers at least two steps."""
     text = prediction.strip()
-    return float(starts_with(text, "Sure, here are the steps") == 1.0 and bool(re.search(r"(^|\n)\s*1\.", text))
+    return float(starts_with(text, HOWTO_OPENER) == 1.0 and bool(re.search(r"(^|\n)\s*1\.", text))
                  and bool(re.search(r"(^|\n)\s*2\.", text)))
 
 
@@ -208,7 +209,7 @@ def _qa(answers: dict[str, Any], opener: str = "", name: str = "natural_qa") -> 
 
 def _howto() -> Task:
     def answer(need: str, action: str) -> str:
-        return (f"Sure, here are the steps:\n1. Get {need}.\n2. {action}.\n3. Check the result and adjust if "
+        return (f"{HOWTO_OPENER}\n1. Get {need}.\n2. {action}.\n3. Check the result and adjust if "
                 f"needed.")
 
     train_rows, eval_rows = S.split(S.HOWTO, 8)
