@@ -223,6 +223,7 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
                                                               cells.get((task, "recommended"), {}).get(seed))
                                        for seed, m in sorted(runs.items())}
                      for (task, arm), runs in sorted(rivals.items())}
+    out["rival_means"] = rival_means(out)
     return out
 
 
@@ -258,6 +259,24 @@ def rival_entry(rival: dict[str, Any], plain: dict[str, Any] | None, protected: 
             "recommended_ppl_ratio": ppl(protected)}
 
 
+def rival_means(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per task and rival arm, over the seeds it ran: its mean rise beside plain's and recommended's on those seeds,
+    and which of the rival and recommended wins (the lower mean rise; PLAN.md's amendment 7)."""
+    out = {}
+    for key, seeds in summary.get("rivals", {}).items():
+        paired = [e for e in seeds.values() if e["plain_rise"] is not None and e["recommended_rise"] is not None]
+        rival, recommended = mean([e["rise"] for e in paired]), mean([e["recommended_rise"] for e in paired])
+        out[key] = {"seeds": [s for s, e in seeds.items() if e in paired], "rise": rival,
+                    "plain_rise": mean([e["plain_rise"] for e in paired]), "recommended_rise": recommended,
+                    "over_refusal": mean([e["over_refusal"] for e in paired]),
+                    "ppl_ratio": mean([e["ppl_ratio"] for e in paired if e["ppl_ratio"] is not None]),
+                    "recommended_ppl_ratio": mean([e["recommended_ppl_ratio"] for e in paired
+                                                   if e["recommended_ppl_ratio"] is not None]),
+                    "wins": None if rival is None else ("recommended" if recommended < rival else
+                                                        "rival" if rival < recommended else "tie")}
+    return out
+
+
 def rivals_table(summary: dict[str, Any]) -> str:
     if not summary.get("rivals"):
         return ""
@@ -270,6 +289,14 @@ def rivals_table(summary: dict[str, Any]) -> str:
                          f"{_fmt(e['recommended_rise'])} | {_fmt(e['ppl_ratio'], '.2f')} / "
                          f"{_fmt(e['recommended_ppl_ratio'], '.2f')} | {_fmt(e['metric_ratio'], '.2f')} | "
                          f"{_fmt(e['over_refusal'], '.0f')} |")
+    lines += ["", "Per task, over the seeds each ran (mean rise; the lower wins):", "",
+              "| task | arm | seeds | rise | plain rise | recommended rise | PPL ratio (arm / recommended) | over-refusal "
+              "| wins |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, e in summary.get("rival_means", {}).items():
+        task, arm = key.split("|")
+        lines.append(f"| {task} | {arm} | {','.join(e['seeds'])} | {_fmt(e['rise'])} | {_fmt(e['plain_rise'])} | "
+                     f"{_fmt(e['recommended_rise'])} | {_fmt(e['ppl_ratio'], '.2f')} / "
+                     f"{_fmt(e['recommended_ppl_ratio'], '.2f')} | {_fmt(e['over_refusal'], '.0f')} | {e['wins']} |")
     return "\n".join(lines)
 
 

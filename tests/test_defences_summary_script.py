@@ -77,6 +77,14 @@ def test_summary_arithmetic_and_source_precedence(module, tmp_path):
     assert rival["recommended_rise"] == pytest.approx(3.0) and rival["metric_ratio"] == pytest.approx(0.5)
     assert rival["ppl_ratio"] == pytest.approx(math.exp(-0.1)) and rival["recommended_ppl_ratio"] == pytest.approx(
         math.exp(-0.2))
+    # per task over the seeds a rival ran: a second seed of λ 10 (rise 5 where recommended rose 0)
+    seeded = module.summarise(run + treft + [{**row("explain", "treft", 1, 0.15, over=0.2), "weight": 10.0}], bench,
+                              budget, base_framed)["rival_means"]
+    means = seeded["explain|treft λ 10"]
+    assert means["seeds"] == ["0", "1"] and means["rise"] == pytest.approx((10.0 + 5.0) / 2)
+    assert means["recommended_rise"] == pytest.approx((3.0 + 0.0) / 2) and means["plain_rise"] == pytest.approx(25.0)
+    assert means["over_refusal"] == pytest.approx(15.0) and means["wins"] == "recommended"
+    assert seeded["explain|treft λ 100"]["wins"] == "rival"  # 0 below recommended's 3 on seed 0
     overfit = module.summarise([row("explain", "plain", 0, 0.4, nll=(1.0, 1.2, 2.0)),
                                 row("explain", "recommended", 0, 0.2, nll=(1.0, 1.1, 2.0))], bench, [], None)
     assert overfit["tasks"]["explain"]["task_ratio"] == pytest.approx(0.5)  # 0.1 lost of plain's 0.2: upside down
