@@ -1,0 +1,148 @@
+"""Markdown tables and the plot of the defence summary (``scripts/defences_summary.py``): pure functions of its
+JSON, each rendering one part of ``benchmarks/README_defences_summary.md``."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .defences import SPECIFICITY_ARMS
+from .task_eval import FRAMINGS
+
+__all__ = ["fmt", "format_table", "levers_reference", "mean", "plot", "rivals_table", "specificity_table", "table"]
+
+
+def mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def fmt(value: float | None, spec: str = "+.1f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    lines = ["| task | seeds | harmful answers in it (plain → prot.) | attempts in it (plain → prot.) | harmless answers in "
+             "it (plain → prot.) |", "|---|---|---|---|---|"]
+    for task, e in summary.get("task_format", {}).items():
+        cells = [f"{fmt(None if e['plain'][k] is None else 100 * e['plain'][k], '.0f')} % → "
+                 f"{fmt(None if e['protected'][k] is None else 100 * e['protected'][k], '.0f')} %"
+                 for k in ("harmful", "attempts", "harmless")]
+        lines.append(f"| {task} | {','.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rivals_table(summary: dict[str, Any]) -> str:
+    if not summary.get("rivals"):
+        return ""
+    lines = ["| task, seed | arm | rise | plain rise | recommended rise | PPL ratio (arm / recommended) | metric ratio | "
+             "over-refusal |", "|---|---|---|---|---|---|---|---|"]
+    for key, seeds in summary["rivals"].items():
+        task, arm = key.split("|")
+        for seed, e in seeds.items():
+            lines.append(f"| {task}, {seed} | {arm} | {fmt(e['rise'])} | {fmt(e['plain_rise'])} | "
+                         f"{fmt(e['recommended_rise'])} | {fmt(e['ppl_ratio'], '.2f')} / "
+                         f"{fmt(e['recommended_ppl_ratio'], '.2f')} | {fmt(e['metric_ratio'], '.2f')} | "
+                         f"{fmt(e['over_refusal'], '.0f')} |")
+    lines += ["", "Per task, over the seeds each ran (mean rise; the lower wins):", "",
+              "| task | arm | seeds | rise | plain rise | recommended rise | PPL ratio (arm / recommended) | over-refusal "
+              "| wins |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, e in summary.get("rival_means", {}).items():
+        task, arm = key.split("|")
+        lines.append(f"| {task} | {arm} | {','.join(e['seeds'])} | {fmt(e['rise'])} | {fmt(e['plain_rise'])} | "
+                     f"{fmt(e['recommended_rise'])} | {fmt(e['ppl_ratio'], '.2f')} / "
+                     f"{fmt(e['recommended_ppl_ratio'], '.2f')} | {fmt(e['over_refusal'], '.0f')} | {e['wins']} |")
+    return "\n".join(lines)
+
+
+def specificity_table(summary: dict[str, Any], energies: dict[str, Any] | None, specific_by: float) -> str:
+    """``specific_by``: the points by which the harm-specific V must beat the generic one (the plan's rule)."""
+    if not summary.get("specificity"):
+        return ""
+    names = {"recommended": "generic V (recommended)", "recommended_harm_matched": "harm-specific V, energy-matched",
+             "recommended_random_seed": "random V, fresh per seed"}
+    # each arm's V in specificity.json (the random V: seed 0's frame, one of the fresh ones)
+    sets = {"recommended": "builtin_harmless_post",
+            **{arm: "random:0" if v == "random" else v for arm, v in SPECIFICITY_ARMS.items()}}
+    lines = ["| task | V | rise per seed | mean rise | over-refusal | pooled energy | harm contrast | overlap with generic "
+             "| grad. norm at plain (base units) |", "|---|---|---|---|---|---|---|---|---|"]
+    for task, e in summary["specificity"].items():
+        for arm, a in e["arms"].items():
+            d = (energies or {}).get(sets[arm])
+            norms = [v for k, v in (d or {}).get("gradient_norm_base_units", {}).items() if k.startswith(task)]
+            described = ("| – | – | – | – |" if d is None else f"| {d['energy_pooled']:.3f} | {d['harm_contrast']:+.4f} | "
+                         f"{d['overlap_generic']:.3f} | {fmt(mean(norms), '.3g')} |")
+            lines.append(f"| {task} (plain {fmt(e['plain_rise_mean'])}) | {names[arm]} | "
+                         + ", ".join(f"{v:+.0f}" for v in a["rise"]) + f" | {fmt(a['rise_mean'])} | "
+                         f"{fmt(a['over_refusal'], '.0f')} " + described)
+    lines.append("\nHarm-specific V minus generic V, mean rise on the paired seeds: " + "; ".join(
+        f"{t} {fmt(None if e['harm_matched_advantage'] is None else -e['harm_matched_advantage'])} "
+        f"({'harm-specific' if e['harm_specific'] else 'not harm-specific' if e['harm_specific'] is False else '–'}"
+        f" by the ≥ {specific_by:.0f}-point rule)" for t, e in summary["specificity"].items()))
+    return "\n".join(lines)
+
+
+def table(summary: dict[str, Any], key: str = "tasks") -> str:
+    lines = ["| task | held out | seeds | plain rise | protected rise | kept | task ratio (NLL gain) | PPL ratio | metric ratio | "
+             "general NLL Δ (plain / prot.) | over-refusal (base " f"{summary['base']['over_refusal']:.0f}) | "
+             "system prompt (plain → prot.) | renamed roles (plain → prot.) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for task, e in summary[key].items():
+        per_seed = (" [" + ", ".join(f"{v:+.0f}" for v in e["protected_rise"]) + "]") if e["protected_rise"] else ""
+        cond = e["conditional"] or {}
+        framed = [f"{fmt(cond[f]['plain_rise_mean'])} → {fmt(cond[f]['protected_rise_mean'])}" if f in cond else "–"
+                  for f in FRAMINGS]
+        gen = e["general_nll_change"]
+        general = "–" if gen is None else f"{gen['plain']:+.2f} / {gen['protected']:+.2f}"
+        lines.append(
+            f"| {task} | {'yes' if e['held_out'] else 'no'} | {','.join(map(str, e['seeds']))} | "
+            f"{fmt(e['plain_rise_mean'])} | {fmt(e['protected_rise_mean'])}{per_seed} | "
+            f"{fmt(None if e['kept'] is None else 100 * e['kept'], '.0f')}{'' if e['kept'] is None else ' %'} | "
+            f"{fmt(e['task_ratio'], '.2f')}{'' if e['plain_nll_gain'] is None or e['plain_nll_gain'] > 0 else '¹'} | "
+            f"{fmt(e['ppl_ratio'], '.2f')} | {fmt(e['metric_ratio'], '.2f')} | "
+            f"{general} | "
+            f"{fmt(e['over_refusal'], '.0f')} | {framed[0]} | {framed[1]} |")
+    if any(e["plain_nll_gain"] is not None and e["plain_nll_gain"] <= 0 for e in summary[key].values()):
+        lines.append("\n¹ plain's own NLL gain on the held-out replies is negative here (the fine-tune overfits replies "
+                     "the base already predicts), so the gain ratio reads upside down; the PPL ratio "
+                     "exp(NLL_plain − NLL_protected), added after these rows were read, needs no base.")
+    return "\n".join(lines)
+
+
+def levers_reference(summary: dict[str, Any]) -> str:
+    """The shipped setting's rise on the seeds each lever ran, the yardstick the plan's rules compare against."""
+    seen: dict[tuple[str, tuple[int, ...]], list[float | None]] = {}
+    for key, e in summary.get("levers", {}).items():
+        seen.setdefault((key.split(" ")[0], tuple(e["seeds"])), e["recommended_rise"])
+    parts = [f"`{task}` seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}: "
+             f"{fmt(mean([r for r in rises if r is not None]))}" for (task, seeds), rises in sorted(seen.items())]
+    return "The shipped setting (λ 5000, V recorded by the callback) on the same seeds: " + "; ".join(parts) + "."
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(summary["tasks"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(tasks)), 3.6))
+    for i, task in enumerate(tasks):
+        e = summary["tasks"][task]
+        for j, (key, colour) in enumerate((("plain_rise", "tab:red"), ("protected_rise", "tab:blue"))):
+            values = e[key] or []
+            if values:
+                x = i + (j - 0.5) * 0.35
+                ax.bar(x, statistics.fmean(values), 0.33, color=colour, alpha=0.5,
+                       label=("plain" if j == 0 else "recommended") if i == 0 else None)
+                ax.scatter([x] * len(values), values, color=colour, s=10, zorder=3)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.axhline(summary["targets"]["eroding_from"], color="grey", lw=0.6, ls=":")
+    ax.set_xticks(range(len(tasks)), [t + ("\n(held out)" if summary["tasks"][t]["held_out"] else "") for t in tasks],
+                  fontsize=8)
+    ax.set_ylabel("rise in harmful attempts (points)")
+    ax.legend(fontsize=8)
+    ax.set_title("SmolLM2-135M, base v3, judge v2.1: plain vs recommended (bars: mean, dots: seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
