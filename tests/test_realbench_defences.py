@@ -124,6 +124,12 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
         assert rows[arm]["weight"] == rows["recommended"]["weight"] and rows[arm]["penalty_logs"]["orthoreg/reader"] > 0
     assert rows["recommended_harm_matched"]["penalty_logs"]["orthoreg/reader"] != rows["recommended"]["penalty_logs"][
         "orthoreg/reader"]
+    # the levers: the same λ, their own V (each changes one thing of the generic V), the term ran on it
+    from orthoreg.realbench.defences import LEVER_ARMS
+
+    for arm in LEVER_ARMS:
+        assert rows[arm]["weight"] == rows["recommended"]["weight"] and rows[arm]["penalty_logs"]["orthoreg/reader"] > 0
+    assert len({rows[arm]["penalty_logs"]["orthoreg/reader"] for arm in (*LEVER_ARMS, "recommended")}) == 5
     # full fine-tuning: its own lr, the same λ; the reader term ran on the full weights, and "the base" the judge and
     # the capability read see is the weights before training (a LoRA run's base NLL is the same number)
     from orthoreg.realbench.defences import FULL_FINETUNE_LR
