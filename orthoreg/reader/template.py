@@ -16,8 +16,11 @@ better (``benchmarks/specificity/``) — the constraint is *generic*, on the ass
 direction — while the subspace of the fine-tune's own prompts protected worst (rises of +14 / +16 / +30 points over three
 seeds), so the task's prompts are not the recommended source.
 
-The first decoder layer is left out: there a module's input is the token's own embedding, so the few fixed
-template tokens span fewer than k directions (and nothing but those tokens is read there).
+The first decoder layer is left out: there most modules read the token's own (normalised) embedding, so at these
+positions V is little more than the embeddings of the few fixed template tokens and the first reply tokens (with few
+prompts they span fewer than k directions and the extraction refuses). Covering layer 0 too was measured on
+SmolLM2 (``benchmarks/lever_v/``: +9.4 vs +12.5 points on ``howto_steps``' selection seed, inside one seed's noise)
+and not adopted.
 """
 
 from __future__ import annotations
