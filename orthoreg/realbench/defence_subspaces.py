@@ -19,8 +19,8 @@ name                prompts                                                posit
 
 The levers on the residual (issue 23, item 1; ``LEVER_SETS``) are ``builtin_harmless_post`` with one thing changed:
 ``builtin_all_layers`` also covers layer 0 (210 modules of SmolLM2), ``builtin_reply4`` takes the first four reply
-tokens instead of one, ``builtin_double_k`` keeps 2k directions (32 at the default k), ``builtin_and_task_post`` pools the built-in harmless
-requests with the task's own training prompts.
+tokens instead of one, ``builtin_double_k`` keeps 2k directions (32 at the default k), ``builtin_and_task_post``
+pools the built-in harmless requests with the task's own training prompts.
 
 ¹ the safety tune's harmless prompts: 368 on aligned base v2, 464 on v3.
 
@@ -134,7 +134,8 @@ def build_subspaces(name: str, model: Any, tokenizer: Any, info: Mapping[str, An
         prompts, label = list(task_prompts), f"task:{task_name}"
     else:
         prompts, label = (harmless, "harmless_twins") if name == "harmless_post" else (harmful, "harmful_safety_tune")
-    settings = {"name": name, "prompts": prompts, "k": k, "modules": adapted_modules(model, lever.get("all_layers", False)),
+    modules = adapted_modules(model, first_layer=lever.get("all_layers", False))
+    settings = {"name": name, "prompts": prompts, "k": k, "modules": modules,
                 "positions": list(POST) if name != "harmful_prompt" else ["prompt"],
                 "method": "contrastive" if name == "contrastive" else "pca"}
     if "reply_tokens" in lever:  # only then, so that the other sets keep their cache keys
