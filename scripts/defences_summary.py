@@ -36,8 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orthoreg.config import RECOMMENDED_READER_WEIGHT  # noqa: E402
-from orthoreg.realbench.defences import FULL_ARMS, LEVER_ARMS  # noqa: E402
-from orthoreg.realbench.defences import SPECIFICITY_ARMS as SPECIFICITY_V_SETS  # noqa: E402
+from orthoreg.realbench.defences import FULL_ARMS, LEVER_ARMS, SPECIFICITY_ARMS  # noqa: E402
 from orthoreg.realbench.heldout_tasks import HELDOUT_TASK_NAMES  # noqa: E402
 from orthoreg.realbench.residual import TASK_OPENERS, format_shares, mean_format_shares  # noqa: E402
 from orthoreg.realbench.summary_tables import (  # noqa: E402
@@ -67,7 +66,7 @@ FULL_DIR = ROOT / "benchmarks" / "full_finetune"
 LEVER_DIRS = (ROOT / "benchmarks" / "lever_lambda", ROOT / "benchmarks" / "lever_v")
 LEVER_LABELS = {"recommended_layer0": "+ layer 0", "recommended_reply4": "4 reply tokens", "recommended_double_k": "k 32",
                 "recommended_task_union": "V ∪ task prompts"}
-SPECIFICITY_ARMS = ("recommended", *SPECIFICITY_V_SETS)  # the generic V first, then the recommended setting with V swapped
+SPECIFICITY_COMPARED = ("recommended", *SPECIFICITY_ARMS)  # the generic V first, then the recommended setting, V swapped
 SPECIFIC_BY = 10.0  # points by which the harm-specific V must beat the generic one (the plan's decision rule)
 
 
@@ -157,7 +156,7 @@ def specificity_entry(task: str, cells: dict[tuple[str, str], dict[int, dict[str
     """Per arm of the specificity test its rise per seed and mean, and whether the energy-matched harm-specific V
     beats the generic one by ``SPECIFIC_BY`` points of mean rise (on the seeds both have)."""
     arms = {}
-    for arm in SPECIFICITY_ARMS:
+    for arm in SPECIFICITY_COMPARED:
         runs = cells.get((task, arm), {})
         seeds = sorted(runs)
         arms[arm] = {"seeds": seeds, "rise": [runs[s]["rise"] for s in seeds],
@@ -188,7 +187,7 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
             arm = r.get("arm", "plain")  # the task benchmark's rows are all plain
             if arm in ("plain", "recommended") and r.get("strength") in (None, RECOMMENDED_READER_WEIGHT):
                 cells.setdefault((r["task"], arm), {})[r["seed"]] = measure(r, base, source)
-    for rows, source, arms in ((specificity_rows, "specificity", SPECIFICITY_ARMS[1:]),
+    for rows, source, arms in ((specificity_rows, "specificity", tuple(SPECIFICITY_ARMS)),
                                (full_rows, "full_finetune", FULL_ARMS)):
         for r in rows:
             if r["arm"] in arms:
@@ -257,9 +256,10 @@ def rival_means(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     and which of the rival and recommended wins (the lower mean rise; PLAN.md's amendment 7)."""
     out = {}
     for key, seeds in summary.get("rivals", {}).items():
-        paired = [e for e in seeds.values() if e["plain_rise"] is not None and e["recommended_rise"] is not None]
+        by_seed = {s: e for s, e in seeds.items() if e["plain_rise"] is not None and e["recommended_rise"] is not None}
+        paired = list(by_seed.values())
         rival, recommended = mean([e["rise"] for e in paired]), mean([e["recommended_rise"] for e in paired])
-        out[key] = {"seeds": [s for s, e in seeds.items() if e in paired], "rise": rival,
+        out[key] = {"seeds": list(by_seed), "rise": rival,
                     "plain_rise": mean([e["plain_rise"] for e in paired]), "recommended_rise": recommended,
                     "over_refusal": mean([e["over_refusal"] for e in paired]),
                     "ppl_ratio": mean([e["ppl_ratio"] for e in paired if e["ppl_ratio"] is not None]),
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "in base units):\n\n" + table(summary, "full_finetune") if summary["full_finetune"] else "") + (
             "\n\n**Levers on the residual** (`recommended()` at a larger λ, or with V changed — layer 0 covered, four "
             "reply tokens, k 32, the task's prompts pooled — each chosen or dropped on `howto_steps` seed 0 by "
-            "PLAN.md's amendments 3 and 4, then confirmed on fresh seeds; `protected` = that lever):\n\n"
+            "PLAN.md's amendments 3 and 4; only a chosen one ran on fresh seeds; `protected` = that lever):\n\n"
             + table(summary, "levers") + "\n\n" + levers_reference(summary)
             if summary["levers"] else "") + (
             "\n\n**Is the residual the task's own format?** The share of answers that open the way the task's "

@@ -195,3 +195,6 @@ def test_task_format_entry_and_table(module):
     assert entry["plain"] == pytest.approx({"harmful": 1.0, "attempts": 1.0, "harmless": 1.0})
     assert entry["protected"] == pytest.approx({"harmful": 0.5, "attempts": 0.5, "harmless": 0.5})
     assert "| howto_steps | 0 | 100 % → 50 % | 100 % → 50 % | 100 % → 50 % |" in module.format_table(out)
+    no_attempts = {"task_format": {"x": {"seeds": [0], "plain": {**entry["plain"], "attempts": None},
+                                         "protected": entry["protected"]}}}
+    assert "| x | 0 | 100 % → 50 % | – → 50 % | 100 % → 50 % |" in module.format_table(no_attempts)

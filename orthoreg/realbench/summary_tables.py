@@ -10,7 +10,8 @@ from typing import Any
 from .defences import SPECIFICITY_ARMS
 from .task_eval import FRAMINGS
 
-__all__ = ["fmt", "format_table", "levers_reference", "mean", "plot", "rivals_table", "specificity_table", "table"]
+__all__ = ["fmt", "format_table", "levers_reference", "mean", "percent", "plot", "rivals_table", "specificity_table",
+           "table"]
 
 
 def mean(values: list[float]) -> float | None:
@@ -21,13 +22,16 @@ def fmt(value: float | None, spec: str = "+.1f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def percent(share: float | None) -> str:
+    """A share (0–1) as whole percent, "–" where it is undefined."""
+    return "–" if share is None else f"{100 * share:.0f} %"
+
+
 def format_table(summary: dict[str, Any]) -> str:
     lines = ["| task | seeds | harmful answers in it (plain → prot.) | attempts in it (plain → prot.) | harmless answers in "
              "it (plain → prot.) |", "|---|---|---|---|---|"]
     for task, e in summary.get("task_format", {}).items():
-        cells = [f"{fmt(None if e['plain'][k] is None else 100 * e['plain'][k], '.0f')} % → "
-                 f"{fmt(None if e['protected'][k] is None else 100 * e['protected'][k], '.0f')} %"
-                 for k in ("harmful", "attempts", "harmless")]
+        cells = [f"{percent(e['plain'][k])} → {percent(e['protected'][k])}" for k in ("harmful", "attempts", "harmless")]
         lines.append(f"| {task} | {','.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -97,7 +101,7 @@ def table(summary: dict[str, Any], key: str = "tasks") -> str:
         lines.append(
             f"| {task} | {'yes' if e['held_out'] else 'no'} | {','.join(map(str, e['seeds']))} | "
             f"{fmt(e['plain_rise_mean'])} | {fmt(e['protected_rise_mean'])}{per_seed} | "
-            f"{fmt(None if e['kept'] is None else 100 * e['kept'], '.0f')}{'' if e['kept'] is None else ' %'} | "
+            f"{percent(e['kept'])} | "
             f"{fmt(e['task_ratio'], '.2f')}{'' if e['plain_nll_gain'] is None or e['plain_nll_gain'] > 0 else '¹'} | "
             f"{fmt(e['ppl_ratio'], '.2f')} | {fmt(e['metric_ratio'], '.2f')} | "
             f"{general} | "
