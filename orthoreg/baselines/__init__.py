@@ -18,6 +18,9 @@ baseline here is a callback that plugs into ``Trainer``, TRL's ``SFTTrainer``/``
 - ``TReFTCallback`` (``treft``): Zhao et al.'s TReFT, :math:`\lambda\,\mathrm{mean}_\ell\,\mathrm{mean}_t
   (\|k-k_0\|^2/\|k_0\|^2 + \|v-v_0\|^2/\|v_0\|^2)` on the chat template's prefix (or postfix / query) positions,
   injected at the ``k_proj``/``v_proj`` outputs;
+- ``AnchorKLCallback`` (``anchor_kl``): KL to the base on its own first reply tokens to *anchor* prompts the
+  fine-tune never trains on (by default the built-in harmful requests) — the first-token constraint moved off the
+  task's replies, so a task that is its reply format is still learned;
 - ``interleave`` (``mixing``): aligned examples mixed into the task data;
 - ``EarlyStoppingOnMetric`` (``stopping``): stop once a logged/evaluated metric crosses a threshold.
 
@@ -47,6 +50,7 @@ is re-exported here, so ``from orthoreg.baselines import X`` works for all of th
 
 from __future__ import annotations
 
+from .anchor_kl import AnchorKLCallback, AnchorKLError, anchor_kl, greedy_replies
 from .caft import CAFTCallback, ConceptAblation
 from .first_token import FirstTokenKLCallback, FirstTokenKLRegularizer, first_token_weights
 from .hard_projection import HardProjectionCallback, InputNullSpaceProjection
@@ -57,6 +61,8 @@ from .stopping import EarlyStoppingOnMetric
 from .treft import TReFTCallback, TReFTRegularizer, template_positions, template_token_ids
 
 __all__ = [
+    "AnchorKLCallback",
+    "AnchorKLError",
     "CAFTCallback",
     "ConceptAblation",
     "EarlyStoppingOnMetric",
@@ -68,10 +74,12 @@ __all__ = [
     "KLToBaseRegularizer",
     "LDIFSCallback",
     "LDIFSRegularizer",
+    "anchor_kl",
     "TReFTCallback",
     "TReFTRegularizer",
     "feature_distance",
     "first_token_weights",
+    "greedy_replies",
     "interleave",
     "kl_to_reference",
     "template_positions",

@@ -43,6 +43,10 @@ Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, dat
   (``firewall.MarginGuardCallback``, ``action="adapt"``, every 5 steps): the reader λ starts at the recommended
   value and is raised while the probe's refusal margin has fallen more than B nats below the base's. Its
   ``strength`` is B (nats), not a λ. ``margin_budget_fast``: the same read after every step, λ up to 1000 λ₀.
+- ``recommended+anchor_kl`` — ``recommended`` plus ``baselines.AnchorKLCallback`` (strength = its λ): KL to the
+  base on its own first 4 reply tokens to orthoreg's built-in harmful requests (``load_builtin("train")``, none of
+  them an evaluation request), 8 per step; ``recommended+anchor_kl_harmless``: the same on their harmless partners
+  (the placebo).
 - ``treft`` — ``baselines.TReFTCallback`` (Zhao et al. 2026), λ 10 (their prefix config): the attention keys and
   values at the template's prefix positions (``<|im_start|>user\n``) held to the base's, relative to their norm, at
   every layer; ``treft_query``: the same on the first user turn's content (their query-position control).
@@ -69,13 +73,18 @@ SPECIFICITY_ARMS = {"recommended_harm_matched": "harm_matched", "recommended_ran
 LEVER_ARMS = {"recommended_layer0": "builtin_all_layers", "recommended_reply4": "builtin_reply4",
               "recommended_double_k": "builtin_double_k", "recommended_task_union": "builtin_and_task_post"}
 SWAPPED_V_ARMS = {**SPECIFICITY_ARMS, **LEVER_ARMS}  # the recommended setting with V given instead of recorded
+# The recommended setting plus the anchor KL on the built-in harmful requests, and its placebo on their harmless
+# partners (``baselines.AnchorKLCallback``; strength = the anchor's λ).
+ANCHOR_ARMS = {"recommended+anchor_kl": "harmful", "recommended+anchor_kl_harmless": "harmless"}
 ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", *SWAPPED_V_ARMS, *FULL_ARMS,
         "activation_projection", "writer", "covariance", "first_token_kl", "hard_projection", "interleave",
-        "reader_harmless_post+first_token_kl", "margin_budget", "margin_budget_fast", "treft", "treft_query")
+        "reader_harmless_post+first_token_kl", "margin_budget", "margin_budget_fast", "treft", "treft_query",
+        *ANCHOR_ARMS)
 DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, "full_recommended": RECOMMENDED_READER_WEIGHT,
                     **dict.fromkeys(SWAPPED_V_ARMS, RECOMMENDED_READER_WEIGHT), "activation_projection": 0.1,
                     "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0, "interleave": 0.1, "margin_budget": 1.0,
-                    "margin_budget_fast": 1.0, "treft": 10.0, "treft_query": 10.0}
+                    "margin_budget_fast": 1.0, "treft": 10.0, "treft_query": 10.0,
+                    **dict.fromkeys(ANCHOR_ARMS, 1.0)}
 
 
 @dataclass
@@ -120,6 +129,14 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokeni
                                           input_subspaces=subspaces, tokenizer=tokenizer))
     elif arm in ("recommended", "full_recommended"):
         callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight), tokenizer=tokenizer))
+    elif arm in ANCHOR_ARMS:
+        from orthoreg.baselines import AnchorKLCallback
+        from orthoreg.core.prompts import load_builtin
+
+        builtin = load_builtin("train")
+        anchors = builtin.harmful if ANCHOR_ARMS[arm] == "harmful" else builtin.harmless
+        callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(), tokenizer=tokenizer))
+        callbacks.append(AnchorKLCallback(job.weight, anchors, tokenizer=tokenizer, seed=job.seed))
     elif arm in ("margin_budget", "margin_budget_fast"):
         from orthoreg.firewall import MarginGuardCallback, MarginGuardConfig
 
