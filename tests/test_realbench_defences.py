@@ -147,6 +147,13 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
     assert rows["first_token_kl"]["penalty_logs"]["first_token_kl/kl"] >= 0
     assert rows["treft"]["penalty_logs"]["treft/kv"] > 0 and rows["treft_query"]["penalty_logs"]["treft/kv"] > 0
     assert rows["treft"]["penalty_logs"]["treft/positions"] < rows["treft_query"]["penalty_logs"]["treft/positions"]
+    # the anchor KL beside the recommended setting: both terms ran; the harmful and the harmless anchors differ
+    for arm in ("recommended+anchor_kl", "recommended+anchor_kl_harmless"):
+        logs = rows[arm]["penalty_logs"]
+        assert logs["orthoreg/reader"] > 0 and logs["anchor_kl/kl"] > 0
+        assert logs["anchor_kl/total"] == pytest.approx(rows[arm]["weight"] * logs["anchor_kl/kl"])
+    assert rows["recommended+anchor_kl"]["penalty_logs"]["anchor_kl/kl"] != rows["recommended+anchor_kl_harmless"][
+        "penalty_logs"]["anchor_kl/kl"]
     assert rows["hard_projection"]["a_in_subspace"]["max"] < 1e-6  # A_m ⟂ V_m after training
     assert rows["reader_random"]["a_in_subspace"]["max"] > 1e-3
     assert len(rows["plain"]["losses"]) == 1 and rows["plain"]["losses"] != rows["interleave"]["losses"]  # other data
