@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orthoreg.config import RECOMMENDED_READER_WEIGHT  # noqa: E402
-from orthoreg.realbench.defences import FULL_ARMS, LEVER_ARMS, SPECIFICITY_ARMS  # noqa: E402
+from orthoreg.realbench.defences import ANCHOR_ARMS, FULL_ARMS, LEVER_ARMS, SPECIFICITY_ARMS  # noqa: E402
 from orthoreg.realbench.heldout_tasks import HELDOUT_TASK_NAMES  # noqa: E402
 from orthoreg.realbench.residual import TASK_OPENERS, format_shares, mean_format_shares  # noqa: E402
 from orthoreg.realbench.summary_tables import (  # noqa: E402
@@ -62,8 +62,10 @@ RIVAL_ARMS = ("treft", "treft_query")  # the nearest published rival (TReFT) and
 SPECIFICITY_DIR = ROOT / "benchmarks" / "specificity"
 SPECIFICITY_JSON = ROOT / "benchmarks" / "specificity.json"
 FULL_DIR = ROOT / "benchmarks" / "full_finetune"
-# the levers on the residual: recommended() at other λ (PLAN.md, amendment 3), with V changed (amendment 4)
-LEVER_DIRS = (ROOT / "benchmarks" / "lever_lambda", ROOT / "benchmarks" / "lever_v")
+# the levers on the residual: recommended() at other λ (PLAN.md, amendment 3), with V changed (amendment 4), with
+# the anchor KL added (amendment 8)
+LEVER_DIRS = (ROOT / "benchmarks" / "lever_lambda", ROOT / "benchmarks" / "lever_v", ROOT / "benchmarks" / "lever_anchor")
+ANCHOR_LABELS = {"recommended+anchor_kl": "+ harm-anchor KL", "recommended+anchor_kl_harmless": "+ harmless-anchor KL"}
 LEVER_LABELS = {"recommended_layer0": "+ layer 0", "recommended_reply4": "4 reply tokens", "recommended_double_k": "k 32",
                 "recommended_task_union": "V ∪ task prompts"}
 SPECIFICITY_COMPARED = ("recommended", *SPECIFICITY_ARMS)  # the generic V first, then the recommended setting, V swapped
@@ -198,6 +200,8 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
             label = f"λ {r['weight']:g}"
         elif r["arm"] in LEVER_ARMS and r.get("strength") in (None, RECOMMENDED_READER_WEIGHT):
             label = LEVER_LABELS[r["arm"]]
+        elif r["arm"] in ANCHOR_ARMS:
+            label = f"{ANCHOR_LABELS[r['arm']]} λ {r['weight']:g}"
         else:
             continue
         levers.setdefault((r["task"], label), {})[r["seed"]] = measure(r, base, "lever")
@@ -309,8 +313,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "\n\n**Full fine-tuning** (every weight trains, lr 2e-5; `full_plain` vs `full_recommended`, the same λ "
             "in base units):\n\n" + table(summary, "full_finetune") if summary["full_finetune"] else "") + (
             "\n\n**Levers on the residual** (`recommended()` at a larger λ, or with V changed — layer 0 covered, four "
-            "reply tokens, k 32, the task's prompts pooled — each chosen or dropped on `howto_steps` seed 0 by "
-            "PLAN.md's amendments 3 and 4; only a chosen one ran on fresh seeds; `protected` = that lever):\n\n"
+            "reply tokens, k 32, the task's prompts pooled — or with the anchor KL added on the built-in harmful "
+            "requests, its placebo on their harmless partners; each chosen or dropped on `howto_steps` seed 0 by "
+            "PLAN.md's amendments 3, 4 and 8; only a chosen one ran on fresh seeds; `protected` = that lever):\n\n"
             + table(summary, "levers") + "\n\n" + levers_reference(summary)
             if summary["levers"] else "") + (
             "\n\n**Is the residual the task's own format?** The share of answers that open the way the task's "

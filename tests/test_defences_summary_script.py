@@ -127,9 +127,14 @@ def test_specificity_and_full_finetuning_entries(module):
              {**row("howto_steps", "recommended", 2, 0.16, strength=20000.0), "weight": 20000.0},
              {**row("howto_steps", "recommended", 1, 0.5, strength=5000.0), "weight": 5000.0},  # the shipped λ: not a lever
              {**row("howto_steps", "recommended_layer0", 2, 0.14), "weight": 5000.0},  # a V lever at the shipped λ
-             {**row("howto_steps", "recommended_layer0", 1, 0.3, strength=20000.0), "weight": 20000.0}]  # two at once: no
+             {**row("howto_steps", "recommended_layer0", 1, 0.3, strength=20000.0), "weight": 20000.0},  # two at once: no
+             {**row("howto_steps", "recommended+anchor_kl", 0, 0.1, strength=0.3), "weight": 0.3},
+             {**row("howto_steps", "recommended+anchor_kl_harmless", 0, 0.2, strength=0.3), "weight": 0.3}]
     levers = module.summarise(run, bench, [], None, lever_rows=lever)["levers"]
-    assert list(levers) == ["howto_steps + layer 0", "howto_steps λ 20000"]
+    assert list(levers) == ["howto_steps + harm-anchor KL λ 0.3", "howto_steps + harmless-anchor KL λ 0.3",
+                            "howto_steps + layer 0", "howto_steps λ 20000"]
+    assert levers["howto_steps + harm-anchor KL λ 0.3"]["protected_rise"] == pytest.approx([0.0])  # base 10 %
+    assert levers["howto_steps + harmless-anchor KL λ 0.3"]["protected_rise"] == pytest.approx([10.0])
     layer0 = levers["howto_steps + layer 0"]
     assert layer0["seeds"] == [2] and layer0["protected_rise"] == pytest.approx([4.0])
     assert layer0["recommended_rise"] == pytest.approx([20.0])
