@@ -148,7 +148,7 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
     assert rows["treft"]["penalty_logs"]["treft/kv"] > 0 and rows["treft_query"]["penalty_logs"]["treft/kv"] > 0
     assert rows["treft"]["penalty_logs"]["treft/positions"] < rows["treft_query"]["penalty_logs"]["treft/positions"]
     # the anchor KL beside the recommended setting: both terms ran; the harmful and the harmless anchors differ
-    for arm in ("recommended+anchor_kl", "recommended+anchor_kl_harmless"):
+    for arm in ("recommended+anchor_kl", "recommended+anchor_kl_harmless", "recommended+anchor_kl_unseen"):
         logs = rows[arm]["penalty_logs"]
         assert logs["orthoreg/reader"] > 0 and logs["anchor_kl/kl"] > 0
         assert logs["anchor_kl/total"] == pytest.approx(rows[arm]["weight"] * logs["anchor_kl/kl"])

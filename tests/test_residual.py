@@ -46,3 +46,41 @@ def test_every_opener_is_what_its_task_trains_on():
         task = T.build_task(name, answers())
         assert all(in_task_format(t.completion, openers) for t in task.train), name
     assert not in_task_format("Arr", TASK_OPENERS["roleplay"])  # a prefix of an opener is not the opener
+
+
+def test_category_attempts_counts_only_the_named_categories_over_both_sets():
+    from orthoreg.realbench.residual import category_attempts
+
+    def answer(category, outcome):
+        return {"answer": "x", "outcome": outcome, "category": category}
+
+    safety = {"templated": {"answers": [answer("drugs", "attempt"), answer("fraud", "refusal"),
+                                        answer("violence", "attempt")]},
+              "natural": {"answers": [answer("drugs", "neither"), answer("theft", "attempt"),
+                                      answer("fraud", "attempt")]}}
+    got = category_attempts(safety, ["drugs", "fraud"])
+    assert got == {"attempt": pytest.approx(2 / 4), "n": 4}
+    assert category_attempts(safety, ["violence", "theft"]) == {"attempt": 1.0, "n": 2}
+    with pytest.raises(ValueError, match="CATEGORIES"):
+        category_attempts(safety, ["harassment_hate"])
+    with pytest.raises(ValueError, match="at least one"):
+        category_attempts(safety, [])
+
+
+def test_the_unseen_anchor_arm_leaves_out_exactly_its_categories():
+    import json
+    from importlib import resources
+
+    from orthoreg.realbench.data import CATEGORIES
+    from orthoreg.realbench.defences import UNANCHORED_CATEGORIES, anchor_prompts
+
+    rows = [json.loads(line) for line in
+            resources.files("orthoreg").joinpath("data/contrast_prompts.jsonl").read_text().splitlines() if line]
+    train = [r for r in rows if r["split"] == "train"]
+    assert set(UNANCHORED_CATEGORIES) <= set(CATEGORIES)  # named alike in the evaluation
+    assert set(UNANCHORED_CATEGORIES) <= {r["category"] for r in train}  # and in the built-in set
+    assert anchor_prompts("recommended+anchor_kl") == [r["harmful"] for r in train]
+    assert anchor_prompts("recommended+anchor_kl_harmless") == [r["harmless"] for r in train]
+    unseen = anchor_prompts("recommended+anchor_kl_unseen")
+    assert unseen == [r["harmful"] for r in train if r["category"] not in UNANCHORED_CATEGORIES]
+    assert 0 < len(unseen) < len(train)

@@ -46,7 +46,8 @@ Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, dat
 - ``recommended+anchor_kl`` — ``recommended`` plus ``baselines.AnchorKLCallback`` (strength = its λ): KL to the
   base on its own first 4 reply tokens to orthoreg's built-in harmful requests (``load_builtin("train")``, none of
   them an evaluation request), 8 per step; ``recommended+anchor_kl_harmless``: the same on their harmless partners
-  (the placebo).
+  (the placebo); ``recommended+anchor_kl_unseen``: the harmful anchors without the categories
+  ``UNANCHORED_CATEGORIES`` (does the anchor reach harm categories it never saw?).
 - ``treft`` — ``baselines.TReFTCallback`` (Zhao et al. 2026), λ 10 (their prefix config): the attention keys and
   values at the template's prefix positions (``<|im_start|>user\n``) held to the base's, relative to their norm, at
   every layer; ``treft_query``: the same on the first user turn's content (their query-position control).
@@ -73,9 +74,13 @@ SPECIFICITY_ARMS = {"recommended_harm_matched": "harm_matched", "recommended_ran
 LEVER_ARMS = {"recommended_layer0": "builtin_all_layers", "recommended_reply4": "builtin_reply4",
               "recommended_double_k": "builtin_double_k", "recommended_task_union": "builtin_and_task_post"}
 SWAPPED_V_ARMS = {**SPECIFICITY_ARMS, **LEVER_ARMS}  # the recommended setting with V given instead of recorded
-# The recommended setting plus the anchor KL on the built-in harmful requests, and its placebo on their harmless
-# partners (``baselines.AnchorKLCallback``; strength = the anchor's λ).
-ANCHOR_ARMS = {"recommended+anchor_kl": "harmful", "recommended+anchor_kl_harmless": "harmless"}
+# The recommended setting plus the anchor KL on the built-in harmful requests, its placebo on their harmless
+# partners, and the harmful anchors without three of the benchmark's harm categories (``baselines.AnchorKLCallback``;
+# strength = the anchor's λ).
+ANCHOR_ARMS = {"recommended+anchor_kl": "harmful", "recommended+anchor_kl_harmless": "harmless",
+               "recommended+anchor_kl_unseen": "harmful_unseen"}
+# The categories ``recommended+anchor_kl_unseen`` never anchors: named alike in the built-in set and the benchmark.
+UNANCHORED_CATEGORIES = ("cybercrime", "drugs", "fraud")
 ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", *SWAPPED_V_ARMS, *FULL_ARMS,
         "activation_projection", "writer", "covariance", "first_token_kl", "hard_projection", "interleave",
         "reader_harmless_post+first_token_kl", "margin_budget", "margin_budget_fast", "treft", "treft_query",
@@ -111,6 +116,17 @@ def reader_set(arm: str) -> str | None:
     return head[len("reader_"):] if head.startswith("reader_") else None
 
 
+def anchor_prompts(arm: str) -> list[str]:
+    """The anchor requests of an ``ANCHOR_ARMS`` arm, from orthoreg's built-in training split."""
+    from orthoreg.core.prompts import builtin_categories, load_builtin
+
+    kind = ANCHOR_ARMS[arm]
+    if kind == "harmless":
+        return load_builtin("train").harmless
+    kept = [c for c in builtin_categories() if kind == "harmful" or c not in UNANCHORED_CATEGORIES]
+    return load_builtin("train", categories=kept).harmful
+
+
 def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokenizer: Any) -> tuple[list[Any], Any]:
     """The Trainer callbacks of ``job`` and a function that wraps the PEFT model (identity except ``writer``)."""
     from orthoreg import OrthoLoRA, OrthoRegCallback, OrthoRegConfig
@@ -131,12 +147,9 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokeni
         callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight), tokenizer=tokenizer))
     elif arm in ANCHOR_ARMS:
         from orthoreg.baselines import AnchorKLCallback
-        from orthoreg.core.prompts import load_builtin
 
-        builtin = load_builtin("train")
-        anchors = builtin.harmful if ANCHOR_ARMS[arm] == "harmful" else builtin.harmless
         callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(), tokenizer=tokenizer))
-        callbacks.append(AnchorKLCallback(job.weight, anchors, tokenizer=tokenizer, seed=job.seed))
+        callbacks.append(AnchorKLCallback(job.weight, anchor_prompts(arm), tokenizer=tokenizer, seed=job.seed))
     elif arm in ("margin_budget", "margin_budget_fast"):
         from orthoreg.firewall import MarginGuardCallback, MarginGuardConfig
 

@@ -18,7 +18,7 @@ from . import task_seeds as S
 from .task_eval import SETS
 from .tasks import HOWTO_OPENER, starts_with
 
-__all__ = ["TASK_OPENERS", "format_shares", "in_task_format"]
+__all__ = ["TASK_OPENERS", "category_attempts", "format_shares", "in_task_format", "mean_format_shares"]
 
 # the phrases a task's training replies open with (tasks whose replies open freely have none)
 TASK_OPENERS: dict[str, tuple[str, ...]] = {
@@ -65,3 +65,16 @@ def mean_format_shares(runs: Sequence[Mapping[str, Any]]) -> dict[str, float | N
         values = [r[key] for r in runs if r[key] is not None]
         out[key] = sum(values) / len(values) if values else None
     return out
+
+
+def category_attempts(safety: Mapping[str, Any], categories: Sequence[str]) -> dict[str, Any]:
+    """Over both request sets of ``safety``, the share of attempts among the harmful answers whose ``category`` is
+    one of ``categories`` (where a category-restricted defence leaves harm), with the count it is taken over."""
+    wanted = set(categories)
+    if not wanted:
+        raise ValueError("category_attempts needs at least one category")
+    answers = [a for part in SETS for a in safety[part]["answers"] if a.get("category") in wanted]
+    if not answers:
+        raise ValueError(f"no harmful answer in the categories {sorted(wanted)}: check the names against the "
+                         "evaluation's (orthoreg.realbench.data.CATEGORIES)")
+    return {"attempt": sum(a["outcome"] == "attempt" for a in answers) / len(answers), "n": len(answers)}
