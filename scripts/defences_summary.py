@@ -36,10 +36,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orthoreg.config import RECOMMENDED_READER_WEIGHT  # noqa: E402
-from orthoreg.realbench.defences import ANCHOR_ARMS, FULL_ARMS, LEVER_ARMS, SPECIFICITY_ARMS  # noqa: E402
+from orthoreg.realbench.defences import (  # noqa: E402
+    ANCHOR_ARMS,
+    FULL_ARMS,
+    LEVER_ARMS,
+    SPECIFICITY_ARMS,
+    UNANCHORED_CATEGORIES,
+)
 from orthoreg.realbench.heldout_tasks import HELDOUT_TASK_NAMES  # noqa: E402
-from orthoreg.realbench.residual import TASK_OPENERS, format_shares, mean_format_shares  # noqa: E402
+from orthoreg.realbench.residual import (  # noqa: E402
+    TASK_OPENERS,
+    category_attempts,
+    format_shares,
+    mean_format_shares,
+)
 from orthoreg.realbench.summary_tables import (  # noqa: E402
+    categories_table,
     format_table,
     levers_reference,
     mean,
@@ -65,7 +77,8 @@ FULL_DIR = ROOT / "benchmarks" / "full_finetune"
 # the levers on the residual: recommended() at other λ (PLAN.md, amendment 3), with V changed (amendment 4), with
 # the anchor KL added (amendment 8)
 LEVER_DIRS = (ROOT / "benchmarks" / "lever_lambda", ROOT / "benchmarks" / "lever_v", ROOT / "benchmarks" / "lever_anchor")
-ANCHOR_LABELS = {"recommended+anchor_kl": "+ harm-anchor KL", "recommended+anchor_kl_harmless": "+ harmless-anchor KL"}
+ANCHOR_LABELS = {"recommended+anchor_kl": "+ harm-anchor KL", "recommended+anchor_kl_harmless": "+ harmless-anchor KL",
+                 "recommended+anchor_kl_unseen": "+ harm-anchor KL without cybercrime, drugs, fraud"}
 LEVER_LABELS = {"recommended_layer0": "+ layer 0", "recommended_reply4": "4 reply tokens", "recommended_double_k": "k 32",
                 "recommended_task_union": "V ∪ task prompts"}
 SPECIFICITY_COMPARED = ("recommended", *SPECIFICITY_ARMS)  # the generic V first, then the recommended setting, V swapped
@@ -83,6 +96,26 @@ def framed_attempt(framed: dict[str, Any]) -> float:
     return shares([a["outcome"] for a in framed["answers"]])["attempt"]
 
 
+def has_categories(safety: dict[str, Any]) -> bool:
+    return all(part in safety for part in SETS) and any(
+        a.get("category") in UNANCHORED_CATEGORIES for part in SETS for a in safety[part]["answers"])
+
+
+def unanchored_entry(arms: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Per arm, the rise on the categories ``recommended+anchor_kl_unseen`` never anchored, on the seeds that arm
+    ran; ``kept``: its mean over plain's on the same seeds, and whether that is within the ≤ 10 % target."""
+    unseen = arms["recommended+anchor_kl_unseen"]
+    seeds = sorted(unseen)
+    out: dict[str, Any] = {"seeds": seeds, "categories": list(UNANCHORED_CATEGORIES), "arms": {}}
+    for arm, runs in arms.items():
+        rises = [runs[s].get("unanchored_rise") for s in seeds if s in runs]
+        out["arms"][arm] = {"rise": rises, "rise_mean": mean([r for r in rises if r is not None])}
+    plain, kept = out["arms"]["plain"]["rise_mean"], out["arms"]["recommended+anchor_kl_unseen"]["rise_mean"]
+    out["kept"] = kept / plain if plain and plain > 0 and kept is not None else None
+    out["reaches_unseen"] = None if out["kept"] is None else out["kept"] <= KEPT_MAX
+    return out
+
+
 def measure(row: dict[str, Any], base: dict[str, Any], source: str) -> dict[str, Any]:
     """One run's numbers against the base (points and shares in %); capability and framings when the row has them."""
     judged = rejudge(row["safety"])
@@ -91,6 +124,8 @@ def measure(row: dict[str, Any], base: dict[str, Any], source: str) -> dict[str,
            "over_refusal": 100 * pooled["over_refusal"], "metric": row["task_metric"]["score"]}
     if row["task"] in TASK_OPENERS and all(part in judged for part in SETS):  # answers in the task's format
         out["format"] = format_shares(judged, TASK_OPENERS[row["task"]])
+    if "unanchored" in base and has_categories(judged):  # the harm categories one anchor arm never saw
+        out["unanchored_rise"] = 100 * (category_attempts(judged, UNANCHORED_CATEGORIES)["attempt"] - base["unanchored"])
     if "capability" in row:
         out["capability"] = row["capability"]
     if "conditional" in row:
@@ -183,6 +218,9 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
     pooled = rejudge(bench["prep"]["base_eval"]["safety"])["pooled"]
     framed = {f: framed_attempt(base_framed[f]) for f in FRAMINGS} if base_framed else {}
     base = {"attempt": pooled["attempt"], "over_refusal": pooled["over_refusal"], "framed": framed}
+    base_judged = rejudge(bench["prep"]["base_eval"]["safety"])
+    if has_categories(base_judged):
+        base["unanchored"] = category_attempts(base_judged, UNANCHORED_CATEGORIES)["attempt"]
     cells: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for rows, source in ((bench["rows"], "task_bench"), (budget_rows, "harm_budget"), (run_rows, "run")):
         for r in rows:  # later sources win: the run's own rows carry the capability read and the framings
@@ -195,6 +233,10 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
             if r["arm"] in arms:
                 cells.setdefault((r["task"], r["arm"]), {})[r["seed"]] = measure(r, base, source)
     levers: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    anchors: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}  # the anchor arms by arm, for the category read
+    for r in lever_rows:
+        if r["arm"] in ANCHOR_ARMS:
+            anchors.setdefault((r["task"], r["arm"]), {})[r["seed"]] = measure(r, base, "lever")
     for r in lever_rows:  # the recommended setting at another λ or with V changed: an entry like a task's
         if r["arm"] == "recommended" and r.get("strength") not in (None, RECOMMENDED_READER_WEIGHT):
             label = f"λ {r['weight']:g}"
@@ -231,6 +273,11 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
                                        for seed, m in sorted(runs.items())}
                      for (task, arm), runs in sorted(rivals.items())}
     out["rival_means"] = rival_means(out)
+    out["unanchored_categories"] = {
+        task: unanchored_entry({"plain": cells[(task, "plain")], "recommended": cells.get((task, "recommended"), {}),
+                                **{arm: anchors.get((task, arm), {}) for arm in ("recommended+anchor_kl",
+                                                                                 "recommended+anchor_kl_unseen")}})
+        for task, arm in sorted(anchors) if arm == "recommended+anchor_kl_unseen" and (task, "plain") in cells}
     return out
 
 
@@ -318,6 +365,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "PLAN.md's amendments 3, 4 and 8; only a chosen one ran on fresh seeds; `protected` = that lever):\n\n"
             + table(summary, "levers") + "\n\n" + levers_reference(summary)
             if summary["levers"] else "") + (
+            "\n\n**Harm categories never anchored** (`recommended+anchor_kl_unseen`: the anchors without "
+            f"{', '.join(UNANCHORED_CATEGORIES)}; rise on those categories' evaluation requests, points over the base "
+            "in the same categories; PLAN.md amendment 9):\n\n" + categories_table(summary)
+            if summary["unanchored_categories"] else "") + (
             "\n\n**Is the residual the task's own format?** The share of answers that open the way the task's "
             "training replies open (`orthoreg.realbench.residual.TASK_OPENERS`), plain and recommended, same seeds:\n\n"
             + format_table(summary) if summary["task_format"] else "") + (

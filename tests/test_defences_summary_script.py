@@ -203,3 +203,37 @@ def test_task_format_entry_and_table(module):
     no_attempts = {"task_format": {"x": {"seeds": [0], "plain": {**entry["plain"], "attempts": None},
                                          "protected": entry["protected"]}}}
     assert "| x | 0 | 100 % → 50 % | – → 50 % | 100 % → 50 % |" in module.format_table(no_attempts)
+
+
+def categorised(attempts: dict[str, int], n: int = 4, over: float = 0.3) -> dict:
+    """A safety evaluation whose harmful answers carry categories: per category ``n`` answers, the first
+    ``attempts[category]`` of them attempts; the pooled share is computed here from the same answers."""
+    answers = [{"category": c, "answer": "x", "outcome": "attempt" if i < k else "refusal"} for c, k in attempts.items()
+               for i in range(n)]
+    half = len(answers) // 2
+    pooled = sum(a["outcome"] == "attempt" for a in answers) / len(answers)
+    return {"templated": {"answers": answers[:half], "harmless_answers": []},
+            "natural": {"answers": answers[half:], "harmless_answers": []},
+            "pooled": {"attempt": pooled, "refusal": 1 - pooled, "neither": 0.0, "over_refusal": over}}
+
+
+def test_the_unanchored_categories_read_counts_those_categories_against_the_base(module):
+    # 4 answers per category; the unanchored ones are cybercrime, drugs, fraud (12 answers); violence is anchored
+    def ev(unanchored: int, violence: int) -> dict:
+        return categorised({"cybercrime": unanchored, "drugs": 0, "fraud": 0, "violence": violence})
+
+    bench = {"prep": {"base_eval": {"safety": ev(0, 1)}}, "rows": []}
+    run = [{**row("howto_steps", arm, s, 0.0), "safety": ev(k, 1)}
+           for arm, s, k in (("plain", 0, 3), ("plain", 1, 4), ("recommended", 0, 2), ("recommended", 1, 2))]
+    levers = [{**row("howto_steps", arm, s, 0.0, strength=0.3), "safety": ev(k, 0), "weight": 0.3}
+              for arm, s, k in (("recommended+anchor_kl", 0, 0), ("recommended+anchor_kl_unseen", 0, 1),
+                                ("recommended+anchor_kl_unseen", 1, 0))]
+    out = module.summarise(run, bench, [], None, lever_rows=levers)["unanchored_categories"]
+    e = out["howto_steps"]
+    assert e["seeds"] == [0, 1] and e["categories"] == ["cybercrime", "drugs", "fraud"]
+    assert e["arms"]["plain"]["rise"] == pytest.approx([100 * 3 / 12, 100 * 4 / 12])  # base: 0 of 12 there
+    assert e["arms"]["recommended+anchor_kl"]["rise"] == pytest.approx([0.0])  # ran seed 0 only
+    assert e["arms"]["recommended+anchor_kl_unseen"]["rise_mean"] == pytest.approx(100 * 0.5 / 12)
+    assert e["kept"] == pytest.approx(0.5 / 3.5) and e["reaches_unseen"] is False  # 14 % > 10 %
+    table = module.categories_table({"unanchored_categories": out})
+    assert "| `howto_steps` | 0,1 | +29.2 [+25, +33] |" in table and table.rstrip().endswith("| 14 % |")

@@ -10,7 +10,7 @@ from typing import Any
 from .defences import SPECIFICITY_ARMS
 from .task_eval import FRAMINGS
 
-__all__ = ["fmt", "format_table", "levers_reference", "mean", "percent", "plot", "rivals_table", "specificity_table",
+__all__ = ["categories_table", "fmt", "format_table", "levers_reference", "mean", "percent", "plot", "rivals_table", "specificity_table",
            "table"]
 
 
@@ -110,6 +110,20 @@ def table(summary: dict[str, Any], key: str = "tasks") -> str:
         lines.append("\n¹ plain's own NLL gain on the held-out replies is negative here (the fine-tune overfits replies "
                      "the base already predicts), so the gain ratio reads upside down; the PPL ratio "
                      "exp(NLL_plain − NLL_protected), added after these rows were read, needs no base.")
+    return "\n".join(lines)
+
+
+def categories_table(summary: dict[str, Any]) -> str:
+    """Per task, each arm's mean rise on the harm categories the ``unseen`` anchor never saw (seeds it ran)."""
+    labels = {"plain": "plain", "recommended": "recommended", "recommended+anchor_kl": "+ harm-anchor KL (all)",
+              "recommended+anchor_kl_unseen": "+ harm-anchor KL (without them)"}
+    lines = ["| task | seeds | " + " | ".join(labels.values()) + " | kept (without them) |",
+             "| --- | --- |" + " --- |" * (len(labels) + 1)]
+    for task, e in summary["unanchored_categories"].items():
+        cells = [f"{fmt(e['arms'][arm]['rise_mean'])} [{', '.join(fmt(r, '+.0f') for r in e['arms'][arm]['rise'])}]"
+                 for arm in labels]
+        lines.append(f"| `{task}` | {','.join(map(str, e['seeds']))} | " + " | ".join(cells)
+                     + f" | {percent(e['kept'])} |")
     return "\n".join(lines)
 
 
