@@ -116,6 +116,34 @@ def test_the_added_gradient_is_lambda_times_the_float64_kl_gradient():
     assert_grads_close(added, want, rel=1e-4)
 
 
+def test_beside_the_reader_term_the_anchor_forward_adds_only_its_own_gradient(tmp_path):
+    """The anchor batch is a forward of the model in training mode with grad on; marked, it must not make the reader
+    penalty (injected once per training forward) enter twice per step."""
+    from orthoreg import OrthoRegCallback, OrthoRegConfig
+    from orthoreg.reader.subspaces import InputSubspaces
+
+    tok = tiny_tokenizer()
+    data = Dataset.from_dict(chat_rows(tok, [f"w{i} w{i + 1}" for i in range(70, 78)], reply="w5 w6 w7", width=12))
+    model, _ = peft_pair()
+    g = torch.Generator().manual_seed(7)
+    spaces = InputSubspaces({n: torch.randn(2, m.in_features, generator=g)
+                             for n, m in model.get_base_model().named_modules()
+                             if n.endswith(("q_proj", "up_proj")) and hasattr(m, "lora_A")})
+
+    def reader():
+        # λ chosen so that the reader's gradient is the anchor's size: counted twice, it would show far above 1e-4
+        return OrthoRegCallback(OrthoRegConfig(proj_weight=0.0, reader_weight=1e-3), input_subspaces=spaces)
+
+    want = float64_anchor_grads(model, tok, 0.7, num_tokens=3, batch_size=4, seed=3)
+    alone, _, _ = train_one_step(copy.deepcopy(model), data, callbacks=[reader()], output_dir=str(tmp_path / "a"))
+    anchor = AnchorKLCallback(0.7, ANCHORS, tokenizer=tok, num_tokens=3, batch_size=4, seed=3)
+    both, _, _ = train_one_step(copy.deepcopy(model), data, callbacks=[reader(), anchor], output_dir=str(tmp_path / "b"))
+    plain, _, _ = train_one_step(copy.deepcopy(model), data, output_dir=str(tmp_path / "c"))
+    size = sum((alone[n] - plain[n]).norm() for n in want) / sum(want[n].norm() for n in want)
+    assert 0.1 < size < 10  # the reader term's gradient is comparable to the anchor's
+    assert_grads_close({n: both[n] - alone[n] for n in want}, want, rel=1e-4)
+
+
 def test_the_anchor_cycle_covers_every_anchor_in_a_seeded_order():
     tok = tiny_tokenizer()
     model, _ = peft_pair()

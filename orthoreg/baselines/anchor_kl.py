@@ -18,6 +18,10 @@ recorded at train start (no reference forward during training). Each optimizer s
 The anchor batches cycle through the anchors in an order shuffled by ``seed``: ``batch_size`` anchors per step.
 Cost per optimizer step: one forward and backward of ``batch_size`` short sequences (prompt + n tokens).
 
+The anchor forward is marked like a reference pass (``core.reference.reference_forward``), so orthoreg's other
+terms (the reader penalty, the activation terms, the KL baselines) and the monitors do not count it as a training
+forward: each of them still enters once per task micro-batch.
+
 Scope: one process (the benchmark's setting). Under DDP/ZeRO/FSDP the extra backward would bypass the wrapper's
 gradient reduction, so the callback refuses a distributed run by name rather than averaging wrong gradients.
 """
@@ -34,6 +38,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..callback import move_ahead_of_reporters, report_metrics
+from ..core.reference import reference_forward
 
 __all__ = ["AnchorKLCallback", "AnchorKLError", "anchor_kl", "greedy_replies"]
 
@@ -189,7 +194,8 @@ class AnchorKLCallback(TrainerCallback):
         for row, i in enumerate(indices):
             ids[row, :len(self.sequences[i])] = torch.tensor(self.sequences[i], device=device)
             mask[row, :len(self.sequences[i])] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        with reference_forward():  # not a training forward of the task: no other term or monitor counts it
+            logits = model(input_ids=ids, attention_mask=mask).logits
         rows = [logits[row, self.reply_starts[i] - 1:len(self.sequences[i]) - 1] for row, i in enumerate(indices)]
         base = [self.base_log_probs[i].to(device) for i in indices]
         return anchor_kl(torch.cat(rows), torch.cat(base))

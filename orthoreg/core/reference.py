@@ -50,7 +50,9 @@ def reference_forward_active() -> bool:
 
 @contextlib.contextmanager
 def reference_forward():
-    """Marks a reference forward in progress (shared by every regulariser and monitor on every model)."""
+    """Marks a reference forward in progress (shared by every regulariser and monitor on every model). A term's own
+    differentiable forward on a batch that is not the task's (``AnchorKLCallback``'s anchors) is marked with it too:
+    no other regulariser or monitor counts such a forward as a training step."""
     _reference_state.depth = getattr(_reference_state, "depth", 0) + 1
     try:
         with warnings.catch_warnings():

@@ -51,6 +51,7 @@ from ..core.capture import (
     resolve_layers,
     token_mask,
 )
+from ..core.reference import reference_forward_active
 from ..directions.harmful import DirectionsError, DirectionsOnDevice, HarmfulDirections
 from ..terms.penalties import covariance_penalty, data_parallel_world
 from .drift_statistics import DriftReading, LayerSums, base_statistics, drift_reading, reduce_layer_sums
@@ -167,7 +168,7 @@ class DriftMonitor:
 
     # ------------------------------------------------------------------ hooks
     def _lm_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        active = module.training and torch.is_grad_enabled()
+        active = module.training and torch.is_grad_enabled() and not reference_forward_active()
         mask = None
         if active:
             inputs = bind_forward_inputs(module, args, kwargs)

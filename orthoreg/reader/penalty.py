@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core.capture import unwrap_model
 from ..core.layers import active_lora_adapter, check_gathered, is_conv1d, is_lora_layer
+from ..core.reference import reference_forward_active
 from ..core.zero3 import register_external_parameters
 from ..terms.injection import PenaltyScale, inject_penalty
 from ..terms.reader import full_reader_penalty, lora_reader_penalty, weight_times_basis
@@ -248,7 +249,9 @@ class ReaderPenalty:
     # ------------------------------------------------------------------ hooks
     def _open(self, module: nn.Module, args: tuple) -> None:
         coef = self.coef
-        active = module.training and torch.is_grad_enabled() and coef != 0
+        # A marked forward (a reference pass, or another term's own anchor batch) is not a step of the task: the
+        # penalty enters once per training forward, never through it.
+        active = module.training and torch.is_grad_enabled() and coef != 0 and not reference_forward_active()
         session = _Session(active=active, scale=PenaltyScale(coef, tapped=self.mode == "return"))
         self._stack.append(session)
         if active:
