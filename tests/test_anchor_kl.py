@@ -144,6 +144,24 @@ def test_beside_the_reader_term_the_anchor_forward_adds_only_its_own_gradient(tm
     assert_grads_close({n: both[n] - alone[n] for n in want}, want, rel=1e-4)
 
 
+def test_through_ortholora_the_writer_term_stays_out_of_the_anchor_gradient():
+    from orthoreg import OrthoRegConfig
+    from orthoreg.lora.wrapper import OrthoLoRA
+    from tests.models import random_directions
+
+    tok = tiny_tokenizer()
+    model, _ = peft_pair()
+    want = float64_anchor_grads(model, tok, 0.7, num_tokens=3, batch_size=4, seed=3)
+    ortho = OrthoLoRA(model, OrthoRegConfig(layers="all", proj_weight=0.0, lora_weight=3.0),
+                      random_directions(layers=(0, 1)))
+    ortho.train()
+    callback = AnchorKLCallback(0.7, ANCHORS, tokenizer=tok, num_tokens=3, batch_size=4, seed=3)
+    callback.record_base(ortho, tok)
+    (0.7 * callback.loss(ortho, callback.next_batch(), tok.pad_token_id)).backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert_grads_close(got, want, rel=1e-4)
+
+
 def test_the_anchor_cycle_covers_every_anchor_in_a_seeded_order():
     tok = tiny_tokenizer()
     model, _ = peft_pair()

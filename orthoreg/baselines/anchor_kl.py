@@ -85,6 +85,9 @@ def _peft_model(model: nn.Module) -> nn.Module:
     from ..core.reference import find_peft_model
 
     peft = find_peft_model(model)
+    inner = getattr(model, "model", None)  # OrthoLoRA wraps its PEFT model as `.model`
+    if peft is None and isinstance(inner, nn.Module):
+        peft = find_peft_model(inner)
     if peft is None and not hasattr(model, "disable_adapter"):
         raise AnchorKLError("AnchorKLCallback reads the base through the PEFT model's `disable_adapter()`; this model "
                             "has none: train a PEFT (LoRA) model, or attach a frozen copy's context as "

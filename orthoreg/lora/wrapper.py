@@ -34,6 +34,7 @@ from torch import nn
 from ..config import OrthoRegConfig
 from ..core.capture import find_decoder_stack, resolve_layers
 from ..core.layers import check_adapter_state, lora_layers
+from ..core.reference import reference_forward_active
 from ..directions.harmful import HarmfulDirections
 from ..engine.health import StepHealth
 from ..engine.metrics import metric_names
@@ -238,7 +239,7 @@ class OrthoLoRA(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if "adapter_names" in kwargs:
             raise ValueError("OrthoLoRA regularises one adapter; mixed-adapter batches (`adapter_names=`) are not supported")
-        active = self.training and torch.is_grad_enabled()
+        active = self.training and torch.is_grad_enabled() and not reference_forward_active()  # marked: not a step
         coef = self.config.lora_weight * self.config.warmup_factor(self.step)
         session = self._writer_hooks.open(coef, active) if self._writer_hooks is not None else None
         if self.regularizer is not None:
