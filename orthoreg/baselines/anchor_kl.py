@@ -16,7 +16,9 @@ recorded at train start (no reference forward during training). Each optimizer s
 λ·AKL to the parameters' gradients before the task's first micro-batch, so gradient clipping sees the sum.
 
 The anchor batches cycle through the anchors in an order shuffled by ``seed``: ``batch_size`` anchors per step.
-Cost per optimizer step: one forward and backward of ``batch_size`` short sequences (prompt + n tokens).
+Cost per optimizer step: one forward and backward of ``batch_size`` short sequences (prompt + n tokens). Memory:
+the recorded log-probabilities, anchors × n × vocabulary floats on the CPU (200 × 4 × 49 152 for SmolLM2: 157 MB;
+a 128k vocabulary: 410 MB — pass fewer ``prompts`` to shrink it).
 
 The anchor forward is marked like a reference pass (``core.reference.reference_forward``), so orthoreg's other
 terms (the reader penalty, the activation terms, the KL baselines) and the monitors do not count it as a training
