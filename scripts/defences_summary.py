@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "\n\n**Levers on the residual** (`recommended()` at a larger λ, or with V changed — layer 0 covered, four "
             "reply tokens, k 32, the task's prompts pooled — or with the anchor KL added on the built-in harmful "
             "requests, its placebo on their harmless partners; each chosen or dropped on `howto_steps` seed 0 by "
-            "PLAN.md's amendments 3, 4 and 8; only a chosen one ran on fresh seeds; `protected` = that lever):\n\n"
+            "PLAN.md's amendments 3, 4 and 8; only a chosen one ran on fresh seeds, with its placebo and, without three "
+            "harm categories, amendment 9's arm; `protected` = that lever):\n\n"
             + table(summary, "levers") + "\n\n" + levers_reference(summary)
             if summary["levers"] else "") + (
             "\n\n**Harm categories never anchored** (`recommended+anchor_kl_unseen`: the anchors without "

@@ -237,3 +237,11 @@ def test_the_unanchored_categories_read_counts_those_categories_against_the_base
     assert e["kept"] == pytest.approx(0.5 / 3.5) and e["reaches_unseen"] is False  # 14 % > 10 %
     table = module.categories_table({"unanchored_categories": out})
     assert "| `howto_steps` | 0,1 | +29.2 [+25, +33] |" in table and table.rstrip().endswith("| 14 % |")
+
+
+def test_percent_reads_whole_percent_without_a_negative_zero():
+    from orthoreg.realbench.summary_tables import percent
+
+    assert percent(None) == "–"
+    assert percent(0.3649) == "36 %" and percent(-0.16) == "-16 %"
+    assert percent(-0.004) == "0 %"  # a kept share just below zero (checklist: -0.3 of +87.2)

@@ -24,7 +24,7 @@ def fmt(value: float | None, spec: str = "+.1f") -> str:
 
 def percent(share: float | None) -> str:
     """A share (0–1) as whole percent, "–" where it is undefined."""
-    return "–" if share is None else f"{100 * share:.0f} %"
+    return "–" if share is None else f"{round(100 * share)} %"  # an int: a share just below 0 reads "0 %", not "-0 %"
 
 
 def format_table(summary: dict[str, Any]) -> str:
