@@ -89,7 +89,7 @@ DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, "full_recommended"
                     **dict.fromkeys(SWAPPED_V_ARMS, RECOMMENDED_READER_WEIGHT), "activation_projection": 0.1,
                     "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0, "interleave": 0.1, "margin_budget": 1.0,
                     "margin_budget_fast": 1.0, "treft": 10.0, "treft_query": 10.0,
-                    **dict.fromkeys(ANCHOR_ARMS, 1.0)}
+                    **dict.fromkeys(ANCHOR_ARMS, 0.3)}  # the anchor's λ: chosen on howto_steps seed 0 (PLAN.md, am. 8)
 
 
 @dataclass
