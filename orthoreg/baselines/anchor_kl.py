@@ -40,7 +40,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..callback import move_ahead_of_reporters, report_metrics
-from ..core.reference import reference_forward
+from ..core.reference import find_peft_model, reference_forward
+from .kl import kl_to_reference
 
 __all__ = ["AnchorKLCallback", "AnchorKLError", "anchor_kl", "greedy_replies"]
 
@@ -59,8 +60,8 @@ def anchor_kl(logits: torch.Tensor, base_log_probs: torch.Tensor) -> torch.Tenso
     if logits.shape != base_log_probs.shape:
         raise AnchorKLError(f"logits {tuple(logits.shape)} and base log-probs {tuple(base_log_probs.shape)} differ: "
                             "the model must share the base's vocabulary")
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    return (log_p.exp() * (log_p - base_log_probs.float())).sum(dim=-1).mean()
+    # log-probabilities are logits of the same distribution (log_softmax leaves them as they are)
+    return kl_to_reference(logits, base_log_probs)
 
 
 @torch.no_grad()
@@ -84,8 +85,6 @@ def greedy_replies(model: nn.Module, prompt_ids: Sequence[Sequence[int]], num_to
 
 
 def _peft_model(model: nn.Module) -> nn.Module:
-    from ..core.reference import find_peft_model
-
     peft = find_peft_model(model)
     inner = getattr(model, "model", None)  # OrthoLoRA wraps its PEFT model as `.model`
     if peft is None and isinstance(inner, nn.Module):
@@ -140,6 +139,7 @@ class AnchorKLCallback(TrainerCallback):
         self.base_log_probs: list[torch.Tensor] = []  # (reply length, V) per anchor, float32, on the CPU
         self._order: list[int] = []
         self._cursor = 0
+        self._pad_id = 0
         self._last: float | None = None
 
     @property
@@ -223,16 +223,15 @@ class AnchorKLCallback(TrainerCallback):
         if tokenizer is None:
             raise AnchorKLError("AnchorKLCallback needs the tokenizer: pass tokenizer= or the Trainer's "
                                 "processing_class")
+        self._pad_id = getattr(tokenizer, "pad_token_id", None) or 0  # padding is masked: any id in the vocabulary
         if not self.recorded:
             self.record_base(model, tokenizer)
 
-    def on_step_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
         if not self.recorded:
             raise AnchorKLError("the base was not recorded: AnchorKLCallback records it at train start (on_train_begin)")
-        tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
-        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         with torch.enable_grad():
-            kl = self.loss(model, self.next_batch(), pad_id)
+            kl = self.loss(model, self.next_batch(), self._pad_id)
             if not torch.isfinite(kl):
                 raise AnchorKLError(f"the anchor KL is not finite ({float(kl)}): lower the learning rate or λ")
             (self.weight * kl).backward()
