@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from orthoreg.config import RECOMMENDED_READER_WEIGHT  # noqa: E402
 from orthoreg.realbench.defences import (  # noqa: E402
     ANCHOR_ARMS,
+    DEFAULT_STRENGTH,
     FULL_ARMS,
     LEVER_ARMS,
     SPECIFICITY_ARMS,
@@ -215,10 +216,10 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
     if bench is None:
         raise FileNotFoundError("the task benchmark's JSON is needed for the aligned base's evaluation: "
                                 f"pass --tasks-bench (default {TASKS_BENCH})")
-    pooled = rejudge(bench["prep"]["base_eval"]["safety"])["pooled"]
+    base_judged = rejudge(bench["prep"]["base_eval"]["safety"])
+    pooled = base_judged["pooled"]
     framed = {f: framed_attempt(base_framed[f]) for f in FRAMINGS} if base_framed else {}
     base = {"attempt": pooled["attempt"], "over_refusal": pooled["over_refusal"], "framed": framed}
-    base_judged = rejudge(bench["prep"]["base_eval"]["safety"])
     if has_categories(base_judged):
         base["unanchored"] = category_attempts(base_judged, UNANCHORED_CATEGORIES)["attempt"]
     cells: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
@@ -234,10 +235,7 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
                 cells.setdefault((r["task"], r["arm"]), {})[r["seed"]] = measure(r, base, source)
     levers: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     anchors: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}  # the anchor arms by arm, for the category read
-    for r in lever_rows:
-        if r["arm"] in ANCHOR_ARMS:
-            anchors.setdefault((r["task"], r["arm"]), {})[r["seed"]] = measure(r, base, "lever")
-    for r in lever_rows:  # the recommended setting at another λ or with V changed: an entry like a task's
+    for r in lever_rows:  # the recommended setting at another λ, with V changed or the anchor added: like a task's
         if r["arm"] == "recommended" and r.get("strength") not in (None, RECOMMENDED_READER_WEIGHT):
             label = f"λ {r['weight']:g}"
         elif r["arm"] in LEVER_ARMS and r.get("strength") in (None, RECOMMENDED_READER_WEIGHT):
@@ -246,7 +244,10 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
             label = f"{ANCHOR_LABELS[r['arm']]} λ {r['weight']:g}"
         else:
             continue
-        levers.setdefault((r["task"], label), {})[r["seed"]] = measure(r, base, "lever")
+        m = measure(r, base, "lever")  # once: re-judging every answer is the costly part
+        levers.setdefault((r["task"], label), {})[r["seed"]] = m
+        if r["arm"] in ANCHOR_ARMS and r["weight"] == DEFAULT_STRENGTH[r["arm"]]:  # the chosen λ, not the grid's other
+            anchors.setdefault((r["task"], r["arm"]), {})[r["seed"]] = m
     rivals: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for r in run_rows:  # other arms of the same run, compared with plain and recommended on their seeds
         if r["arm"] in RIVAL_ARMS:
