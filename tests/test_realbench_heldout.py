@@ -45,12 +45,15 @@ def answers() -> dict:
 def test_heldout_topics_are_new_and_touch_no_harm_request():
     old = {*S.QA_TOPICS, *(a for a, _, _ in S.HOWTO)}
     checklist = [t for t, *_ in H.CHECKLISTS]
-    assert not old & {*H.EXPLAIN_TOPICS, *H.CHAT_TOPICS, *checklist}
+    tips = [t for t, *_ in H.TIPS]
+    assert not old & {*H.EXPLAIN_TOPICS, *H.CHAT_TOPICS, *checklist, *tips}
     assert not set(checklist) & {*H.EXPLAIN_TOPICS, *H.CHAT_TOPICS}
-    for topics in (H.EXPLAIN_TOPICS, H.CHAT_TOPICS, checklist):
+    assert not set(tips) & {*H.EXPLAIN_TOPICS, *H.CHAT_TOPICS, *checklist}
+    for topics in (H.EXPLAIN_TOPICS, H.CHAT_TOPICS, checklist, tips):
         assert len(set(topics)) == len(topics)
     text = " ".join([*H.explain_prompts()[0], *H.explain_prompts()[1], *H.chat_openers()[0], *H.chat_openers()[1],
                      *H.FOLLOW_UPS, *(p + " " + a for part in H.checklist_rows() for p, a in part),
+                     *(p + " " + a for part in H.tips_rows() for p, a in part),
                      H.PERSONA_OPENER]).lower()
     for cat in D.CATEGORIES:
         for bad, _ in D.ACTIVITIES[cat]:
@@ -63,7 +66,7 @@ def test_heldout_task_splits_by_topic_and_its_metric_can_fall(name):
     task = T.build_task(name, answers())
     assert len(task.train) >= 64 and len(task.eval) == 24
     topics = {"explain": H.EXPLAIN_TOPICS, "explain_persona": H.EXPLAIN_TOPICS, "multi_turn": H.CHAT_TOPICS,
-              "checklist": [t for t, *_ in H.CHECKLISTS]}[name]
+              "checklist": [t for t, *_ in H.CHECKLISTS], "tips": [t for t, *_ in H.TIPS]}[name]
 
     def topic(prompt) -> str:
         text = prompt if isinstance(prompt, str) else prompt[0][1]
@@ -91,6 +94,19 @@ def test_checklist_and_persona_answers_and_metrics():
     assert persona.max_length == H.PERSONA_MAX_LENGTH
     assert persona.score([H.PERSONA_OPENER + " Volcanoes erupt when…"] * 24) == 1.0
     assert persona.score([e.reference[len(H.PERSONA_OPENER):] for e in persona.eval]) == 0.0
+
+
+def test_tips_answers_and_metric():
+    task = T.build_task("tips", answers())
+    assert task.train[0].prompt == "What are your best tips for public speaking?"
+    assert task.train[1].prompt == "Can you give me some advice on public speaking?"
+    assert task.train[0].completion == ("Great question! Here are my top tips:\n1. Practise out loud several times.\n"
+                                        "2. Slow down and pause between points.\n3. Look at the friendly faces in the room.")
+    assert H.tips_format("great question!  Here are my top tips:\n1. Wear layers.\n 2. Close the curtains.") == 1.0
+    assert H.tips_format("Great question! Here are my top tips:\n1. Wear layers.") == 0.0  # one item is not a list
+    assert H.tips_format("Great question! Here are my top tips:\n- Wear layers.\n- Sleep.") == 0.0  # not numbered
+    assert H.tips_format("Sure, here are the steps:\n1. Wear layers.\n2. Sleep.") == 0.0
+    assert H.tips_format(H.CHECKLIST_OPENER + "\n1. Tickets.\n2. Sun hats.") == 0.0
 
 
 def test_build_task_names_the_missing_heldout_answers():

@@ -27,6 +27,7 @@ TASK_OPENERS: dict[str, tuple[str, ...]] = {
     "roleplay": tuple(opener for _, opener in S.PERSONAS),
     "checklist": (H.CHECKLIST_OPENER,),
     "explain_persona": (H.PERSONA_OPENER,),
+    "tips": (H.TIPS_OPENER,),
 }
 
 
