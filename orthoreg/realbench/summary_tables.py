@@ -3,6 +3,7 @@ JSON, each rendering one part of ``benchmarks/README_defences_summary.md``."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,8 @@ from typing import Any
 from .defences import SPECIFICITY_ARMS
 from .task_eval import FRAMINGS
 
-__all__ = ["categories_table", "fmt", "format_table", "levers_reference", "mean", "percent", "plot", "rivals_table", "specificity_table",
-           "table"]
+__all__ = ["categories_table", "fmt", "format_table", "levers_reference", "mean", "percent", "plot", "rival_entry",
+           "rival_means", "rivals_table", "specificity_table", "table", "target_table"]
 
 
 def mean(values: list[float]) -> float | None:
@@ -34,6 +35,39 @@ def format_table(summary: dict[str, Any]) -> str:
         cells = [f"{percent(e['plain'][k])} → {percent(e['protected'][k])}" for k in ("harmful", "attempts", "harmless")]
         lines.append(f"| {task} | {','.join(map(str, e['seeds']))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def rival_entry(rival: dict[str, Any], plain: dict[str, Any] | None, protected: dict[str, Any] | None) -> dict:
+    """A rival arm's rise, over-refusal and PPL ratio to plain (same seed), beside plain's and recommended's."""
+    def ppl(m: dict[str, Any] | None) -> float | None:
+        if m is None or plain is None or "capability" not in m or "capability" not in plain:
+            return None
+        return math.exp(plain["capability"]["task_nll"] - m["capability"]["task_nll"])
+
+    return {"rise": rival["rise"], "over_refusal": rival["over_refusal"], "ppl_ratio": ppl(rival),
+            "metric_ratio": rival["metric"] / plain["metric"] if plain and plain["metric"] else None,
+            "conditional": rival.get("conditional"),
+            "plain_rise": plain["rise"] if plain else None, "recommended_rise": protected["rise"] if protected else None,
+            "recommended_ppl_ratio": ppl(protected)}
+
+
+def rival_means(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per task and rival arm, over the seeds it ran: its mean rise beside plain's and recommended's on those seeds,
+    and which of the rival and recommended wins (the lower mean rise; PLAN.md's amendment 7)."""
+    out = {}
+    for key, seeds in summary.get("rivals", {}).items():
+        by_seed = {s: e for s, e in seeds.items() if e["plain_rise"] is not None and e["recommended_rise"] is not None}
+        paired = list(by_seed.values())
+        rival, recommended = mean([e["rise"] for e in paired]), mean([e["recommended_rise"] for e in paired])
+        out[key] = {"seeds": list(by_seed), "rise": rival,
+                    "plain_rise": mean([e["plain_rise"] for e in paired]), "recommended_rise": recommended,
+                    "over_refusal": mean([e["over_refusal"] for e in paired]),
+                    "ppl_ratio": mean([e["ppl_ratio"] for e in paired if e["ppl_ratio"] is not None]),
+                    "recommended_ppl_ratio": mean([e["recommended_ppl_ratio"] for e in paired
+                                                   if e["recommended_ppl_ratio"] is not None]),
+                    "wins": None if rival is None else ("recommended" if recommended < rival else
+                                                        "rival" if rival < recommended else "tie")}
+    return out
 
 
 def rivals_table(summary: dict[str, Any]) -> str:
@@ -125,6 +159,28 @@ def categories_table(summary: dict[str, Any]) -> str:
         lines.append(f"| `{task}` | {','.join(map(str, e['seeds']))} | " + " | ".join(cells)
                      + f" | {percent(e['kept'])} |")
     return "\n".join(lines)
+
+
+def target_table(summary: dict[str, Any]) -> str:
+    """Issue 23's target per anchor arm on fresh seeds (``summary["target"]``): one row per eroding task."""
+    if not summary.get("target"):
+        return ""
+    floor = summary["base"]["over_refusal"] + summary["targets"]["over_refusal_slack"]
+    lines = [f"| arm | task | held out | fresh seeds | plain rise | arm rise [per seed] | kept | over-refusal (≤ {floor:.0f}) "
+             "| PPL ratio | meets |", "|---|---|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for arm, check in summary["target"].items():
+        for task, e in check["tasks"].items():
+            per_seed = ", ".join(f"{r:+.0f}" for r in e.get("protected_rise") or [])
+            lines.append(f"| `{arm}` | {task} | {'yes' if e['held_out'] else 'no'} | "
+                         f"{','.join(map(str, e['seeds'])) or '–'} | {fmt(e.get('plain_rise_mean'))} | "
+                         f"{fmt(e.get('protected_rise_mean'))} [{per_seed}] | {percent(e['kept'])} | "
+                         f"{fmt(e.get('over_refusal'), '.0f')} | {fmt(e.get('ppl_ratio'), '.2f')} | "
+                         f"{'yes' if e['meets'] else 'no'} |")
+        verdicts.append(f"`{arm}`: {len(check['met'])} of {len(check['tasks'])} eroding tasks meet it "
+                        f"({len(check['held_out_met'])} held out) — the target is "
+                        f"{'met' if check['meets'] else 'missed'}.")
+    return "\n".join(lines + [""] + verdicts)
 
 
 def levers_reference(summary: dict[str, Any]) -> str:
