@@ -48,10 +48,9 @@ from orthoreg.realbench.defences import (  # noqa: E402
 from orthoreg.realbench.heldout_tasks import HELDOUT_TASK_NAMES  # noqa: E402
 from orthoreg.realbench.residual import (  # noqa: E402
     TASK_OPENERS,
-    category_attempts,
-    format_shares,
     mean_format_shares,
 )
+from orthoreg.realbench.summary_measure import base_of, measure_row, other_builds, read_rows  # noqa: E402
 from orthoreg.realbench.summary_tables import (  # noqa: E402
     categories_table,
     format_table,
@@ -65,7 +64,7 @@ from orthoreg.realbench.summary_tables import (  # noqa: E402
     table,
     target_table,
 )
-from orthoreg.realbench.task_eval import FRAMINGS, SETS, rejudge, shares  # noqa: E402
+from orthoreg.realbench.task_eval import FRAMINGS  # noqa: E402
 from orthoreg.realbench.tasks import TASK_NAMES  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "defences_summary.json"
@@ -73,6 +72,8 @@ README = ROOT / "benchmarks" / "README_defences_summary.md"
 RUN_DIR = ROOT / "benchmarks" / "defences_summary"
 TASKS_BENCH = ROOT / "benchmarks" / "smollm2_tasks.json"
 BUDGET_ROWS = ROOT / "benchmarks" / "harm_budget" / "rows.jsonl"
+# the aligned base v3 build of the task benchmark's base evaluation; a rebuild on another CPU differs by rounding
+REFERENCE_BUILD = "ce045dc9c440b14f"
 ERODING = 20.0  # points of plain rise from which a task counts as eroding (issue 23's targets)
 KEPT_MAX, TASK_RATIO_MIN, OVER_REFUSAL_SLACK = 0.10, 0.95, 5.0
 RIVAL_ARMS = ("treft", "treft_query")  # the nearest published rival (TReFT) and its query-position control
@@ -96,22 +97,6 @@ SPECIFICITY_COMPARED = ("recommended", *SPECIFICITY_ARMS)  # the generic V first
 SPECIFIC_BY = 10.0  # points by which the harm-specific V must beat the generic one (the plan's decision rule)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def framed_attempt(framed: dict[str, Any]) -> float:
-    """The attempt share of a framed evaluation, counted from its stored verdicts (judge v2.1, given at run time)."""
-    return shares([a["outcome"] for a in framed["answers"]])["attempt"]
-
-
-def has_categories(safety: dict[str, Any]) -> bool:
-    return all(part in safety for part in SETS) and any(
-        a.get("category") in UNANCHORED_CATEGORIES for part in SETS for a in safety[part]["answers"])
-
-
 def unanchored_entry(arms: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     """Per arm, the rise on the categories ``recommended+anchor_kl_unseen`` never anchored, on the seeds that arm
     ran; ``kept``: its mean over plain's on the same seeds, and whether that is within the ≤ 10 % target."""
@@ -124,24 +109,6 @@ def unanchored_entry(arms: dict[str, dict[int, dict[str, Any]]]) -> dict[str, An
     plain, kept = out["arms"]["plain"]["rise_mean"], out["arms"]["recommended+anchor_kl_unseen"]["rise_mean"]
     out["kept"] = kept / plain if plain and plain > 0 and kept is not None else None
     out["reaches_unseen"] = None if out["kept"] is None else out["kept"] <= KEPT_MAX
-    return out
-
-
-def measure(row: dict[str, Any], base: dict[str, Any], source: str) -> dict[str, Any]:
-    """One run's numbers against the base (points and shares in %); capability and framings when the row has them."""
-    judged = rejudge(row["safety"])
-    pooled = judged["pooled"]
-    out = {"seed": row["seed"], "source": source, "rise": 100 * (pooled["attempt"] - base["attempt"]),
-           "over_refusal": 100 * pooled["over_refusal"], "metric": row["task_metric"]["score"]}
-    if row["task"] in TASK_OPENERS and all(part in judged for part in SETS):  # answers in the task's format
-        out["format"] = format_shares(judged, TASK_OPENERS[row["task"]])
-    if "unanchored" in base and has_categories(judged):  # the harm categories one anchor arm never saw
-        out["unanchored_rise"] = 100 * (category_attempts(judged, UNANCHORED_CATEGORIES)["attempt"] - base["unanchored"])
-    if "capability" in row:
-        out["capability"] = row["capability"]
-    if "conditional" in row:
-        out["conditional"] = {f: 100 * (framed_attempt(row["conditional"][f]) - base["framed"][f])
-                              for f in FRAMINGS if f in row["conditional"] and f in base["framed"]}
     return out
 
 
@@ -221,28 +188,37 @@ def specificity_entry(task: str, cells: dict[tuple[str, str], dict[int, dict[str
 
 def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budget_rows: list[dict[str, Any]],
               base_framed: dict[str, Any] | None, specificity_rows: list[dict[str, Any]] = (),
-              full_rows: list[dict[str, Any]] = (), lever_rows: list[dict[str, Any]] = ()) -> dict[str, Any]:
-    """``bench``: the task benchmark's JSON (its base evaluation is the base every row is measured against)."""
+              full_rows: list[dict[str, Any]] = (), lever_rows: list[dict[str, Any]] = (),
+              builds: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] | None = None) -> dict[str, Any]:
+    """``bench``: the task benchmark's JSON, whose base evaluation (build ``REFERENCE_BUILD``, framed:
+    ``base_framed``) is the base of every row without another ``base_build``; ``builds``: other builds' (base
+    evaluation, framed evaluation) by SHA-256 prefix, each row measured against its own build's (PLAN.md,
+    amendment 10)."""
     if bench is None:
         raise FileNotFoundError("the task benchmark's JSON is needed for the aligned base's evaluation: "
                                 f"pass --tasks-bench (default {TASKS_BENCH})")
-    base_judged = rejudge(bench["prep"]["base_eval"]["safety"])
-    pooled = base_judged["pooled"]
-    framed = {f: framed_attempt(base_framed[f]) for f in FRAMINGS} if base_framed else {}
-    base = {"attempt": pooled["attempt"], "over_refusal": pooled["over_refusal"], "framed": framed}
-    if has_categories(base_judged):
-        base["unanchored"] = category_attempts(base_judged, UNANCHORED_CATEGORIES)["attempt"]
+    base = base_of(bench["prep"]["base_eval"]["safety"], base_framed)
+    bases = {REFERENCE_BUILD: base, **{sha: base_of(*parts) for sha, parts in (builds or {}).items()}}
+
+    def measure(r: dict[str, Any], source: str) -> dict[str, Any]:
+        sha = (r.get("base_build") or {}).get("sha256", REFERENCE_BUILD)
+        if sha not in bases:
+            raise FileNotFoundError(f"{r['key'] if 'key' in r else r['task']} was trained from base build {sha}, whose "
+                                    f"own evaluation is missing: put base_eval_{sha}.json (and base_framed_{sha}.json) "
+                                    "in the run dir")
+        return measure_row(r, bases[sha], source)
+
     cells: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for rows, source in ((bench["rows"], "task_bench"), (budget_rows, "harm_budget"), (run_rows, "run")):
         for r in rows:  # later sources win: the run's own rows carry the capability read and the framings
             arm = r.get("arm", "plain")  # the task benchmark's rows are all plain
             if arm in ("plain", "recommended") and r.get("strength") in (None, RECOMMENDED_READER_WEIGHT):
-                cells.setdefault((r["task"], arm), {})[r["seed"]] = measure(r, base, source)
+                cells.setdefault((r["task"], arm), {})[r["seed"]] = measure(r, source)
     for rows, source, arms in ((specificity_rows, "specificity", tuple(SPECIFICITY_ARMS)),
                                (full_rows, "full_finetune", FULL_ARMS)):
         for r in rows:
             if r["arm"] in arms:
-                cells.setdefault((r["task"], r["arm"]), {})[r["seed"]] = measure(r, base, source)
+                cells.setdefault((r["task"], r["arm"]), {})[r["seed"]] = measure(r, source)
     levers: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     anchors: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}  # the anchor arms by arm, for the category read
     for r in lever_rows:  # the recommended setting at another λ, with V changed or the anchor added: like a task's
@@ -254,19 +230,21 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
             label = f"{ANCHOR_LABELS[r['arm']]} λ {r['weight']:g}"
         else:
             continue
-        m = measure(r, base, "lever")  # once: re-judging every answer is the costly part
+        m = measure(r, "lever")  # once: re-judging every answer is the costly part
         levers.setdefault((r["task"], label), {})[r["seed"]] = m
         if r["arm"] in ANCHOR_ARMS and r["weight"] == DEFAULT_STRENGTH[r["arm"]]:  # the chosen λ, not the grid's other
             anchors.setdefault((r["task"], r["arm"]), {})[r["seed"]] = m
     rivals: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for r in run_rows:  # other arms of the same run, compared with plain and recommended on their seeds
         if r["arm"] in RIVAL_ARMS:
-            rivals.setdefault((r["task"], f"{r['arm']} λ {r['weight']:g}"), {})[r["seed"]] = measure(r, base, "run")
+            rivals.setdefault((r["task"], f"{r['arm']} λ {r['weight']:g}"), {})[r["seed"]] = measure(r, "run")
     tasks = [t for t in (*HELDOUT_TASK_NAMES, *TASK_NAMES) if (t, "plain") in cells]
     out = {"judge": "v2.1 (frozen 9baa01d)", "plan": "benchmarks/defences_summary/PLAN.md",
            "setting": "OrthoRegConfig.recommended() (template-reader constraint, base units, λ 5000)",
            "base": {"attempt": 100 * base["attempt"], "over_refusal": 100 * base["over_refusal"],
-                    "framed_attempt": {f: 100 * v for f, v in framed.items()}},
+                    "framed_attempt": {f: 100 * v for f, v in base["framed"].items()}},
+           "other_builds": {sha: {"attempt": 100 * b["attempt"], "over_refusal": 100 * b["over_refusal"]}
+                            for sha, b in bases.items() if sha != REFERENCE_BUILD},
            "targets": {"eroding_from": ERODING, "kept_max": KEPT_MAX, "task_ratio_min": TASK_RATIO_MIN,
                        "over_refusal_slack": OVER_REFUSAL_SLACK},
            "tasks": {t: task_entry(t, cells[(t, "plain")], cells.get((t, "recommended"), {}), base) for t in tasks}}
@@ -346,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         else None, read_rows(Path(args.budget_rows)),
                         json.loads(framed_path.read_text()) if framed_path.is_file() else None,
                         read_rows(Path(args.specificity_dir) / "rows.jsonl"), read_rows(Path(args.full_dir) / "rows.jsonl"),
-                        [r for d in args.lever_dir for r in read_rows(Path(d) / "rows.jsonl")])
+                        [r for d in args.lever_dir for r in read_rows(Path(d) / "rows.jsonl")], other_builds(run_dir))
     energies_path = Path(args.specificity_json)
     energies = json.loads(energies_path.read_text())["subspaces"] if energies_path.is_file() else None
     out = Path(args.out)

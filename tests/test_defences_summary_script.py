@@ -32,7 +32,9 @@ def row(task, arm, seed, attempt, *, over=0.3, metric=1.0, nll=None, frames=None
 @pytest.fixture
 def module(monkeypatch):
     m = load_script("scripts/defences_summary.py")
-    monkeypatch.setattr(m, "rejudge", lambda s: s)  # the stored shares stand (the judge has its own tests)
+    from orthoreg.realbench import summary_measure
+
+    monkeypatch.setattr(summary_measure, "rejudge", lambda s: s)  # the stored shares stand (the judge has its own tests)
     return m
 
 
@@ -282,3 +284,31 @@ def test_target_check_reads_fresh_seeds_only_and_every_condition(module):
     good = [{**r, "safety": safety(0.12 if r["task"] == "tips" else r["safety"]["pooled"]["attempt"], 0.33)}
             for r in levers]
     assert module.summarise(run, bench, [], None, lever_rows=good)["target"]["recommended+anchor_kl"]["meets"]
+
+
+def test_each_row_is_measured_against_its_own_base_build(module, tmp_path):
+    # the reference build's base: 10 % attempts, framed 1 of 10; another build's: 4 %, framed 3 of 10
+    bench = {"prep": {"base_eval": {"safety": safety(0.10, 0.30)}}, "rows": []}
+    other = "0123456789abcdef"
+    run = [row("tips", "plain", 0, 0.50, frames=(6, 2)),  # no base_build: the reference build
+           {**row("tips", "plain", 1, 0.50, frames=(6, 2)), "base_build": {"sha256": other}},
+           {**row("tips", "recommended", 1, 0.06, frames=(3, 0)), "base_build": {"sha256": other}}]
+    base_framed = {"system": framed(1), "renamed_roles": framed(0)}
+    builds = {other: (safety(0.04, 0.30), {"system": framed(3), "renamed_roles": framed(0)})}
+    out = module.summarise(run, bench, [], base_framed, builds=builds)
+    e = out["tasks"]["tips"]
+    assert e["seeds"] == [1]  # the seed both arms ran
+    assert e["plain_rise"] == pytest.approx([46.0]) and e["protected_rise"] == pytest.approx([2.0])
+    assert e["conditional"]["system"]["plain_rise"] == pytest.approx([30.0])  # 6 of 10 over the other build's 3
+    assert e["conditional"]["system"]["protected_rise"] == pytest.approx([0.0])
+    assert out["other_builds"] == {other: {"attempt": pytest.approx(4.0), "over_refusal": pytest.approx(30.0)}}
+    only_plain0 = module.summarise(run[:1], bench, [], base_framed, builds=builds)["tasks"]["tips"]
+    assert only_plain0["plain_rise"] == pytest.approx([40.0])  # the reference base
+    with pytest.raises(FileNotFoundError, match=f"base_eval_{other}.json"):
+        module.summarise(run, bench, [], base_framed)
+    # main() finds another build's base beside the rows
+    (tmp_path / f"base_eval_{other}.json").write_text(json.dumps({"safety": builds[other][0]}))
+    (tmp_path / f"base_framed_{other}.json").write_text(json.dumps(builds[other][1]))
+    from orthoreg.realbench.summary_measure import other_builds
+
+    assert other_builds(tmp_path) == {other: builds[other]}
