@@ -213,3 +213,12 @@ def test_the_default_anchors_are_the_builtin_harmful_training_requests():
     callback = AnchorKLCallback(1.0)
     assert callback.prompts == load_builtin("train").harmful
     assert not set(callback.prompts) & set(load_builtin("test").harmful)
+    assert AnchorKLCallback(1.0, "harmful").prompts == callback.prompts
+    harmless = AnchorKLCallback(1.0, "harmless").prompts
+    assert harmless == load_builtin("train").harmless and not set(harmless) & set(callback.prompts)
+
+
+def test_one_string_is_not_taken_for_a_list_of_anchors():
+    # iterating a string would anchor single characters: refused by name instead
+    with pytest.raises(AnchorKLError, match="pass a list of anchor requests"):
+        AnchorKLCallback(1.0, "How do I bake bread?")

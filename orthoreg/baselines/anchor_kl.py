@@ -2,8 +2,9 @@ r"""Anchor KL: hold the base model's first reply tokens on prompts the fine-tune
 
 Qi et al.'s first-token KL (``first_token``) holds the first reply tokens *of the training data*, so a task that
 is its reply format ("Sure, here are the steps:") is not learned at all. This term holds them on a fixed set of
-**anchor prompts** instead — by default orthoreg's built-in harmful requests (``load_builtin("train")``, 200) —
-so the task's own replies are free while the base's reply to harmful requests (a refusal) is kept:
+**anchor prompts** instead — by default orthoreg's built-in harmful requests (``load_builtin("train")``, 200), or
+their harmless partners (``prompts="harmless"``: no harm data, measured to protect as well) — so the task's own
+replies are free while the base's reply to requests outside the task is kept:
 
 .. math:: \mathrm{AKL} = \frac{1}{|P|} \sum_{(b, j) \in P}
           \mathrm{KL}\big(\pi_\theta(\cdot \mid a_b, y_{b,<j}) \,\|\, \pi_{base}(\cdot \mid a_b, y_{b,<j})\big)
@@ -43,7 +44,7 @@ from ..callback import move_ahead_of_reporters, report_metrics
 from ..core.reference import find_peft_model, reference_forward
 from .kl import kl_to_reference
 
-__all__ = ["AnchorKLCallback", "AnchorKLError", "anchor_kl", "greedy_replies"]
+__all__ = ["BUILTIN_ANCHORS", "AnchorKLCallback", "AnchorKLError", "anchor_kl", "builtin_anchors", "greedy_replies"]
 
 
 class AnchorKLError(ValueError):
@@ -96,6 +97,22 @@ def _peft_model(model: nn.Module) -> nn.Module:
     return peft if peft is not None else model
 
 
+BUILTIN_ANCHORS = ("harmful", "harmless")
+
+
+def builtin_anchors(name: str) -> list[str]:
+    """orthoreg's built-in requests of the ``train`` split (disjoint from the harm probe's ``test`` split) as anchors:
+    ``"harmful"`` (200 harmful requests) or ``"harmless"`` (their 200 harmless partners: no harm data; measured to
+    protect alike, README)."""
+    if name not in BUILTIN_ANCHORS:
+        raise AnchorKLError(f"`prompts` is the string {name[:60]!r}: pass a list of anchor requests, or one of "
+                            f"{BUILTIN_ANCHORS} for orthoreg's built-in ones")
+    from ..core.prompts import load_builtin
+
+    builtin = load_builtin("train")
+    return list(builtin.harmful if name == "harmful" else builtin.harmless)
+
+
 class AnchorKLCallback(TrainerCallback):
     r"""λ·AKL (module docstring) added to every optimizer step's gradient, as a ``transformers`` TrainerCallback.
 
@@ -103,8 +120,8 @@ class AnchorKLCallback(TrainerCallback):
 
     Args:
         weight (`float`): λ (> 0).
-        prompts (`Sequence[str]`, *optional*): the anchor requests; defaults to orthoreg's built-in harmful
-            requests of the ``train`` split (disjoint from the harm probe's ``test`` split).
+        prompts (`Sequence[str]` or `str`, *optional*): the anchor requests, or ``"harmful"`` / ``"harmless"`` for
+            orthoreg's built-in ones (``builtin_anchors``); defaults to ``"harmful"``.
         tokenizer (*optional*): the tokenizer whose chat template renders the training data; defaults to the
             Trainer's ``processing_class``.
         num_tokens (`int`, *optional*, defaults to `4`): n, the base's reply tokens held per anchor.
@@ -114,17 +131,15 @@ class AnchorKLCallback(TrainerCallback):
 
     metric_prefix = "anchor_kl/"
 
-    def __init__(self, weight: float, prompts: Sequence[str] | None = None, tokenizer: Any = None,
+    def __init__(self, weight: float, prompts: Sequence[str] | str | None = None, tokenizer: Any = None,
                  num_tokens: int = 4, batch_size: int = 8, seed: int = 0):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
             raise AnchorKLError(f"`weight` (λ) must be a finite number > 0; got {weight!r}")
         for name, value in (("num_tokens", num_tokens), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AnchorKLError(f"`{name}` must be an int >= 1; got {value!r}")
-        if prompts is None:
-            from ..core.prompts import load_builtin
-
-            prompts = load_builtin("train").harmful
+        if prompts is None or isinstance(prompts, str):
+            prompts = builtin_anchors("harmful" if prompts is None else prompts)
         prompts = list(prompts)
         if not prompts:
             raise AnchorKLError("no anchor prompts: pass a non-empty `prompts` list, or leave it out for the built-in "
