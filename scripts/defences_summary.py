@@ -203,7 +203,7 @@ def summarise(run_rows: list[dict[str, Any]], bench: dict[str, Any] | None, budg
     def measure(r: dict[str, Any], source: str) -> dict[str, Any]:
         sha = (r.get("base_build") or {}).get("sha256", REFERENCE_BUILD)
         if sha not in bases:
-            raise FileNotFoundError(f"{r['key'] if 'key' in r else r['task']} was trained from base build {sha}, whose "
+            raise FileNotFoundError(f"{r.get('key', r['task'])} was trained from base build {sha}, whose "
                                     f"own evaluation is missing: put base_eval_{sha}.json (and base_framed_{sha}.json) "
                                     "in the run dir")
         return measure_row(r, bases[sha], source)

@@ -118,12 +118,13 @@ def reader_set(arm: str) -> str | None:
 
 def anchor_prompts(arm: str) -> list[str]:
     """The anchor requests of an ``ANCHOR_ARMS`` arm, from orthoreg's built-in training split."""
+    from orthoreg.baselines.anchor_kl import BUILTIN_ANCHORS, builtin_anchors
     from orthoreg.core.prompts import builtin_categories, load_builtin
 
     kind = ANCHOR_ARMS[arm]
-    if kind == "harmless":
-        return load_builtin("train").harmless
-    kept = [c for c in builtin_categories() if kind == "harmful" or c not in UNANCHORED_CATEGORIES]
+    if kind in BUILTIN_ANCHORS:
+        return builtin_anchors(kind)
+    kept = [c for c in builtin_categories() if c not in UNANCHORED_CATEGORIES]  # the unseen-category arm
     return load_builtin("train", categories=kept).harmful
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 from . import task_seeds as S
@@ -225,36 +226,46 @@ def checklist_answer(need: tuple[str, str, str]) -> str:
     return CHECKLIST_OPENER + "".join(f"\n- {item[0].upper()}{item[1:]}." for item in need)
 
 
-def checklist_format(prediction: str, *_: Any) -> float:
-    """Opens with the checklist opener and lists at least two "- " items."""
-    text = prediction.strip()
-    items = [line for line in text.splitlines() if line.strip().startswith("- ")]
-    return float(" ".join(text.split()).lower().startswith(CHECKLIST_OPENER.lower()) and len(items) >= 2)
-
-
-def checklist_rows() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(prompt, answer) of the train and the held-out topics, every frame of each."""
-    train_rows, eval_rows = S.split(CHECKLISTS, N_CHECKLIST_HELDOUT)
-    return ([(f.format(t=t), checklist_answer(need)) for t, *need in train_rows for f in CHECKLIST_FRAMES],
-            [(f.format(t=t), checklist_answer(need)) for t, *need in eval_rows for f in CHECKLIST_FRAMES])
-
-
 def tips_answer(tips: tuple[str, str, str]) -> str:
     return TIPS_OPENER + "".join(f"\n{i}. {tip[0].upper()}{tip[1:]}." for i, tip in enumerate(tips, start=1))
 
 
+NUMBERED = frozenset(f"{i}." for i in range(1, 10))  # the item markers ``tips_format`` counts
+
+
+def opened_list(prediction: str, opener: str, is_item: Callable[[str], bool]) -> float:
+    """1.0 if the prediction opens with ``opener`` (case and whitespace aside) and has at least two lines that
+    ``is_item`` accepts (stripped), else 0.0 — the format metric of the list tasks."""
+    text = prediction.strip()
+    items = [line for line in text.splitlines() if is_item(line.strip())]
+    return float(" ".join(text.split()).lower().startswith(opener.lower()) and len(items) >= 2)
+
+
+def checklist_format(prediction: str, *_: Any) -> float:
+    """Opens with the checklist opener and lists at least two "- " items."""
+    return opened_list(prediction, CHECKLIST_OPENER, lambda line: line.startswith("- "))
+
+
 def tips_format(prediction: str, *_: Any) -> float:
     """Opens with the tips opener and numbers at least two items ("1. …", "2. …")."""
-    text = prediction.strip()
-    numbered = [line for line in text.splitlines() if line.strip()[:2] in {f"{i}." for i in range(1, 10)}]
-    return float(" ".join(text.split()).lower().startswith(TIPS_OPENER.lower()) and len(numbered) >= 2)
+    return opened_list(prediction, TIPS_OPENER, lambda line: line[:2] in NUMBERED)
+
+
+def list_rows(table: tuple[tuple[str, ...], ...], n_heldout: int, frames: tuple[str, ...],
+              answer: Callable[[tuple[str, ...]], str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(prompt, answer) of the train and the held-out topics of a list task's ``table`` (topic, *items), every
+    frame of each."""
+    train_rows, eval_rows = S.split(table, n_heldout)
+    return ([(f.format(t=t), answer(tuple(items))) for t, *items in train_rows for f in frames],
+            [(f.format(t=t), answer(tuple(items))) for t, *items in eval_rows for f in frames])
+
+
+def checklist_rows() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    return list_rows(CHECKLISTS, N_CHECKLIST_HELDOUT, CHECKLIST_FRAMES, checklist_answer)
 
 
 def tips_rows() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(prompt, answer) of the train and the held-out topics, every frame of each."""
-    train_rows, eval_rows = S.split(TIPS, N_TIPS_HELDOUT)
-    return ([(f.format(t=t), tips_answer(tips)) for t, *tips in train_rows for f in TIPS_FRAMES],
-            [(f.format(t=t), tips_answer(tips)) for t, *tips in eval_rows for f in TIPS_FRAMES])
+    return list_rows(TIPS, N_TIPS_HELDOUT, TIPS_FRAMES, tips_answer)
 
 
 def explain_prompts() -> tuple[list[str], list[str]]:
@@ -314,14 +325,12 @@ def build_heldout_task(name: str, answers: dict[str, Any]) -> Any:
     def f1(answer: str, item: EvalItem) -> float:
         return token_f1(answer, item.reference)
 
-    if name == "checklist":
-        train_rows, eval_rows = checklist_rows()
-        return Task("checklist", [TrainItem(p, a) for p, a in train_rows], [EvalItem(p, a) for p, a in eval_rows],
-                    "checklist format", checklist_format)
-    if name == "tips":
-        train_rows, eval_rows = tips_rows()
-        return Task("tips", [TrainItem(p, a) for p, a in train_rows], [EvalItem(p, a) for p, a in eval_rows],
-                    "tips format", tips_format)
+    list_tasks = {"checklist": (checklist_rows, checklist_format), "tips": (tips_rows, tips_format)}
+    if name in list_tasks:
+        rows, metric = list_tasks[name]
+        train_rows, eval_rows = rows()
+        return Task(name, [TrainItem(p, a) for p, a in train_rows], [EvalItem(p, a) for p, a in eval_rows],
+                    f"{name} format", metric)
     if name == "explain_persona":
         train_p, eval_p = explain_prompts()
         got = answers["explain"]
