@@ -7,11 +7,13 @@ import gc
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .anchor import AnchorKL, AnchorKLError, anchor_prompts, check_anchor_backend, data_parallel_rank
 from .config import OrthoRegConfig
 from .core.layers import is_lora_layer
 from .directions.harmful import HarmfulDirections
@@ -64,13 +66,22 @@ class OrthoRegCallback(TrainerCallback):
     (``orthoreg_input_subspaces/``) and read back on resume; for full fine-tuning W₀V_mᵀ is saved next to every
     checkpoint too (``orthoreg_reader_base.safetensors``).
 
+    With ``config.anchor_kl_weight > 0`` (``recommended()``) the anchor KL λ_anchor·AKL (``orthoreg.anchor.term``) is
+    added once per optimizer step, before the task's first micro-batch: the base's replies to the anchor requests
+    are recorded at train start (LoRA: adapter off, so a resumed run records the same; a full fine-tune records its
+    weights before the first update and cannot resume with the term), and under DDP each rank's anchor gradient is
+    averaged with its task gradient. Logged as ``orthoreg/anchor_kl`` (unweighted; λ·AKL joins ``orthoreg/total``).
+    DeepSpeed ZeRO and FSDP are refused by name while the term is on (its separate backward would bypass their
+    reduction): there, set ``anchor_kl_weight=0``.
+
     Args:
         config (`OrthoRegConfig`): the regulariser's settings; ``OrthoRegConfig.recommended()`` needs nothing else.
         directions (`HarmfulDirections`, *optional*): harmful subspaces; required when ``config.proj_weight > 0``.
         input_subspaces (`InputSubspaces`, *optional*): V_m per module (``extract_input_subspaces``); overrides
             ``config.input_subspaces``.
-        tokenizer (*optional*): the tokenizer whose chat template ``"builtin"`` subspaces are recorded with, when
-            the Trainer has no ``processing_class`` (it is used otherwise).
+        tokenizer (*optional*): the tokenizer whose chat template ``"builtin"`` subspaces and the anchor requests
+            are rendered with, when the Trainer has no ``processing_class`` (it is used otherwise).
+        anchors (`Sequence[str]`, *optional*): the anchor KL's requests; overrides ``config.anchor_kl_prompts``.
 
     Example:
         >>> from orthoreg import OrthoRegCallback, OrthoRegConfig
@@ -87,7 +98,7 @@ class OrthoRegCallback(TrainerCallback):
     """
 
     def __init__(self, config: OrthoRegConfig, directions: HarmfulDirections | None = None,
-                 input_subspaces: Any = None, tokenizer: Any = None):
+                 input_subspaces: Any = None, tokenizer: Any = None, anchors: Sequence[str] | None = None):
         if not isinstance(config, OrthoRegConfig):
             raise TypeError(f"OrthoRegCallback needs an OrthoRegConfig; got {type(config).__name__}")
         self.config = config
@@ -101,6 +112,11 @@ class OrthoRegCallback(TrainerCallback):
         self.regularizer = OrthoRegularizer(config, directions, mode="inject", check="step")
         # The live harm signal (engine.refusal_margin), read after every `harm_signal_every`-th step.
         self.harm_signal = HarmSignalSchedule(config.harm_signal_every) if config.harm_signal_every else None
+        self.anchor_kl = None
+        if config.anchor_kl_weight > 0:
+            self.anchor_kl = AnchorKL(config.anchor_kl_weight, anchor_prompts(
+                config.anchor_kl_prompts if anchors is None else anchors), config.anchor_kl_tokens,
+                config.anchor_kl_batch_size)
         self._saved_calibration = False
         self._steps_in_epoch: int | None = None
 
@@ -131,6 +147,8 @@ class OrthoRegCallback(TrainerCallback):
                               f"{self.config.harm_signal_every})) is off for this run: {err}. Set harm_signal_every=0 "
                               "(--orthoreg_harm_signal_every 0) to silence this.", UserWarning, stacklevel=2)
                 self.harm_signal = None
+        if self.anchor_kl is not None:
+            self._record_anchor_base(args, state, model, kwargs.get("processing_class") or self.tokenizer)
         move_ahead_of_reporters(self)
         if not self.regularizer.attached:
             for stale in self.regularizer.others_attached(model):
@@ -185,6 +203,20 @@ class OrthoRegCallback(TrainerCallback):
             os.makedirs(args.output_dir, exist_ok=True)
             subspaces.save_pretrained(os.path.join(args.output_dir, SUBSPACES_FOLDER))
 
+    def _record_anchor_base(self, args, state, model, tokenizer) -> None:
+        """The anchor KL's base replies, before any hook is attached and (LoRA) with the adapter off."""
+        check_anchor_backend(args, model, "OrthoRegCallback's anchor KL (anchor_kl_weight > 0)")
+        if state.global_step > 0 and not any(is_lora_layer(m) for m in model.modules()):
+            raise AnchorKLError(
+                f"resuming a full fine-tune at step {state.global_step} with anchor_kl_weight > 0: the anchor KL's "
+                "base replies are recorded before the first update and not saved, and recording them from the "
+                "resumed weights would hold the wrong model. Start from step 0, or set anchor_kl_weight=0.")
+        if tokenizer is None:
+            raise AnchorKLError("the anchor KL (anchor_kl_weight > 0) renders its requests with the chat template: "
+                                "pass the Trainer a processing_class, or OrthoRegCallback(..., tokenizer=tokenizer)")
+        if not self.anchor_kl.recorded:
+            self.anchor_kl.record_base(model, tokenizer, args.seed)
+
     def _set_scales(self, args, state) -> None:
         self.regularizer.grad_scale = accumulation_scale(args, state, self._steps_in_epoch)
         if self.reader is not None:
@@ -193,6 +225,8 @@ class OrthoRegCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.regularizer.step = state.global_step
         self._set_scales(args, state)
+        if self.anchor_kl is not None:  # its gradient waits in .grad for the task's (synchronised) backward
+            self.anchor_kl.backward(kwargs["model"], state.global_step, *data_parallel_rank())
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # The step's host sync: a NaN/Inf or ill-conditioned penalty raises here, before the update (the reader's
@@ -219,6 +253,9 @@ class OrthoRegCallback(TrainerCallback):
             if "reader" in reader:
                 metrics["total"] = metrics.get("total", 0.0) + warmup * self.reader.weighted_mean
             metrics.update(reader)
+        if self.anchor_kl is not None and (anchor := self.anchor_kl.pop_metrics()):
+            metrics["total"] = metrics.get("total", 0.0) + self.anchor_kl.weight * anchor["anchor_kl"]
+            metrics.update(anchor)
         report_metrics(metrics, METRIC_PREFIX, logs, state, extra={"warmup": warmup})
         if self.harm_signal is not None:
             add_to_logs(self.harm_signal.pop(), logs, state)  # as measured: every rank probes the same weights

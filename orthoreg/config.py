@@ -34,6 +34,12 @@ RECOMMENDED_READER_WEIGHT = 5000.0
 # The live harm signal in recommended(): a reading every 10 optimizer steps (its cost against the step time:
 # scripts/bench_harm_signal.py, benchmarks/harm_signal_cost.json).
 RECOMMENDED_HARM_SIGNAL_EVERY = 10
+# λ_anchor of ``OrthoRegConfig.recommended()``: the anchor KL on the built-in harmless requests, at the λ chosen on
+# howto_steps seed 0 (benchmarks/defences_summary/PLAN.md, amendment 8) and confirmed on fresh seeds of four eroding
+# tasks (amendments 11-12, benchmarks/README_defences_summary.md).
+RECOMMENDED_ANCHOR_KL_WEIGHT = 0.3
+# The anchor sets ``anchor_kl_prompts`` names (``orthoreg.anchor.prompts.BUILTIN_ANCHORS``).
+ANCHOR_KL_SETS = ("harmless", "harmful")
 # ``input_subspaces="builtin"``: V_m recorded at train start from orthoreg's built-in harmless requests.
 BUILTIN_SUBSPACES = "builtin"
 assert set(get_args(Mask)) == set(MASK_POLICIES), "OrthoRegConfig.mask and capture.MASK_POLICIES disagree"
@@ -94,8 +100,9 @@ class OrthoRegConfig:
     """Configuration of the orthoreg regulariser.
 
     The total loss is ``task_loss + w(t) · (cov_weight · Σ_ℓ cov(h_ℓ) + proj_weight · Σ_ℓ proj(h_ℓ)
-    [+ lora_weight · Σ lora_proj] [+ reader_weight · Σ_m reader(m)])`` where ℓ ranges over ``layers`` and w(t) is
-    the warm-up factor.
+    [+ lora_weight · Σ lora_proj] [+ reader_weight · Σ_m reader(m)]) [+ anchor_kl_weight · AKL]`` where ℓ ranges
+    over ``layers``, w(t) is the warm-up factor and AKL the anchor KL of the optimizer step's anchor batch
+    (``orthoreg.anchor.term``, once per optimizer step, no warm-up).
 
     Every field carries a help text, so ``HfArgumentParser(OrthoRegConfig)`` makes a command line of it
     (``--layers 1,3 --proj_weight 0.5 --anchor paired``); ``orthoreg sft`` offers the same fields as
@@ -124,6 +131,14 @@ class OrthoRegConfig:
         reader_targets (`list[str]`, *optional*): module name suffixes (``q_proj``, ``down_proj``, …) of
             ``"builtin"`` subspaces; default: every linear module after the first decoder layer that trains (the
             LoRA-adapted ones under PEFT).
+        anchor_kl_weight (`float`, *optional*, defaults to `0.0`): λ_anchor, weight of the anchor KL — the base's
+            first ``anchor_kl_tokens`` greedy reply tokens to anchor requests held by KL(π_θ ‖ π_base), recorded at
+            train start (``orthoreg.anchor``); ``OrthoRegCallback`` only (one process or DDP).
+        anchor_kl_prompts (`str`, *optional*, defaults to `"harmless"`): the anchor requests: ``"harmless"``
+            (orthoreg's 200 built-in harmless requests: no harm data), ``"harmful"`` (their harmful partners) or
+            the path of a ``.json`` list of requests.
+        anchor_kl_tokens (`int`, *optional*, defaults to `4`): reply tokens held per anchor.
+        anchor_kl_batch_size (`int`, *optional*, defaults to `8`): anchors per optimizer step (and rank).
         units (`str`, *optional*, defaults to `"absolute"`): ``"absolute"`` — the terms as written, summed over
             guarded layers (modules); ``"base"`` — each term in its base model's units, averaged over the guarded
             layers (modules): proj_ℓ / E_base‖U_ℓx − r_ℓ‖², cov_ℓ / cov_ℓ(calibration batch) and
@@ -178,6 +193,14 @@ class OrthoRegConfig:
     reader_targets: list[str] | None = field(default=None, metadata={
         "help": "Module name suffixes of 'builtin' input subspaces (e.g. q_proj v_proj); default: every linear "
                 "module after the first decoder layer that trains (the LoRA-adapted ones)."})
+    anchor_kl_weight: float = field(default=0.0, metadata={
+        "help": "λ_anchor, weight of the anchor KL: the base's first reply tokens to anchor requests, recorded at "
+                "train start, held by KL (0 turns it off; one process or DDP)."})
+    anchor_kl_prompts: str = field(default="harmless", metadata={
+        "help": "The anchor KL's requests: harmless (orthoreg's 200 built-in harmless requests), harmful (their "
+                "harmful partners) or the path of a .json list of requests."})
+    anchor_kl_tokens: int = field(default=4, metadata={"help": "Reply tokens of the base held per anchor request."})
+    anchor_kl_batch_size: int = field(default=8, metadata={"help": "Anchor requests per optimizer step (and rank)."})
     units: Units = field(default="absolute", metadata={
         "help": "Units of the terms: absolute (the formulas as written) or base (each term divided by its "
                 "base-model value and averaged: the projection by the base variance of Uh, the covariance by its "
@@ -221,17 +244,25 @@ class OrthoRegConfig:
 
     def __post_init__(self) -> None:
         self.layers = parse_layer_selection(self.layers)
-        for name in ("cov_weight", "proj_weight", "lora_weight", "reader_weight"):
+        for name in ("cov_weight", "proj_weight", "lora_weight", "reader_weight", "anchor_kl_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0 \
                     or value == float("inf"):
                 raise ValueError(f"`{name}` must be a finite number >= 0; got {value!r}")
             setattr(self, name, float(value))
-        if self.cov_weight == 0 and self.proj_weight == 0 and self.lora_weight == 0 and self.reader_weight == 0:
+        if not any((self.cov_weight, self.proj_weight, self.lora_weight, self.reader_weight, self.anchor_kl_weight)):
             raise ValueError(
                 "every weight of OrthoRegConfig is zero (`cov_weight`, `proj_weight`, `lora_weight`, "
-                "`reader_weight`), so the regulariser would do nothing; set at least one of them > 0"
+                "`reader_weight`, `anchor_kl_weight`), so the regulariser would do nothing; set at least one of them > 0"
             )
+        if not isinstance(self.anchor_kl_prompts, str) or not (
+                self.anchor_kl_prompts in ANCHOR_KL_SETS or self.anchor_kl_prompts.endswith(".json")):
+            raise ValueError(f"`anchor_kl_prompts` must be one of {ANCHOR_KL_SETS} or the path of a .json list of "
+                             f"requests; got {self.anchor_kl_prompts!r}")
+        for name in ("anchor_kl_tokens", "anchor_kl_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1; got {value!r}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"`anchor` must be one of {ANCHORS}; got {self.anchor!r}")
         if self.mask not in MASK_POLICIES:
@@ -265,15 +296,20 @@ class OrthoRegConfig:
 
     @classmethod
     def recommended(cls, **overrides: Any) -> OrthoRegConfig:
-        """The setting the defence benchmark supports: the template-reader constraint. The reader-side weight term
-        keeps each trained module from changing how it reads the chat template's assistant-turn positions (V_m from
-        ``input_subspaces="builtin"``: no harmful or safety data, recorded when training starts), λ_reader =
-        ``RECOMMENDED_READER_WEIGHT`` in base-model units (each module's change relative to its base read-out,
-        averaged over modules, so one λ means the same on any model size). No activation term, no directions.
+        """The setting the defence benchmark supports: the template-reader constraint and the anchor KL, no harm data.
 
-        Measured on SmolLM2-135M-Instruct (``benchmarks/README_defences.md``): it removes most of the rise in
-        harmful compliance that benign fine-tunes cause, and does so generically (harmless prompts protect like
-        harmful ones). ``OrthoRegConfig.activation_projection()`` is the projection onto harmful directions.
+        The reader-side weight term keeps each trained module from changing how it reads the chat template's
+        assistant-turn positions (V_m from ``input_subspaces="builtin"``, recorded when training starts), λ_reader =
+        ``RECOMMENDED_READER_WEIGHT`` in base-model units (each module's change relative to its base read-out,
+        averaged over modules, so one λ means the same on any model size). The anchor KL holds the base's first
+        four reply tokens to orthoreg's 200 built-in harmless requests (``orthoreg.anchor``), λ_anchor =
+        ``RECOMMENDED_ANCHOR_KL_WEIGHT``. No activation term, no directions.
+
+        Measured on SmolLM2-135M-Instruct (``benchmarks/README_defences_summary.md``): the reader term alone keeps
+        30-95 % of the rise in harmful compliance that benign fine-tunes cause; with the anchor KL beside it at most
+        10 % is kept on every eroding task measured, held-out tasks included — generically (harmless anchors hold
+        like harmful ones). The anchor KL runs in one process or under DDP; under DeepSpeed ZeRO / FSDP pass
+        ``anchor_kl_weight=0``. ``OrthoRegConfig.activation_projection()`` is the projection onto harmful directions.
         The live harm signal (``harm_signal_every``) is logged every 10 steps: the probe costs one no-grad forward
         of 32 short prompts per reading (``scripts/bench_harm_signal.py``) and never changes training.
 
@@ -282,7 +318,8 @@ class OrthoRegConfig:
             ...                   callbacks=[OrthoRegCallback(OrthoRegConfig.recommended())])
         """
         settings = dict(proj_weight=0.0, cov_weight=0.0, reader_weight=RECOMMENDED_READER_WEIGHT, units="base",
-                        input_subspaces=BUILTIN_SUBSPACES, harm_signal_every=RECOMMENDED_HARM_SIGNAL_EVERY)
+                        input_subspaces=BUILTIN_SUBSPACES, harm_signal_every=RECOMMENDED_HARM_SIGNAL_EVERY,
+                        anchor_kl_weight=RECOMMENDED_ANCHOR_KL_WEIGHT, anchor_kl_prompts="harmless")
         settings.update(overrides)
         return cls(**settings)
 

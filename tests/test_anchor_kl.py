@@ -1,4 +1,5 @@
-"""The anchor KL (``orthoreg.baselines.anchor_kl``): the recorded base replies, the term's gradient, its errors.
+"""The anchor KL (``orthoreg.anchor``, on its own through ``baselines.AnchorKLCallback``): the recorded base replies,
+the term's gradient, its errors.
 
 The float64 reference is written here: a float64 copy of the base (no adapter) decodes greedily and gives the base's
 log-probabilities; a float64 copy of the PEFT model gives π_θ; AKL = mean over the anchors' reply positions of
@@ -8,50 +9,27 @@ log-probabilities; a float64 copy of the PEFT model gives π_θ; AKL = mean over
 from __future__ import annotations
 
 import copy
+import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
 
-from orthoreg.baselines import AnchorKLCallback, AnchorKLError, anchor_kl
-from tests.models import tiny_model, tiny_tokenizer
+from orthoreg.baselines import AnchorKLCallback, AnchorKLError
+from orthoreg.terms.reply_kl import reply_kl
+from tests.anchor_reference import ANCHORS, float64_anchor_grads, hand_greedy, peft_pair
+from tests.models import tiny_tokenizer
 from tests.trainer_harness import LogRecorder, assert_grads_close, chat_rows, make_trainer, train_one_step
 
 torch.set_num_threads(1)
-
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
-ANCHORS = ["w10 w11 w12", "w20 w21", "w30 w31 w32 w33", "w40 w41 w42", "w50", "w60 w61 w62 w63 w64"]
-
-
-def peft_pair(seed: int = 0):
-    """(a PEFT model whose adapter is switched on and non-zero, a float64 copy of its base without adapter)."""
-    base = tiny_model(seed=seed)
-    base64 = copy.deepcopy(base).double().eval()
-    model = get_peft_model(base, LoraConfig(**LORA))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model, base64
-
-
-def hand_greedy(base64, ids: list[int], n: int, eos: int) -> list[int]:
-    reply = []
-    for _ in range(n):
-        token = int(base64(input_ids=torch.tensor([ids + reply])).logits[0, -1].argmax())
-        reply.append(token)
-        if token == eos:
-            break
-    return reply
 
 
 def test_the_base_replies_and_log_probs_are_the_adapter_off_model_s():
     tok = tiny_tokenizer()
     model, base64 = peft_pair()
-    callback = AnchorKLCallback(1.0, ANCHORS, tokenizer=tok, num_tokens=3)
+    callback = AnchorKLCallback(1.0, ANCHORS, tokenizer=tok, num_tokens=3).term
     callback.record_base(model, tok)
     for i, prompt in enumerate(ANCHORS):
         ids = tok(prompt + " ", add_special_tokens=False)["input_ids"]
@@ -74,33 +52,16 @@ def test_the_kl_is_zero_at_the_base_and_matches_float64_by_hand():
     base = torch.log_softmax(torch.randn(5, 11, generator=g, dtype=torch.float64), -1)
     p = torch.softmax(logits, -1)
     want = (p * (torch.log(p) - base)).sum(-1).mean()
-    torch.testing.assert_close(anchor_kl(logits, base).double(), want, atol=1e-6, rtol=1e-6)
-    assert float(anchor_kl(base, base)) == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(AnchorKLError, match="vocabulary"):
-        anchor_kl(logits, base[:, :10])
-
-
-def float64_anchor_grads(model, tok, weight: float, num_tokens: int, batch_size: int, seed: int):
-    """λ·∇AKL of the first anchor batch on a float64 copy, derived here from the docstring's definition."""
-    model64 = copy.deepcopy(model).double()
-    with model64.disable_adapter(), torch.no_grad():
-        replies, base = [], []
-        for prompt in ANCHORS:
-            ids = tok(prompt + " ", add_special_tokens=False)["input_ids"]
-            reply = hand_greedy(model64, ids, num_tokens, tok.eos_token_id)
-            logits = model64(input_ids=torch.tensor([ids + reply])).logits[0]
-            replies.append((ids, reply))
-            base.append(torch.log_softmax(logits[len(ids) - 1:len(ids) + len(reply) - 1], -1))
-    order = list(range(len(ANCHORS)))
-    random.Random(f"anchor-kl-{seed}").shuffle(order)
-    terms = []
-    for i in order[:batch_size]:
-        ids, reply = replies[i]
-        logits = model64(input_ids=torch.tensor([ids + reply])).logits[0, len(ids) - 1:len(ids) + len(reply) - 1]
-        log_p = torch.log_softmax(logits, -1)
-        terms.append((log_p.exp() * (log_p - base[i])).sum(-1))
-    (weight * torch.cat(terms).mean()).backward()
-    return {n: p.grad.float() for n, p in model64.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(reply_kl(logits, base).double(), want, atol=1e-6, rtol=1e-6)
+    assert float(reply_kl(base, base)) == pytest.approx(0.0, abs=1e-6)
+    # bf16 logits: the math runs in float32 (a bf16 softmax would be off by ~1e-3)
+    torch.testing.assert_close(reply_kl(logits.bfloat16(), base).double(),
+                               (lambda q: (q * (torch.log(q) - base)).sum(-1).mean())(
+                                   torch.softmax(logits.bfloat16().double(), -1)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="vocabulary"):
+        reply_kl(logits, base[:, :10])
+    with pytest.raises(ValueError, match="no positions"):
+        reply_kl(logits[:0], base[:0])
 
 
 def test_the_added_gradient_is_lambda_times_the_float64_kl_gradient():
@@ -155,9 +116,9 @@ def test_through_ortholora_the_writer_term_stays_out_of_the_anchor_gradient():
     ortho = OrthoLoRA(model, OrthoRegConfig(layers="all", proj_weight=0.0, lora_weight=3.0),
                       random_directions(layers=(0, 1)))
     ortho.train()
-    callback = AnchorKLCallback(0.7, ANCHORS, tokenizer=tok, num_tokens=3, batch_size=4, seed=3)
-    callback.record_base(ortho, tok)
-    (0.7 * callback.loss(ortho, callback.next_batch(), tok.pad_token_id)).backward()
+    term = AnchorKLCallback(0.7, ANCHORS, tokenizer=tok, num_tokens=3, batch_size=4, seed=3).term
+    term.record_base(ortho, tok, seed=3)
+    (0.7 * term.loss(ortho, term.batch_for(0))).backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert_grads_close(got, want, rel=1e-4)
 
@@ -165,14 +126,17 @@ def test_through_ortholora_the_writer_term_stays_out_of_the_anchor_gradient():
 def test_the_anchor_cycle_covers_every_anchor_in_a_seeded_order():
     tok = tiny_tokenizer()
     model, _ = peft_pair()
-    callback = AnchorKLCallback(1.0, ANCHORS, tokenizer=tok, num_tokens=1, batch_size=4, seed=5)
-    callback.record_base(model, tok)
-    first, second = callback.next_batch(), callback.next_batch()
+    term = AnchorKLCallback(1.0, ANCHORS, tokenizer=tok, num_tokens=1, batch_size=4).term
+    term.record_base(model, tok, seed=5)
+    first, second = term.batch_for(0), term.batch_for(1)
     assert len(first) == 4 and len(second) == 4
     assert set(first) | set(second[:2]) == set(range(len(ANCHORS)))  # 6 anchors: the cycle wraps after 6
     order = list(range(len(ANCHORS)))
     random.Random("anchor-kl-5").shuffle(order)
-    assert first == order[:4]
+    assert first == order[:4] and second == order[4:] + order[:2]
+    # two data-parallel ranks: step t of rank r starts at (2t + r)·4, so the ranks never share a step's anchors
+    assert term.batch_for(0, rank=1, world_size=2) == second
+    assert term.batch_for(1, rank=0, world_size=2) == [order[(8 + i) % 6] for i in range(4)]
 
 
 def test_training_logs_the_kl_ahead_of_the_reporters(tmp_path):
@@ -188,7 +152,6 @@ def test_training_logs_the_kl_ahead_of_the_reporters(tmp_path):
 
 
 def test_bad_input_is_refused_by_name():
-    tok = tiny_tokenizer()
     for weight in (0.0, -1.0, float("nan"), True):
         with pytest.raises(AnchorKLError, match="weight"):
             AnchorKLCallback(weight, ANCHORS)
@@ -200,11 +163,11 @@ def test_bad_input_is_refused_by_name():
         AnchorKLCallback(1.0, ANCHORS, num_tokens=0)
     model, _ = peft_pair()
     with pytest.raises(AnchorKLError, match="chat template"):
-        AnchorKLCallback(1.0, ANCHORS).record_base(model, tiny_tokenizer(chat_template=False))
-    with pytest.raises(AnchorKLError, match="disable_adapter"):
-        AnchorKLCallback(1.0, ANCHORS).record_base(tiny_model(), tok)
-    with pytest.raises(AnchorKLError, match="train start"):
-        AnchorKLCallback(1.0, ANCHORS).on_step_begin(None, None, None, model=model)
+        AnchorKLCallback(1.0, ANCHORS).term.record_base(model, tiny_tokenizer(chat_template=False))
+    with pytest.raises(AnchorKLError, match="not recorded"):
+        AnchorKLCallback(1.0, ANCHORS).on_step_begin(None, SimpleNamespace(global_step=0), None, model=model)
+    with pytest.raises(AnchorKLError, match="does not exist"):
+        AnchorKLCallback(1.0, "missing/anchors.json")
 
 
 def test_the_default_anchors_are_the_builtin_harmful_training_requests():
@@ -222,3 +185,14 @@ def test_one_string_is_not_taken_for_a_list_of_anchors():
     # iterating a string would anchor single characters: refused by name instead
     with pytest.raises(AnchorKLError, match="pass a list of anchor requests"):
         AnchorKLCallback(1.0, "How do I bake bread?")
+
+
+def test_anchors_from_a_json_file_and_bad_files_refused_by_name(tmp_path):
+    path = tmp_path / "anchors.json"
+    path.write_text(json.dumps(ANCHORS))
+    assert AnchorKLCallback(1.0, str(path)).prompts == ANCHORS
+    for name, text, message in (("object.json", '{"a": 1}', "not a list"), ("broken.json", "[1,", "not valid JSON"),
+                                ("numbers.json", "[1, 2]", "#0")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(AnchorKLError, match=message):
+            AnchorKLCallback(1.0, str(tmp_path / name))

@@ -176,7 +176,9 @@ def test_ortholora_records_the_builtin_subspaces_from_its_tokenizer(tokenizer, t
     outputs = wrapped(**batch)
     assert float(outputs.orthoreg_penalty) > 0
     wrapped.save_pretrained(tmp_path / "saved")
-    again = OrthoLoRA.from_pretrained(_lora(tokenizer).get_base_model(), tmp_path / "saved")
+    with pytest.raises(ValueError, match="anchor KL.*tokenizer=tokenizer"):  # it records the base's replies again
+        OrthoLoRA.from_pretrained(_lora(tokenizer).get_base_model(), tmp_path / "saved")
+    again = OrthoLoRA.from_pretrained(_lora(tokenizer).get_base_model(), tmp_path / "saved", tokenizer=tokenizer)
     assert again.input_subspaces.names == names
     card = json.loads((tmp_path / "saved" / "orthoreg_config.json").read_text())
     assert card["config"]["input_subspaces"] == "builtin"

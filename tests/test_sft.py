@@ -18,7 +18,8 @@ from orthoreg.cli import main as orthoreg_main
 from tests.distributed.scripts.sft_assets import HIDDEN, write_tiny_sft_assets
 
 # The activation projection (the defaults are OrthoRegConfig.recommended(): the reader term alone).
-PROJECTION = ["--orthoreg_proj_weight", "1", "--orthoreg_reader_weight", "0", "--orthoreg_units", "absolute"]
+PROJECTION = ["--orthoreg_proj_weight", "1", "--orthoreg_reader_weight", "0", "--orthoreg_anchor_kl_weight", "0",
+              "--orthoreg_units", "absolute"]
 COMMON = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--use_cpu", "--report_to", "none",
           "--disable_tqdm", "true", "--save_strategy", "no", "--learning_rate", "1e-3"]
 
@@ -83,6 +84,7 @@ def test_yaml_config_packing_peft_paired_anchor_and_a_directions_file(assets, tm
         "orthoreg_anchor: paired\n"
         "orthoreg_proj_weight: 1.0\n"
         "orthoreg_reader_weight: 0.0\n"
+        "orthoreg_anchor_kl_weight: 0.0\n"
         "orthoreg_units: absolute\n"
         f"orthoreg_directions: {dirs_file}\n"
     )

@@ -18,9 +18,9 @@ baseline here is a callback that plugs into ``Trainer``, TRL's ``SFTTrainer``/``
 - ``TReFTCallback`` (``treft``): Zhao et al.'s TReFT, :math:`\lambda\,\mathrm{mean}_\ell\,\mathrm{mean}_t
   (\|k-k_0\|^2/\|k_0\|^2 + \|v-v_0\|^2/\|v_0\|^2)` on the chat template's prefix (or postfix / query) positions,
   injected at the ``k_proj``/``v_proj`` outputs;
-- ``AnchorKLCallback`` (``anchor_kl``): KL to the base on its own first reply tokens to *anchor* prompts the
-  fine-tune never trains on (by default the built-in harmful requests) — the first-token constraint moved off the
-  task's replies, so a task that is its reply format is still learned;
+- ``AnchorKLCallback`` (``anchor_kl``): the anchor KL of ``orthoreg.anchor`` on its own — KL to the base on its
+  own first reply tokens to *anchor* prompts the fine-tune never trains on (here by default the built-in harmful
+  requests; ``OrthoRegConfig.recommended()`` runs it on the harmless ones inside ``OrthoRegCallback``);
 - ``interleave`` (``mixing``): aligned examples mixed into the task data;
 - ``EarlyStoppingOnMetric`` (``stopping``): stop once a logged/evaluated metric crosses a threshold.
 
@@ -50,7 +50,8 @@ is re-exported here, so ``from orthoreg.baselines import X`` works for all of th
 
 from __future__ import annotations
 
-from .anchor_kl import AnchorKLCallback, AnchorKLError, anchor_kl, greedy_replies
+from ..anchor import AnchorKLError, greedy_replies
+from .anchor_kl import AnchorKLCallback
 from .caft import CAFTCallback, ConceptAblation
 from .first_token import FirstTokenKLCallback, FirstTokenKLRegularizer, first_token_weights
 from .hard_projection import HardProjectionCallback, InputNullSpaceProjection
@@ -76,7 +77,6 @@ __all__ = [
     "LDIFSRegularizer",
     "TReFTCallback",
     "TReFTRegularizer",
-    "anchor_kl",
     "feature_distance",
     "first_token_weights",
     "greedy_replies",

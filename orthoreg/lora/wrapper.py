@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..anchor import AnchorKLError, anchor_kl_for, data_parallel_rank, sharded_backend
 from ..config import OrthoRegConfig
 from ..core.capture import find_decoder_stack, resolve_layers
 from ..core.layers import check_adapter_state, lora_layers
@@ -92,6 +93,10 @@ class OrthoLoRA(nn.Module):
     the activations of the same model with the adapter disabled, on the same tokens. Cost: one extra forward per
     micro-batch, under ``no_grad`` and stopped after the deepest guarded layer (≈ ℓ_max/L of a forward's compute, no
     activation memory kept except one (B, T, d) tensor per guarded layer).
+
+    **Anchor KL.** With ``config.anchor_kl_weight > 0`` (``recommended()``) the base's replies to the anchor requests
+    are recorded here (adapter off; needs ``tokenizer``) and each training forward adds λ_anchor·AKL of its own anchor
+    batch to the loss (``orthoreg.anchor.term``; one process or DDP), logged as ``orthoreg/anchor_kl``.
 
     **Steps.** ``step`` (for the warm-up) advances after each training forward that ends an accumulation cycle
     (``accelerator.sync_gradients``); without an accelerator, after every training forward. Set it when resuming.
@@ -204,6 +209,12 @@ class OrthoLoRA(nn.Module):
         self.reader = reader_penalty_for(config, self.input_subspaces, mode="return")
         if self.reader is not None:
             self.reader.attach(peft_model)
+        self.anchor_kl, self._anchor_calls = None, 0  # the anchor KL (orthoreg.anchor): recorded now, adapter off
+        if config.anchor_kl_weight > 0:
+            if (backend := sharded_backend(None, peft_model, accelerator)) is not None:
+                raise AnchorKLError(f"OrthoLoRA's anchor KL runs in one process or under DDP, not under {backend}: "
+                                    "set OrthoRegConfig(anchor_kl_weight=0) there")
+            self.anchor_kl = anchor_kl_for(config, peft_model, tokenizer)
         # The live harm signal (orthoreg.engine.refusal_margin): base margins now, a reading every N updates.
         self.harm_signal: HarmSignalSchedule | None = None
         if config.harm_signal_every is not None:
@@ -258,6 +269,10 @@ class OrthoLoRA(nn.Module):
         if self.regularizer is not None:
             activation, self.regularizer.pending_penalty = self.regularizer.pending_penalty, None
         penalty = activation
+        if active and self.anchor_kl is not None:  # marked as a reference forward: no other term counts it
+            penalty = self.anchor_kl.weighted_loss(self.model, self._anchor_calls, *data_parallel_rank())
+            penalty = penalty if activation is None else activation + penalty
+            self._anchor_calls += 1
         reader = self.reader.pop_penalty() if self.reader is not None and active else None
         if reader is not None:
             penalty = reader if penalty is None else penalty + reader
@@ -365,6 +380,8 @@ class OrthoLoRA(nn.Module):
         out = {k: v / count for k, v in _to_floats(sums).items() if per_layer or "/layer_" not in k} if count else {}
         if self.reader is not None:
             out.update(self.reader.pop_metrics(per_module=per_layer))
+        if self.anchor_kl is not None:
+            out.update(self.anchor_kl.pop_metrics())
         if skipped:
             out["skipped"] = float(skipped)
         named = metric_names(out, warmup=self.config.warmup_factor(max(self.step - 1, 0)) if count else None)

@@ -48,6 +48,10 @@ Arms (``ARMS``) and what they add to the plain LoRA fine-tune (same adapter, dat
   them an evaluation request), 8 per step; ``recommended+anchor_kl_harmless``: the same on their harmless partners
   (the placebo); ``recommended+anchor_kl_unseen``: the harmful anchors without the categories
   ``UNANCHORED_CATEGORIES`` (does the anchor reach harm categories it never saw?).
+- ``front_door`` — ``OrthoRegCallback(OrthoRegConfig.recommended())`` as shipped, one callback: the reader term and
+  the anchor KL on the built-in harmless requests (PLAN.md, amendment 12). ``recommended`` and every arm built on it
+  keep their meaning — the reader term alone (``anchor_kl_weight=0``) — so rows of before the anchor moved into the
+  default stay what they were.
 - ``treft`` — ``baselines.TReFTCallback`` (Zhao et al. 2026), λ 10 (their prefix config): the attention keys and
   values at the template's prefix positions (``<|im_start|>user\n``) held to the base's, relative to their norm, at
   every layer; ``treft_query``: the same on the first user turn's content (their query-position control).
@@ -84,7 +88,7 @@ UNANCHORED_CATEGORIES = ("cybercrime", "drugs", "fraud")
 ARMS = ("plain", *(f"reader_{s}" for s in READER_SETS), "recommended", *SWAPPED_V_ARMS, *FULL_ARMS,
         "activation_projection", "writer", "covariance", "first_token_kl", "hard_projection", "interleave",
         "reader_harmless_post+first_token_kl", "margin_budget", "margin_budget_fast", "treft", "treft_query",
-        *ANCHOR_ARMS)
+        *ANCHOR_ARMS, "front_door")
 DEFAULT_STRENGTH = {"recommended": RECOMMENDED_READER_WEIGHT, "full_recommended": RECOMMENDED_READER_WEIGHT,
                     **dict.fromkeys(SWAPPED_V_ARMS, RECOMMENDED_READER_WEIGHT), "activation_projection": 0.1,
                     "writer": 1.0, "covariance": 1.0, "first_token_kl": 1.0, "interleave": 0.1, "margin_budget": 1.0,
@@ -118,7 +122,7 @@ def reader_set(arm: str) -> str | None:
 
 def anchor_prompts(arm: str) -> list[str]:
     """The anchor requests of an ``ANCHOR_ARMS`` arm, from orthoreg's built-in training split."""
-    from orthoreg.baselines.anchor_kl import BUILTIN_ANCHORS, builtin_anchors
+    from orthoreg.anchor import BUILTIN_ANCHORS, builtin_anchors
     from orthoreg.core.prompts import builtin_categories, load_builtin
 
     kind = ANCHOR_ARMS[arm]
@@ -126,6 +130,14 @@ def anchor_prompts(arm: str) -> list[str]:
         return builtin_anchors(kind)
     kept = [c for c in builtin_categories() if c not in UNANCHORED_CATEGORIES]  # the unseen-category arm
     return load_builtin("train", categories=kept).harmful
+
+
+def reader_constraint(**overrides: Any) -> Any:
+    """``OrthoRegConfig.recommended()`` without the anchor KL: the reader term alone, what the arm ``recommended`` (and
+    every arm built on it) ran before the anchor KL joined the default."""
+    from orthoreg import OrthoRegConfig
+
+    return OrthoRegConfig.recommended(**{"anchor_kl_weight": 0.0, **overrides})
 
 
 def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokenizer: Any) -> tuple[list[Any], Any]:
@@ -142,14 +154,16 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokeni
         if arm.endswith("+first_token_kl"):
             callbacks.append(FirstTokenKLCallback(DEFAULT_STRENGTH["first_token_kl"]))
     elif arm in SWAPPED_V_ARMS:
-        callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight),
-                                          input_subspaces=subspaces, tokenizer=tokenizer))
+        callbacks.append(OrthoRegCallback(reader_constraint(reader_weight=job.weight), input_subspaces=subspaces,
+                                          tokenizer=tokenizer))
     elif arm in ("recommended", "full_recommended"):
-        callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(reader_weight=job.weight), tokenizer=tokenizer))
+        callbacks.append(OrthoRegCallback(reader_constraint(reader_weight=job.weight), tokenizer=tokenizer))
+    elif arm == "front_door":
+        callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(), tokenizer=tokenizer))
     elif arm in ANCHOR_ARMS:
         from orthoreg.baselines import AnchorKLCallback
 
-        callbacks.append(OrthoRegCallback(OrthoRegConfig.recommended(), tokenizer=tokenizer))
+        callbacks.append(OrthoRegCallback(reader_constraint(), tokenizer=tokenizer))
         callbacks.append(AnchorKLCallback(job.weight, anchor_prompts(arm), tokenizer=tokenizer, seed=job.seed))
     elif arm in ("margin_budget", "margin_budget_fast"):
         from orthoreg.firewall import MarginGuardCallback, MarginGuardConfig
@@ -157,7 +171,7 @@ def _callbacks_and_wrap(job: DefenceJob, subspaces: Any, directions: Any, tokeni
         from .finetune import HARM_SIGNAL_EVERY
 
         fast = arm == "margin_budget_fast"
-        orthoreg = OrthoRegCallback(OrthoRegConfig.recommended(), tokenizer=tokenizer)
+        orthoreg = OrthoRegCallback(reader_constraint(), tokenizer=tokenizer)
         guard = MarginGuardCallback(MarginGuardConfig(max_fall=job.weight, action="adapt",
                                                       max_factor=1000.0 if fast else 100.0),
                                     orthoreg=orthoreg, every_n_steps=1 if fast else HARM_SIGNAL_EVERY,

@@ -21,8 +21,9 @@ from tests.distributed.scripts.sft_assets import write_tiny_sft_assets
 
 pytestmark = pytest.mark.distributed
 
-# The activation projection (the defaults are OrthoRegConfig.recommended(): the reader term alone).
-PROJECTION = ["--orthoreg_proj_weight", "1", "--orthoreg_reader_weight", "0", "--orthoreg_units", "absolute"]
+# The activation projection (the defaults are OrthoRegConfig.recommended(): the reader term and the anchor KL).
+PROJECTION = ["--orthoreg_proj_weight", "1", "--orthoreg_reader_weight", "0", "--orthoreg_anchor_kl_weight", "0",
+              "--orthoreg_units", "absolute"]
 COMMON = ["--per_device_train_batch_size", "2", "--logging_steps", "1", "--use_cpu", "--report_to", "none",
           "--disable_tqdm", "true", "--save_strategy", "no", "--learning_rate", "1e-3", "--max_steps", "3"]
 
@@ -87,7 +88,8 @@ def test_two_ranks(assets, tmp_path, variant):
 
 @pytest.mark.parametrize("peft", [False, True])
 def test_two_ranks_recommended_default(assets, tmp_path, peft):
-    """No --orthoreg_* flag: the main process records the built-in input subspaces, every rank receives them."""
+    """No --orthoreg_* flag: the main process records the built-in input subspaces, every rank receives them; the
+    anchor KL runs beside the reader term under DDP (0 at the base, before the first update; then it grows)."""
     from orthoreg import InputSubspaces
 
     out = tmp_path / "out"
@@ -99,5 +101,6 @@ def test_two_ranks_recommended_default(assets, tmp_path, peft):
     assert run["world_size"] == 2 and run["input_subspaces"] == "builtin" and run["directions"] == {"source": None}
     logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert len(logs) == 3 and logs[0]["orthoreg/reader"] == 0.0 and logs[-1]["orthoreg/reader"] > 0
+    assert abs(logs[0]["orthoreg/anchor_kl"]) < 1e-5 and logs[-1]["orthoreg/anchor_kl"] > 1e-5
     subspaces = InputSubspaces.from_pretrained(out / "orthoreg_input_subspaces")
     assert subspaces.metadata["prompt_set"]["count"] == 200

@@ -69,7 +69,9 @@ def main() -> None:
         dist.init_process_group("gloo")
     tokenizer = bpe_tokenizer()
     model = tiny_llama(tokenizer).train()
-    callback = OrthoRegCallback(OrthoRegConfig.recommended(), tokenizer=tokenizer)
+    # the anchor KL refuses ZeRO (its separate backward would bypass the partitioned reduction); under DDP it runs
+    config = OrthoRegConfig.recommended(anchor_kl_weight=0.0) if backend == "zero3" else OrthoRegConfig.recommended()
+    callback = OrthoRegCallback(config, tokenizer=tokenizer)
     guard = MarginGuardCallback(MarginGuardConfig(max_fall=1e-6, action="adapt"), orthoreg=callback, every_n_steps=1,
                                 probe=RefusalMarginProbe(pairs=4), tokenizer=tokenizer)
     seen: dict = {}
