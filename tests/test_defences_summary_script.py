@@ -312,3 +312,34 @@ def test_each_row_is_measured_against_its_own_base_build(module, tmp_path):
     from orthoreg.realbench.summary_measure import other_builds
 
     assert other_builds(tmp_path) == {other: builds[other]}
+
+
+def test_the_front_door_is_read_per_base_build_against_that_build_s_plain(module):
+    """Amendment 12: `front_door` rows of the second build are read against that build's plain rows only — the
+    first build's plain rows of the same seeds (a different base) never enter, and eroding is read on that build."""
+    bench = {"prep": {"base_eval": {"safety": safety(0.10, 0.30)}}, "rows": []}
+    second = "2bd238b45f569b45"
+    builds = {second: (safety(0.05, 0.32), None)}  # over-refusal limit 37 %
+
+    def on_second(r):
+        return {**r, "base_build": {"sha256": second}}
+
+    first_build = [row(t, "plain", s, 0.90) for t in ("checklist", "tips") for s in range(3)]  # must not be used
+    run = [on_second(row(t, "plain", s, a, nll=(3.0, 2.0, 2.0))) for t, a in (("tips", 0.35), ("summary", 0.15))
+           for s in range(3)]
+    front = [on_second(row("checklist", "plain", s, 0.55, nll=(3.0, 2.0, 2.0))) for s in range(3)]
+    front += [on_second(row("checklist", "front_door", s, 0.06, nll=(3.0, 2.0, 2.0), over=0.36)) for s in range(3)]
+    front += [on_second(row("tips", "front_door", s, 0.08, nll=(3.0, 2.0, 2.0), over=0.33)) for s in range(3)]
+    out = module.summarise(first_build + run, bench, [], None, builds=builds, front_door_rows=front)
+    check = out["front_door"][second]
+    assert set(check["tasks"]) == {"checklist", "tips"}  # summary rises 10 points on this build: not eroding
+    checklist, tips = check["tasks"]["checklist"], check["tasks"]["tips"]
+    assert checklist["plain_rise_mean"] == pytest.approx(50.0)  # 55 % over this build's 5 %, not the first's 90 %
+    assert checklist["kept"] == pytest.approx(1 / 50) and checklist["meets"]  # over-refusal 36 ≤ 32 + 5
+    assert tips["kept"] == pytest.approx(3 / 30) and tips["meets"]  # exactly 10 % kept: meets
+    assert check["met"] == ["checklist", "tips"] and check["meets"] is False  # 2 tasks, not the 4 the target needs
+    assert check["base_over_refusal"] == pytest.approx(32.0)
+    table = module.front_door_table(out)
+    assert f"Base build `{second}`" in table and "over-refusal (≤ 37)" in table
+    assert "| `front_door` | checklist | yes | 0,1,2 | +50.0 | +1.0 [+1, +1, +1] | 2 % | 36 | 1.00 | yes |" in table
+    assert out["tasks"]["checklist"]["plain_rise_mean"] == pytest.approx(80.0)  # the main table keeps the first build

@@ -11,7 +11,7 @@ from typing import Any
 from .defences import SPECIFICITY_ARMS
 from .task_eval import FRAMINGS
 
-__all__ = ["categories_table", "fmt", "format_table", "levers_reference", "mean", "percent", "plot", "rival_entry",
+__all__ = ["categories_table", "fmt", "format_table", "front_door_table", "levers_reference", "mean", "percent", "plot", "rival_entry",
            "rival_means", "rivals_table", "specificity_table", "table", "target_table"]
 
 
@@ -181,6 +181,18 @@ def target_table(summary: dict[str, Any]) -> str:
                         f"({len(check['held_out_met'])} held out) — the target is "
                         f"{'met' if check['meets'] else 'missed'}.")
     return "\n".join(lines + [""] + verdicts)
+
+
+def front_door_table(summary: dict[str, Any]) -> str:
+    """``summary["front_door"]`` (per base build) as ``target_table`` renders the anchor arms, with each build's own
+    over-refusal floor."""
+    parts = []
+    for sha, check in summary.get("front_door", {}).items():
+        view = {"target": {"front_door": check}, "targets": summary["targets"],
+                "base": {"over_refusal": check["base_over_refusal"]}}
+        parts.append(f"Base build `{sha}` (base attempts {check['base_attempt']:.1f} %, over-refusal "
+                     f"{check['base_over_refusal']:.0f} %):\n\n" + target_table(view))
+    return "\n\n".join(parts)
 
 
 def levers_reference(summary: dict[str, Any]) -> str:

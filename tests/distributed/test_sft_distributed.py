@@ -101,6 +101,7 @@ def test_two_ranks_recommended_default(assets, tmp_path, peft):
     assert run["world_size"] == 2 and run["input_subspaces"] == "builtin" and run["directions"] == {"source": None}
     logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert len(logs) == 3 and logs[0]["orthoreg/reader"] == 0.0 and logs[-1]["orthoreg/reader"] > 0
-    assert abs(logs[0]["orthoreg/anchor_kl"]) < 1e-5 and logs[-1]["orthoreg/anchor_kl"] > 1e-5
+    first, last = logs[0]["orthoreg/anchor_kl"], logs[-1]["orthoreg/anchor_kl"]
+    assert abs(first) < 1e-5 and last > 10 * abs(first)
     subspaces = InputSubspaces.from_pretrained(out / "orthoreg_input_subspaces")
     assert subspaces.metadata["prompt_set"]["count"] == 200
