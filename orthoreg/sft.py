@@ -19,7 +19,9 @@ The default (no ``--orthoreg_*`` flag) is ``OrthoRegConfig.recommended()``: the 
 (``--orthoreg_reader_weight`` in base-model units) with ``--orthoreg_input_subspaces builtin`` — V_m recorded when
 training starts, on the main process, from the model before any update (``--use_peft``: adapter off) with its chat
 template, sent to every rank and saved to ``<output_dir>/orthoreg_input_subspaces`` — or a file, folder or Hub repo
-id of saved ``InputSubspaces`` (``orthoreg subspaces extract``). No harmful directions are needed for it.
+id of saved ``InputSubspaces`` (``orthoreg subspaces extract``) — and the anchor KL on orthoreg's 200 built-in harmless
+requests (``--orthoreg_anchor_kl_weight``; one process or DDP: under ZeRO/FSDP pass ``--orthoreg_anchor_kl_weight 0``).
+No harmful directions are needed for either.
 
 Directions (only for ``--orthoreg_proj_weight > 0``): ``--orthoreg_directions builtin`` (the default) extracts them on the main process from orthoreg's
 built-in contrast prompts, formatted with the model's chat template, at the guarded layers only; every other rank

@@ -1,7 +1,7 @@
 """A recommended orthoreg setting from an audit: the protection, and what to watch along the harmful directions.
 
-The protection is ``OrthoRegConfig.recommended()`` whatever the audit measured: the template-reader constraint is the
-setting the defence benchmark supports on a real model, and the overlap score measured before training has not
+The protection is ``OrthoRegConfig.recommended()`` whatever the audit measured: the template-reader constraint with the
+anchor KL is the setting the defence benchmark supports on a real model, and the overlap score measured before training has not
 predicted which tasks erode a real model (``PREDICTIVE_VALIDATION`` in ``orthoreg.audit.overlap``). What the audit
 decides is the optional firewall on the harmful directions it measured: which layers to guard, a drift budget (or
 a weight), which anchor.

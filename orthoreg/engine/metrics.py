@@ -5,7 +5,8 @@
 | ``orthoreg/cov`` | Σ_ℓ cov(h_ℓ), unweighted, mean over the micro-batches since the last log |
 | ``orthoreg/proj`` | Σ_ℓ proj(h_ℓ), unweighted (in the anchor's units) |
 | ``orthoreg/lora`` | Σ_m s²‖(U_ℓ B_m) A_m‖²_F over the weight-penalised LoRA writers, unweighted (``OrthoLoRA``) |
-| ``orthoreg/total`` | the weighted penalty that entered the loss: w(t)·(λ_cov·cov + λ_proj·proj + λ_lora·lora) |
+| ``orthoreg/anchor_kl`` | the anchor KL (``orthoreg.anchor``), unweighted, mean over its anchor batches since the last log |
+| ``orthoreg/total`` | the weighted penalty that entered the loss: w(t)·(λ_cov·cov + λ_proj·proj + λ_lora·lora + λ_reader·reader) + λ_anchor·anchor_kl |
 | ``orthoreg/warmup`` | w(t), the warm-up factor of the step the values come from |
 | ``orthoreg/skipped`` | micro-batches whose penalty was dropped as non-finite (``on_nonfinite="skip"``), a count |
 | ``orthoreg/<term>/layer_<i>`` | one guarded layer's term (``per_layer_metrics=True``) |
