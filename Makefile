@@ -20,7 +20,8 @@ test-legacy:
 		tests/test_penalties.py tests/test_capture.py tests/test_callback_grads.py tests/test_callback.py \
 		tests/test_lora.py tests/test_baselines.py tests/testbed \
 		tests/test_exactness.py tests/test_robustness.py tests/test_reference_gradients.py tests/test_base_units.py \
-		tests/test_reader_front_doors.py tests/test_front_door.py tests/test_reader_base_units.py
+		tests/test_reader_front_doors.py tests/test_front_door.py tests/test_reader_base_units.py \
+		tests/test_front_door_anchor.py tests/test_anchor_kl.py
 
 lint:
 	.venv/bin/ruff check orthoreg tests scripts

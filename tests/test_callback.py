@@ -316,7 +316,7 @@ def test_two_paired_regularisers_on_one_model_do_not_see_each_others_reference_p
 
 
 def test_micro_batches_in_step_follows_the_trainers_chunking():
-    from orthoreg.callback import micro_batches_in_step
+    from orthoreg.core.trainer_callbacks import micro_batches_in_step
 
     # 5 micro-batches an epoch, GA = 2: steps of 2, 2, 1 in every epoch.
     assert [micro_batches_in_step(step, 2, 5) for step in range(7)] == [2, 2, 1, 2, 2, 1, 2]

@@ -152,10 +152,10 @@ def test_budget_mode_in_a_trainer_logs_and_applies_the_law(tokenizer, tmp_path):
     assert [row["orthoreg/guard_weight"] for row in logged] == pytest.approx(want, rel=1e-9)
     assert max(want) > 1.5 * LAMBDA0  # the law did raise λ, so the checks below see a changed weight
     assert orthoreg.reader.weight == orthoreg.config.reader_weight == pytest.approx(want[-1], rel=1e-12)
-    # The step after a raise carries the raised λ: orthoreg/total = λ in force · reader.
+    # The step after a raise carries the raised λ: orthoreg/total = λ in force · reader + λ_anchor · anchor KL.
     for before, row in zip(logged, logged[1:], strict=False):
-        assert row["orthoreg/total"] == pytest.approx(before["orthoreg/guard_weight"] * row["orthoreg/reader"],
-                                                      rel=1e-5)
+        assert row["orthoreg/total"] == pytest.approx(before["orthoreg/guard_weight"] * row["orthoreg/reader"]
+                                                      + 0.3 * row["orthoreg/anchor_kl"], rel=1e-5)
     state = trainer.state.stateful_callbacks["orthoreg_margin_guard"]
     assert json.loads(json.dumps(state))["controller"]["updates"] == 4
 

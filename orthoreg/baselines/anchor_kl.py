@@ -14,7 +14,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..anchor import AnchorKL, AnchorKLError, anchor_prompts, check_anchor_backend, data_parallel_rank
-from ..callback import move_ahead_of_reporters, report_metrics
+from ..core.trainer_callbacks import move_ahead_of_reporters, report_metrics
 
 __all__ = ["AnchorKLCallback"]
 

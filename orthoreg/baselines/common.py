@@ -9,8 +9,8 @@ from typing import Any, Literal
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..callback import accumulation_scale, dataloader_length, move_ahead_of_reporters, report_metrics
 from ..core.capture import bind_forward_inputs, unwrap_model
+from ..core.trainer_callbacks import accumulation_scale, dataloader_length, move_ahead_of_reporters, report_metrics
 
 __all__ = [
     "MASK_POLICIES",

@@ -38,9 +38,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..callback import OrthoRegCallback, move_ahead_of_reporters, report_metrics
+from ..callback import OrthoRegCallback
 from ..config import OrthoRegConfig
 from ..core.capture import MASK_POLICIES
+from ..core.trainer_callbacks import move_ahead_of_reporters, report_metrics
 from ..directions.harmful import HarmfulDirections
 from .budget import BudgetConfig, DriftBudgetController
 from .monitor import DriftMonitor, DriftReading

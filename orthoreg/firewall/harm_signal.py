@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..callback import add_to_logs, move_ahead_of_reporters
+from ..core.trainer_callbacks import add_to_logs, move_ahead_of_reporters
 from ..engine.refusal_margin import (
     HARM_SIGNAL_STATE_KEY,
     HarmSignalError,
