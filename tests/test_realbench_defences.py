@@ -154,6 +154,12 @@ def test_quick_driver_runs_every_arm_and_resumes(tmp_path):
         assert logs["anchor_kl/total"] == pytest.approx(rows[arm]["weight"] * logs["anchor_kl/kl"])
     assert rows["recommended+anchor_kl"]["penalty_logs"]["anchor_kl/kl"] != rows["recommended+anchor_kl_harmless"][
         "penalty_logs"]["anchor_kl/kl"]
+    # the front door as shipped (one callback, recommended()) is the reader term plus the harmless anchor: it runs the
+    # same computation as the arm that composes them by hand, while `recommended` keeps its meaning (no anchor)
+    front, composed = rows["front_door"]["penalty_logs"], rows["recommended+anchor_kl_harmless"]["penalty_logs"]
+    assert front["orthoreg/anchor_kl"] == pytest.approx(composed["anchor_kl/kl"], rel=1e-4)
+    assert front["orthoreg/reader"] == pytest.approx(composed["orthoreg/reader"], rel=1e-4)
+    assert "orthoreg/anchor_kl" not in rows["recommended"]["penalty_logs"]
     assert rows["hard_projection"]["a_in_subspace"]["max"] < 1e-6  # A_m ⟂ V_m after training
     assert rows["reader_random"]["a_in_subspace"]["max"] > 1e-3
     assert len(rows["plain"]["losses"]) == 1 and rows["plain"]["losses"] != rows["interleave"]["losses"]  # other data
