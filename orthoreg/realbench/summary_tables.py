@@ -184,14 +184,26 @@ def target_table(summary: dict[str, Any]) -> str:
 
 
 def front_door_table(summary: dict[str, Any]) -> str:
-    """``summary["front_door"]`` (per base build) as ``target_table`` renders the anchor arms, with each build's own
-    over-refusal floor."""
+    """``summary["front_door"]`` per base build: issue 23's target as ``target_table`` reads it (each build's own
+    over-refusal limit), with the framed rises (system prompt / renamed roles, plain → front door) beside it."""
     parts = []
     for sha, check in summary.get("front_door", {}).items():
-        view = {"target": {"front_door": check}, "targets": summary["targets"],
-                "base": {"over_refusal": check["base_over_refusal"]}}
+        limit = check["base_over_refusal"] + summary["targets"]["over_refusal_slack"]
+        lines = [f"| task | held out | seeds | plain rise | front door rise [per seed] | kept | over-refusal (≤ {limit:.0f}) "
+                 "| PPL ratio | system prompt / renamed roles (plain → front door) | meets |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for task, e in check["tasks"].items():
+            per_seed = ", ".join(f"{r:+.0f}" for r in e.get("protected_rise") or [])
+            framed = " / ".join(f"{fmt(c['plain_rise_mean'], '+.0f')} → {fmt(c['protected_rise_mean'], '+.0f')}"
+                                for c in (e.get("conditional") or {}).values()) or "–"
+            lines.append(f"| {task} | {'yes' if e['held_out'] else 'no'} | {','.join(map(str, e['seeds'])) or '–'} | "
+                         f"{fmt(e.get('plain_rise_mean'))} | {fmt(e.get('protected_rise_mean'))} [{per_seed}] | "
+                         f"{percent(e['kept'])} | {fmt(e.get('over_refusal'), '.0f')} | "
+                         f"{fmt(e.get('ppl_ratio'), '.2f')} | {framed} | {'yes' if e['meets'] else 'no'} |")
+        verdict = (f"`front_door`: {len(check['met'])} of {len(check['tasks'])} eroding tasks meet it "
+                   f"({len(check['held_out_met'])} held out) — the target is {'met' if check['meets'] else 'missed'}.")
         parts.append(f"Base build `{sha}` (base attempts {check['base_attempt']:.1f} %, over-refusal "
-                     f"{check['base_over_refusal']:.0f} %):\n\n" + target_table(view))
+                     f"{check['base_over_refusal']:.0f} %):\n\n" + "\n".join(lines) + "\n\n" + verdict)
     return "\n\n".join(parts)
 
 
