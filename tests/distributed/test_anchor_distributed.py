@@ -1,4 +1,4 @@
-"""The anchor KL of ``OrthoRegCallback`` under DDP (two gloo CPU ranks): each rank adds λ∇AKL of its own anchors to
+"""The anchor KL of ``OrthoRegCallback`` (and of ``OrthoLoRA`` in an accelerate loop) under DDP (two gloo CPU ranks): each rank adds λ∇AKL of its own anchors to
 its ``.grad`` outside DDP's forward, and the task's synchronised backward averages the sum — so the update with the
 term minus the update without it is −lr · mean over ranks of λ∇AKL(rank's anchors), at gradient accumulation 1 and
 2 (where the first micro-batch runs under ``no_sync``).
@@ -90,3 +90,12 @@ def test_under_ddp_the_update_carries_the_mean_of_the_ranks_anchor_gradients(tmp
             torch.testing.assert_close(added1, added0, atol=1e-7, rtol=0)  # one update on both ranks
         logged = info0[f"anchor_ga{ga}/logged"]
         assert logged == info1[f"anchor_ga{ga}/logged"] and logged[0] == pytest.approx(sum(kls) / 2, rel=1e-4)
+    # OrthoLoRA in an accelerate DDP loop: the anchor KL goes through the loss, DDP averages it with the task's
+    assert info0["ortholora_anchor/wrapper"] == "DistributedDataParallel"
+    for n in names:
+        added0 = t0[f"ortholora_anchor/{n}"].double() - t0[f"ortholora_task/{n}"].double()
+        added1 = t1[f"ortholora_anchor/{n}"].double() - t1[f"ortholora_task/{n}"].double()
+        torch.testing.assert_close(added0, (grads[0][n] + grads[1][n]) / 2, atol=1e-4 * size, rtol=0)
+        torch.testing.assert_close(added1, added0, atol=1e-7, rtol=0)
+    assert info0["ortholora_anchor/logged"] == pytest.approx(kls[0], rel=1e-4)  # each rank logs its own anchors
+    assert info1["ortholora_anchor/logged"] == pytest.approx(kls[1], rel=1e-4)

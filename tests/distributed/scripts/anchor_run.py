@@ -6,8 +6,12 @@ Launch (what the test runs through ``tests.distributed._launch.launch``)::
 
     torchrun --nproc_per_node 2 tests/distributed/scripts/anchor_run.py --out DIR
 
-Writes the initial PEFT state (``init/<name>``), each case's LoRA update (``<case>/<name>``), the tokenizer
-(``tokenizer/``, rank 0) and, per rank, the anchor indices it used at step 0 and its logged values.
+Then ``OrthoLoRA`` in an accelerate DDP loop (``ortholora_anchor`` / ``ortholora_task``): one forward and
+``accelerator.backward`` of each rank's half-batch, the anchor KL through the loss; records the reduced LoRA
+gradients.
+
+Writes the initial PEFT state (``init/<name>``), each case's LoRA update or gradient (``<case>/<name>``), the
+tokenizer (``tokenizer/``, rank 0) and, per rank, the anchor indices it used at step 0 and its logged values.
 """
 
 from __future__ import annotations
@@ -93,9 +97,43 @@ def main() -> None:
             info[f"{case}/logged"] = [row["orthoreg/anchor_kl"] for row in trainer.state.log_history
                                       if "orthoreg/anchor_kl" in row]
             info[f"{case}/order"] = callback.anchor_kl.order
+    run_ortholora(tokenizer, tensors, info)
     write_rank_results(out, rank, info, tensors)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run_ortholora(tokenizer, tensors: dict, info: dict) -> None:
+    from accelerate import Accelerator
+
+    from orthoreg import OrthoLoRA
+
+    rows = chat_samples(tokenizer, 8)
+    for case, anchor in (("ortholora_anchor", True), ("ortholora_task", False)):
+        accelerator = Accelerator(cpu=True)
+        peft_model = lora_model(tokenizer)
+        model = OrthoLoRA(peft_model, OrthoRegConfig(proj_weight=0.0, anchor_kl_weight=WEIGHT, anchor_kl_tokens=TOKENS,
+                                                      anchor_kl_batch_size=BATCH, anchor_kl_prompts=anchors_file()),
+                          tokenizer=tokenizer, accelerator=accelerator) if anchor else peft_model
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        model.train()
+        half = rows[4 * accelerator.process_index:4 * accelerator.process_index + 4]
+        batch = {k: torch.tensor([r[k] for r in half]) for k in half[0]}
+        accelerator.backward(model(**batch).loss)
+        info[f"{case}/wrapper"] = type(model).__name__
+        tensors.update({f"{case}/{n}": p.grad.detach().clone() for n, p in peft_model.named_parameters()
+                        if p.grad is not None})
+        if anchor:
+            info[f"{case}/logged"] = accelerator.unwrap_model(model).pop_metrics()["orthoreg/anchor_kl"]
+
+
+def anchors_file() -> str:
+    import json
+
+    path = Path(tempfile.mkdtemp(prefix="orthoreg-anchors-")) / "anchors.json"
+    path.write_text(json.dumps(ANCHORS))
+    return str(path)
 
 
 if __name__ == "__main__":
