@@ -282,19 +282,21 @@ def front_door_checks(rows: list[dict[str, Any]], measure: Any, order: list[str]
     """Issue 23's target for the arm ``front_door`` (``OrthoRegConfig.recommended()`` as shipped), per base build:
     that build's ``front_door`` rows against that build's ``plain`` rows only, eroding read on that build's plain
     (PLAN.md, amendment 12)."""
+    def build(r: dict[str, Any]) -> str:
+        return (r.get("base_build") or {}).get("sha256", REFERENCE_BUILD)
+
+    chosen = [r for r in rows if r["arm"] in ("plain", "front_door")
+              and r.get("strength") in (None, RECOMMENDED_READER_WEIGHT)]
+    shas = {build(r) for r in chosen if r["arm"] == "front_door"}  # only builds the front door ran on are measured
     plain: dict[str, dict[str, dict[int, Any]]] = {}
     arm: dict[str, dict[str, dict[int, Any]]] = {}
-    for r in rows:
-        if r["arm"] not in ("plain", "front_door") or r.get("strength") not in (None, RECOMMENDED_READER_WEIGHT):
-            continue
-        sha = (r.get("base_build") or {}).get("sha256", REFERENCE_BUILD)
-        if r["arm"] == "front_door" or sha != REFERENCE_BUILD:  # the first build's plain rows are not needed here
-            cells = arm if r["arm"] == "front_door" else plain
-            cells.setdefault(sha, {}).setdefault(r["task"], {})[r["seed"]] = measure(r, "front_door")
+    for r in (r for r in chosen if build(r) in shas):
+        cells = arm if r["arm"] == "front_door" else plain
+        cells.setdefault(build(r), {}).setdefault(r["task"], {})[r["seed"]] = measure(r, "front_door")
     checks = {}
     for sha, runs in arm.items():
         tasks = {t: task_entry(t, plain[sha][t], {}, bases[sha]) for t in order if t in plain.get(sha, {})}
-        checks[sha] = target_check(tasks, plain[sha], runs, bases[sha]) | {
+        checks[sha] = target_check(tasks, plain.get(sha, {}), runs, bases[sha]) | {
             "base_over_refusal": 100 * bases[sha]["over_refusal"], "base_attempt": 100 * bases[sha]["attempt"]}
     return checks
 

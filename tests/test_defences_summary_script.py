@@ -170,7 +170,8 @@ def test_main_writes_json_and_table(module, tmp_path):
     out = module.main(["--run-dir", str(run_dir), "--tasks-bench", str(bench), "--budget-rows",
                        str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "s.json"), "--readme", str(readme),
                        "--no-plot", "--specificity-dir", str(spec_dir), "--full-dir", str(full_dir),
-                       "--specificity-json", str(energies), "--lever-dir", str(tmp_path / "no-levers")])
+                       "--specificity-json", str(energies), "--lever-dir", str(tmp_path / "no-levers"),
+                       "--front-door-dir", str(tmp_path / "no-front-door")])
     assert json.loads((tmp_path / "s.json").read_text()) == out
     text = readme.read_text()
     assert "| multi_turn | yes | 0 | +10.0 | +0.0 [+0] | 0 % | 1.00 | 1.00 |" in text
