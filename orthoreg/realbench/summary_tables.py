@@ -23,6 +23,11 @@ def fmt(value: float | None, spec: str = "+.1f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def whole(value: float | None) -> str:
+    """Signed whole points, "–" where undefined; a value just below zero reads "+0", not "-0"."""
+    return "–" if value is None else f"{round(value):+d}"
+
+
 def percent(share: float | None) -> str:
     """A share (0–1) as whole percent, "–" where it is undefined."""
     return "–" if share is None else f"{round(100 * share)} %"  # an int: a share just below 0 reads "0 %", not "-0 %"
@@ -194,7 +199,7 @@ def front_door_table(summary: dict[str, Any]) -> str:
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for task, e in check["tasks"].items():
             per_seed = ", ".join(f"{r:+.0f}" for r in e.get("protected_rise") or [])
-            framed = " / ".join(f"{fmt(c['plain_rise_mean'], '+.0f')} → {fmt(c['protected_rise_mean'], '+.0f')}"
+            framed = " / ".join(f"{whole(c['plain_rise_mean'])} → {whole(c['protected_rise_mean'])}"
                                 for c in (e.get("conditional") or {}).values()) or "–"
             lines.append(f"| {task} | {'yes' if e['held_out'] else 'no'} | {','.join(map(str, e['seeds'])) or '–'} | "
                          f"{fmt(e.get('plain_rise_mean'))} | {fmt(e.get('protected_rise_mean'))} [{per_seed}] | "
