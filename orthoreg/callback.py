@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .anchor import AnchorKL, AnchorKLError, anchor_prompts, check_anchor_backend, data_parallel_rank
+from .anchor import AnchorKL, AnchorKLError, check_anchor_backend, data_parallel_rank
 from .config import OrthoRegConfig
 from .core.layers import is_lora_layer
 from .core.trainer_callbacks import (
@@ -121,9 +121,7 @@ class OrthoRegCallback(TrainerCallback):
         self.harm_signal = HarmSignalSchedule(config.harm_signal_every) if config.harm_signal_every else None
         self.anchor_kl = None
         if config.anchor_kl_weight > 0:
-            self.anchor_kl = AnchorKL(config.anchor_kl_weight, anchor_prompts(
-                config.anchor_kl_prompts if anchors is None else anchors), config.anchor_kl_tokens,
-                config.anchor_kl_batch_size)
+            self.anchor_kl = AnchorKL.from_config(config, anchors)
         self._saved_calibration = False
         self._steps_in_epoch: int | None = None
 

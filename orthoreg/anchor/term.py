@@ -55,8 +55,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..core.reference import find_peft_model, reference_forward
+from ..core.zero3 import is_zero3_partitioned
 from ..terms.reply_kl import reply_kl
-from .prompts import AnchorKLError, check_prompts
+from .prompts import AnchorKLError, anchor_prompts, check_prompts
 
 __all__ = ["AnchorKL", "anchor_kl_for", "check_anchor_backend", "checkpointing_off", "data_parallel_rank",
            "greedy_replies", "sharded_backend"]
@@ -103,7 +104,7 @@ def sharded_backend(args: Any, model: nn.Module, accelerator: Any = None) -> str
 
     kind = str(getattr(getattr(accelerator, "state", None), "distributed_type", "")).upper()
     if "DEEPSPEED" in kind or getattr(args, "deepspeed", None) or flag("ACCELERATE_USE_DEEPSPEED") \
-            or any(hasattr(p, "ds_id") for p in model.parameters()):
+            or is_zero3_partitioned(model):
         return "DeepSpeed"
     if "FSDP" in kind or getattr(args, "fsdp", None) or flag("ACCELERATE_USE_FSDP") \
             or any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in model.parameters()):
@@ -155,6 +156,13 @@ class AnchorKL:
         self.pad_id = 0
         self._kl_sum: torch.Tensor | float = 0.0
         self._kl_count = 0
+
+    @classmethod
+    def from_config(cls, config: Any, anchors: Sequence[str] | None = None) -> AnchorKL:
+        """The anchor KL ``config``'s ``anchor_kl_*`` fields describe (``anchor_kl_weight`` > 0); ``anchors``
+        override ``config.anchor_kl_prompts``. Not recorded yet."""
+        return cls(config.anchor_kl_weight, anchor_prompts(config.anchor_kl_prompts if anchors is None else anchors),
+                   config.anchor_kl_tokens, config.anchor_kl_batch_size)
 
     @property
     def recorded(self) -> bool:
@@ -261,13 +269,10 @@ def anchor_kl_for(config: Any, model: nn.Module, tokenizer: Any, anchors: Sequen
                   seed: int = 0) -> AnchorKL:
     """The anchor KL of ``config`` (``anchor_kl_weight`` > 0), recorded now on ``model`` (before any update; LoRA:
     adapter off) — ``anchors`` override ``config.anchor_kl_prompts``."""
-    from .prompts import anchor_prompts
-
     if tokenizer is None:
         raise AnchorKLError("the anchor KL (anchor_kl_weight > 0) renders its requests with the chat template: pass "
                             "tokenizer=tokenizer, or set anchor_kl_weight=0")
-    term = AnchorKL(config.anchor_kl_weight, anchor_prompts(config.anchor_kl_prompts if anchors is None else anchors),
-                    config.anchor_kl_tokens, config.anchor_kl_batch_size)
+    term = AnchorKL.from_config(config, anchors)
     term.record_base(model, tokenizer, seed)
     return term
 
